@@ -1,0 +1,194 @@
+"""The simulator's model catalogue: ids, context sizes and per-token prices as `/models` serves them.
+
+Prices are `Decimal` per token, serialised as decimal strings exactly as OpenRouter does, and
+costs are computed in `Decimal` then rounded once to a float, so the cost in a response equals
+`tokens * price` to float precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+_PER_MILLION = Decimal(1_000_000)
+
+_COMMON_PARAMETERS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+)
+_STRUCTURED = ("response_format", "structured_outputs")
+_REASONING = ("reasoning", "include_reasoning")
+
+
+@dataclass(frozen=True, slots=True)
+class SimModel:
+    """One catalogue entry; prices are USD per token."""
+
+    id: str
+    name: str
+    provider: str
+    tokenizer: str
+    instruct_type: str | None
+    context_length: int
+    max_completion_tokens: int
+    prompt_price: Decimal
+    completion_price: Decimal
+    supported_parameters: tuple[str, ...]
+    cache_read_price: Decimal | None = None
+    reasoning: bool = False
+    native_length_reason: str = "length"
+
+    def charges(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> tuple[float, float, float]:
+        """(total, prompt part, completion part) in USD; reasoning tokens bill as completion.
+
+        The total is summed in Decimal and rounded to a float once, as `usage.cost` is.
+        """
+        cached_price = (
+            self.cache_read_price if self.cache_read_price is not None else self.prompt_price
+        )
+        prompt = (prompt_tokens - cached_tokens) * self.prompt_price + cached_tokens * cached_price
+        completion = completion_tokens * self.completion_price
+        return float(prompt + completion), float(prompt), float(completion)
+
+    @property
+    def is_free(self) -> bool:
+        return self.id.endswith(":free")
+
+    def to_json(self, created: int) -> dict[str, Any]:
+        """The `Model` object of `GET /api/v1/models` (OAS `Model`)."""
+        pricing = {
+            "prompt": _price_str(self.prompt_price),
+            "completion": _price_str(self.completion_price),
+            "request": "0",
+            "image": "0",
+        }
+        if self.cache_read_price is not None:
+            pricing["input_cache_read"] = _price_str(self.cache_read_price)
+        entry: dict[str, Any] = {
+            "id": self.id,
+            "canonical_slug": self.id.removesuffix(":free"),
+            "hugging_face_id": None,
+            "name": self.name,
+            "created": created,
+            "description": f"{self.name} (simulated).",
+            "context_length": self.context_length,
+            "architecture": {
+                "modality": "text->text",
+                "input_modalities": ["text"],
+                "output_modalities": ["text"],
+                "tokenizer": self.tokenizer,
+                "instruct_type": self.instruct_type,
+            },
+            "pricing": pricing,
+            "top_provider": {
+                "context_length": self.context_length,
+                "max_completion_tokens": self.max_completion_tokens,
+                "is_moderated": False,
+            },
+            "per_request_limits": None,
+            "supported_parameters": list(self.supported_parameters),
+            "default_parameters": {"temperature": None, "top_p": None, "frequency_penalty": None},
+            "supported_voices": None,
+            "links": {"details": f"/api/v1/models/{self.id}/endpoints"},
+        }
+        if self.reasoning:
+            entry["reasoning"] = {
+                "supported_efforts": ["high", "medium", "low"],
+                "default_effort": "medium",
+                "default_enabled": True,
+                "mandatory": False,
+                "supports_max_tokens": True,
+            }
+        return entry
+
+
+def _price_str(price: Decimal) -> str:
+    """Per-token price as OpenRouter prints it: plain decimal notation, no exponent."""
+    return format(price.normalize(), "f")
+
+
+def _per_million(usd: str) -> Decimal:
+    return Decimal(usd) / _PER_MILLION
+
+
+DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
+
+CATALOGUE: tuple[SimModel, ...] = (
+    SimModel(
+        id=DEFAULT_MODEL,
+        name="Mistral: Mixtral 8x7B Instruct",
+        provider="DeepInfra",
+        tokenizer="Mistral",
+        instruct_type="mistral",
+        context_length=32_768,
+        max_completion_tokens=16_384,
+        prompt_price=_per_million("0.54"),
+        completion_price=_per_million("0.54"),
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED,
+    ),
+    SimModel(
+        id="openai/gpt-4o-mini",
+        name="OpenAI: GPT-4o-mini",
+        provider="OpenAI",
+        tokenizer="GPT",
+        instruct_type=None,
+        context_length=128_000,
+        max_completion_tokens=16_384,
+        prompt_price=_per_million("0.15"),
+        completion_price=_per_million("0.60"),
+        cache_read_price=_per_million("0.075"),
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED,
+    ),
+    SimModel(
+        id="deepseek/deepseek-r1",
+        name="DeepSeek: R1",
+        provider="DeepInfra",
+        tokenizer="DeepSeek",
+        instruct_type="deepseek-r1",
+        context_length=163_840,
+        max_completion_tokens=32_768,
+        prompt_price=_per_million("0.40"),
+        completion_price=_per_million("2.00"),
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED + _REASONING,
+        reasoning=True,
+        native_length_reason="max_tokens",
+    ),
+    SimModel(
+        # The model without structured outputs: with `provider.require_parameters` a
+        # `response_format` request finds no endpoint; without it the format is ignored.
+        id="mistralai/mistral-7b-instruct",
+        name="Mistral: Mistral 7B Instruct",
+        provider="Together",
+        tokenizer="Mistral",
+        instruct_type="mistral",
+        context_length=32_768,
+        max_completion_tokens=4_096,
+        prompt_price=_per_million("0.028"),
+        completion_price=_per_million("0.054"),
+        supported_parameters=_COMMON_PARAMETERS,
+    ),
+    SimModel(
+        id="meta-llama/llama-3.3-70b-instruct:free",
+        name="Meta: Llama 3.3 70B Instruct (free)",
+        provider="Chutes",
+        tokenizer="Llama3",
+        instruct_type="llama3",
+        context_length=131_072,
+        max_completion_tokens=8_192,
+        prompt_price=Decimal(0),
+        completion_price=Decimal(0),
+        supported_parameters=_COMMON_PARAMETERS,
+    ),
+)
+
+MODELS_BY_ID: dict[str, SimModel] = {model.id: model for model in CATALOGUE}

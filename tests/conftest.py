@@ -1,0 +1,42 @@
+"""Shared fixtures: a real simulator on loopback and a plain aiohttp client for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pipeline.simulator import RunningSimulator, SimConfig, serve
+from tests.helpers import FAST, TEST_KEY, SimFactory
+
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[SimFactory]:
+    """`sim = await make_sim(rate_limit=5)` starts a simulator that stops after the test."""
+    stack: list[Any] = []
+
+    async def factory(**overrides: Any) -> RunningSimulator:
+        context = serve(SimConfig().updated({**FAST, **overrides}))
+        running = await context.__aenter__()
+        stack.append(context)
+        return running
+
+    yield factory
+    for context in reversed(stack):
+        await context.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def sim(make_sim: SimFactory) -> RunningSimulator:
+    return await make_sim()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=timeout
+    ) as session:
+        yield session
