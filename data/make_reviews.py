@@ -62,7 +62,7 @@ FOREIGN = [
     ("neutral", "C'est correct, sans plus."),
     ("positive", "منتج رائع وجودة ممتازة، أنصح به"),
     ("negative", "המוצר הגיע שבור ולא קיבלתי החזר"),
-    ("positive", "とても使いやすいです。買ってよかった！"),
+    ("positive", "とても使いやすいです。買ってよかった！"),  # noqa: RUF001 (Japanese punctuation is the point)
 ]
 
 STARS = {"positive": (4, 5), "neutral": (3, 3), "negative": (1, 2)}
@@ -76,7 +76,11 @@ def build(n: int = 200, seed: int = 20261126) -> pl.DataFrame:
             sentiment, review = FOREIGN[(i // 37) % len(FOREIGN)]
         else:
             sentiment = rng.choices(["positive", "negative", "neutral"], weights=[5, 3, 2])[0]
-            parts = [rng.choice(OPENERS[sentiment]), rng.choice(DETAILS[sentiment]), rng.choice(CLOSERS[sentiment])]
+            parts = [
+                rng.choice(OPENERS[sentiment]),
+                rng.choice(DETAILS[sentiment]),
+                rng.choice(CLOSERS[sentiment]),
+            ]
             review = " ".join(p for p in parts if p)
         rows.append(
             {
@@ -87,7 +91,16 @@ def build(n: int = 200, seed: int = 20261126) -> pl.DataFrame:
                 "expected": sentiment,
             }
         )
-    return pl.DataFrame(rows, schema={"id": pl.String, "product": pl.String, "stars": pl.Int64, "review": pl.String, "expected": pl.String})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "id": pl.String,
+            "product": pl.String,
+            "stars": pl.Int64,
+            "review": pl.String,
+            "expected": pl.String,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import random
 import string
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,11 +11,14 @@ from typing import Any
 from pipeline.simulator.content import Answer
 
 _ALNUM = string.ascii_letters + string.digits
+# Ids need to be unique, not secret: a seeded-from-urandom Mersenne Twister is 20x cheaper
+# per id than `secrets`, which matters at thousands of requests per second.
+_ID_RNG = random.Random()
 
 
 def generation_id(now: float) -> str:
     """`gen-<unix seconds>-<20 alphanumerics>`, the form real responses use."""
-    return f"gen-{int(now)}-{''.join(secrets.choice(_ALNUM) for _ in range(20))}"
+    return f"gen-{int(now)}-{''.join(_ID_RNG.choices(_ALNUM, k=20))}"
 
 
 @dataclass(slots=True)

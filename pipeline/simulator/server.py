@@ -63,6 +63,7 @@ class _Dropped(Exception):
 class _Request:
     """A chat request after parsing and validation."""
 
+    raw: bytes
     body: dict[str, Any]
     key: str
     messages: list[Any]
@@ -88,7 +89,9 @@ class Simulator:
         self.generations: dict[str, Generation] = {}
         self.key_usage: defaultdict[str, float] = defaultdict(float)
         self.counters: Counter[str] = Counter()
-        self.requests_log: deque[dict[str, Any]] = deque(maxlen=self.config.request_log_size)
+        self.requests_log: deque[tuple[str, str, Any, bytes]] = deque(
+            maxlen=self.config.request_log_size
+        )
         self.arrivals: deque[float] = deque()
         self.max_per_second = 0
         self.in_flight = 0
@@ -137,15 +140,24 @@ class Simulator:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def _log_request(self, request: web.Request, body: Any) -> None:
-        headers = dict(request.headers)
-        if "Authorization" in headers:
-            # Keep only the label: the simulator's own log must not hold a usable key either.
-            token = headers["Authorization"].removeprefix("Bearer ").strip()
-            headers["Authorization"] = f"Bearer {bodies.key_label(token)}"
-        self.requests_log.append(
-            {"method": request.method, "path": request.path, "headers": headers, "body": body}
-        )
+    def _log_request(self, request: web.Request, raw: bytes) -> None:
+        # Kept raw and formatted only when read: logging must stay cheap on the hot path.
+        self.requests_log.append((request.method, request.path, request.headers, raw))
+
+    def logged_requests(self) -> list[dict[str, Any]]:
+        """The recent requests, with the key replaced by its label: this log must not hold a usable key."""
+        entries = []
+        for method, path, raw_headers, raw in self.requests_log:
+            headers = dict(raw_headers)
+            if "Authorization" in headers:
+                token = headers["Authorization"].removeprefix("Bearer ").strip()
+                headers["Authorization"] = f"Bearer {bodies.key_label(token)}"
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+            entries.append({"method": method, "path": path, "headers": headers, "body": body})
+        return entries
 
     # ---------------------------------------------------------------------------------- routes
 
@@ -217,7 +229,7 @@ class Simulator:
         return web.json_response({"data": entries, "total_cost": sum(g.cost for g in self.ledger)})
 
     async def sim_requests(self, request: web.Request) -> web.Response:
-        return web.json_response({"data": list(self.requests_log)})
+        return web.json_response({"data": self.logged_requests()})
 
     async def sim_config(self, request: web.Request) -> web.Response:
         try:
@@ -247,9 +259,9 @@ class Simulator:
             body = json.loads(raw)
         except ValueError:
             body = None
-        self._log_request(request, body)
+        self._log_request(request, raw)
         try:
-            req = self._validate(request, body, now)
+            req = self._validate(request, raw, body, now)
             # Picked only once the request passed every check, so a request refused for its
             # own sake (a Retry-After penalty, say) does not use up a step of a marker schedule.
             texts = (message_text(m) for m in req.messages)
@@ -279,7 +291,7 @@ class Simulator:
             raise _Refusal(401, bodies.error(401, "User not found."))
         return key
 
-    def _validate(self, request: web.Request, body: Any, now: float) -> _Request:
+    def _validate(self, request: web.Request, raw: bytes, body: Any, now: float) -> _Request:
         key = self._authenticate(request)
         if not isinstance(body, dict):
             raise _Refusal(400, _invalid("Request body must be a JSON object"))
@@ -293,7 +305,7 @@ class Simulator:
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise _Refusal(400, _invalid("max_tokens: expected a positive integer"))
         tokens = prompt_tokens(messages)
-        req = _Request(body, key, messages, digest, model, tokens, max_tokens, fault=None)
+        req = _Request(raw, body, key, messages, digest, model, tokens, max_tokens, fault=None)
         self._check_limits(req, now)
         if tokens + (max_tokens or 0) > model.context_length:
             raise _Refusal(400, bodies.error(
@@ -497,7 +509,7 @@ class Simulator:
         delay = self.config.latency.sample(self.latency_rng, completion_tokens)
         gen = Generation(
             id=bodies.generation_id(now),
-            request_hash=_request_hash(body),
+            request_hash=hashlib.blake2b(req.raw, digest_size=16).hexdigest(),
             messages_digest=req.digest,
             key_label=bodies.key_label(req.key),
             model=model.id,
@@ -822,12 +834,6 @@ def _content_seed(model_id: str, digest: str, body: dict[str, Any]) -> int:
     """Same model, messages, seed and temperature -> same answer."""
     key = f"{model_id}|{digest}|{body.get('seed')}|{body.get('temperature')}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-def _request_hash(body: dict[str, Any]) -> str:
-    shaped = {k: v for k, v in body.items() if k != "stream"}
-    canonical = json.dumps(shaped, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _reset_connection(request: web.Request) -> None:
