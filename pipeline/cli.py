@@ -7,7 +7,8 @@ Heavy libraries (polars, pyarrow, aiohttp) are imported inside the commands that
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -186,6 +187,144 @@ def simulate(
         raise click.ClickException(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from None
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--input", "input_path", metavar="PATH", help="Input file or glob (CSV, Parquet, JSONL)."
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["csv", "parquet", "jsonl"]),
+    help="Input format, when the extension does not say.",
+)
+@click.option("--output", "output_path", metavar="PATH", help="Output Parquet file.")
+@click.option("--prompt-column", metavar="COL", help="Column holding the whole prompt.")
+@click.option(
+    "--template", metavar="TEXT", help="Prompt template over columns, e.g. 'Label: {review}'."
+)
+@click.option(
+    "--messages-column", metavar="COL", help="Column holding a JSON list of chat messages."
+)
+@click.option("--system", metavar="TEXT", help="System prompt sent before each prompt.")
+@click.option(
+    "--id-column", metavar="COL", help="Column of unique row ids (default: row position)."
+)
+@click.option(
+    "--model-column", metavar="COL", help="Column naming a model per row (empty: --model)."
+)
+@click.option("--model", metavar="ID", help="Model id [default: mistralai/mixtral-8x7b-instruct].")
+@click.option(
+    "--base-url",
+    metavar="URL",
+    help="OpenAI-compatible API base URL [default: https://openrouter.ai/api/v1].",
+)
+@click.option("--temperature", type=float, help="Sampling temperature (0-2).")
+@click.option("--max-tokens", type=int, help="Cap on output tokens per request.")
+@click.option(
+    "--concurrency", type=int, metavar="N", help="Requests in flight at most [default: 16]."
+)
+@click.option("--rps", type=float, metavar="R", help="Requests per second at most.")
+@click.option("--rpm", type=float, metavar="R", help="Requests per minute at most.")
+@click.option(
+    "--tpm", type=float, metavar="T", help="Tokens (prompt + max output) per minute at most."
+)
+@click.option(
+    "--max-retries",
+    type=int,
+    metavar="N",
+    help="Attempts per row at most, the first included [default: 6].",
+)
+@click.option(
+    "--timeout", type=float, metavar="SECONDS", help="Time one attempt may take [default: 300]."
+)
+@click.option(
+    "--journal", "journal_path", metavar="PATH", help="Checkpoint file [default: OUTPUT.journal]."
+)
+@click.option(
+    "--result-prefix",
+    metavar="TEXT",
+    help="Prefix for the result columns, if the input uses their names.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only the first N rows: a cheap trial run.",
+)
+@click.option(
+    "--restart", is_flag=True, help="Discard the journal and start over (pays again for done rows)."
+)
+@click.option(
+    "--simulate", is_flag=True, help="Use the bundled OpenRouter simulator: no key, no network."
+)
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bar: a plain progress line every 10 s."
+)
+def run(
+    config_file: Path | None,
+    limit: int | None,
+    restart: bool,
+    quiet: bool,
+    simulate: bool,
+    **flags: Any,
+) -> None:
+    """Run a job: prompts in, completions with tokens and cost out, resumable.
+
+    CONFIG_FILE is a TOML job description (see configs/example.toml); flags override it.
+    The API key comes from OPENROUTER_API_KEY (or request.key_file), never from a flag.
+    Running the same command again resumes: rows already done are not sent again.
+
+    Exit codes: 0 all rows ok; 1 the job could not run (nothing sent); 2 usage error;
+    3 finished, some rows failed; 4 stopped early (bad key, out of credits), resumable;
+    130/143 interrupted (journal saved), resumable.
+    """
+    from pipeline import config as config_module
+    from pipeline.errors import Interrupted, JobStopped, UserError
+    from pipeline.job import run_job
+
+    overrides = {key: flags[option] for key, option in _RUN_FLAGS.items()}
+    if simulate:
+        overrides["request.simulate"] = True
+    try:
+        config = config_module.load(config_file, overrides)
+        report = run_job(config, limit=limit, restart=restart, quiet=quiet)
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code)
+    except JobStopped as exc:
+        _fail(f"{exc}", exc.exit_code)
+    except Interrupted as exc:
+        _fail(
+            "interrupted; the journal is saved. Run the same command again to resume.",
+            exc.exit_code,
+        )
+    totals = report.job_totals
+    cost = totals.get("cost_usd") or 0.0
+    click.echo(
+        f"done: {report.total_rows:,} rows: {totals.get('ok', 0):,} ok, {totals.get('failed', 0):,} failed "
+        f"({report.skipped:,} done by earlier runs); {totals.get('prompt_tokens', 0):,} prompt + "
+        f"{totals.get('completion_tokens', 0):,} completion tokens; ${cost:.6f}; "
+        f"{report.wall_seconds:.1f}s; {report.retries} retries; wrote {report.output}",
+        err=True,
+    )
+    sys.exit(report.exit_code)
+
+
+_RUN_FLAGS = {
+    "input.path": "input_path", "input.format": "input_format", "output.path": "output_path",
+    "prompt.column": "prompt_column", "prompt.template": "template", "prompt.messages_column": "messages_column",
+    "prompt.system": "system", "input.id_column": "id_column", "prompt.model_column": "model_column",
+    "request.model": "model", "request.base_url": "base_url", "request.temperature": "temperature",
+    "request.max_tokens": "max_tokens", "limits.concurrency": "concurrency", "limits.rps": "rps",
+    "limits.rpm": "rpm", "limits.tpm": "tpm", "retry.max_attempts": "max_retries",
+    "request.timeout": "timeout", "output.journal": "journal_path", "output.result_prefix": "result_prefix",
+}  # fmt: skip
 
 
 def main() -> None:

@@ -1,0 +1,284 @@
+"""One OpenRouter call: headers, one shared session, response parsing, and error classification.
+
+This is the one place where aiohttp and JSON errors become `pipeline.errors` exceptions. After
+every 200 it checks for the ways OpenRouter reports a failure inside a success: a top-level
+`error` with no `choices`, an empty `choices`, and `choices[0].error` / `finish_reason: "error"`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+
+from pipeline import __version__
+from pipeline.errors import AuthError, CreditsError, PermanentError, RequestError, RetryableError
+
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+
+
+@dataclass(slots=True)
+class Completion:
+    """The parts of a chat completion a row keeps."""
+
+    content: str | None
+    finish_reason: str | None
+    model: str | None
+    provider: str | None
+    generation_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    reasoning_tokens: int | None
+    cached_tokens: int | None
+    cost: float | None
+
+
+class OpenRouterClient:
+    """Sends chat completion bodies to `base_url` with one keep-alive session."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        concurrency: int,
+        timeout: float,
+        connect_timeout: float,
+        referer: str | None = None,
+        title: str | None = None,
+    ) -> None:
+        self.url = f"{base_url}/chat/completions"
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "User-Agent": f"prompt-pipeline/{__version__}",
+        }
+        if referer:
+            headers["HTTP-Referer"] = referer
+        if title:
+            headers["X-Title"] = title
+            headers["X-OpenRouter-Title"] = title
+        self._headers = headers
+        self._concurrency = concurrency
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout, connect=connect_timeout, sock_read=timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OpenRouterClient:
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency, limit_per_host=self._concurrency, keepalive_timeout=30
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            timeout=self._timeout,
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def complete(self, body: bytes) -> Completion:
+        """Send one request; return its completion or raise a `RequestError` / `JobStopped`."""
+        assert self._session is not None, "use `async with OpenRouterClient(...)`"
+        generation_id = None
+        try:
+            # Redirects are not followed: the key must never be sent to another host.
+            async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
+                generation_id = resp.headers.get("X-Generation-Id")
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except TimeoutError:
+            raise RetryableError(
+                "timeout",
+                "no complete answer within the timeout (request.timeout / --timeout)",
+                generation_id=generation_id,
+            ) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise RetryableError(
+                "connection_dropped",
+                f"the connection dropped mid-answer: {_short(exc)}",
+                generation_id=generation_id,
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise RetryableError(
+                "connection_failed", f"cannot connect to {self.url}: {_short(exc)}"
+            ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise RetryableError(
+                "connection_dropped",
+                f"the server closed the connection: {_short(exc)}",
+                generation_id=generation_id,
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise RetryableError(
+                "connection_error", _short(exc), generation_id=generation_id
+            ) from None
+
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if status != 200:
+            raise _status_error(status, data, headers, raw, generation_id)
+        if not isinstance(data, dict):
+            what = "only whitespace" if not raw.strip() else "not valid JSON"
+            raise RetryableError(
+                "invalid_json",
+                f"the answer was {what} ({len(raw)} bytes)",
+                status=200,
+                generation_id=generation_id,
+            )
+        return _parse(data, generation_id)
+
+
+def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
+    error = data.get("error")
+    if isinstance(error, dict) and not data.get("choices"):
+        code = _error_code(error, 200)
+        error_class = _class_for(code)
+        raise error_class(
+            "error_body",
+            f"HTTP 200 carrying error {code}: {_message(error)}",
+            status=code,
+            generation_id=generation_id,
+        )
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RetryableError(
+            "no_choices", "HTTP 200 without any choice", status=200, generation_id=generation_id
+        )
+    choice = choices[0]
+    message = _dict(choice.get("message"))
+    finish = choice.get("finish_reason")
+    if choice.get("error") or finish == "error":
+        detail = _dict(choice.get("error"))
+        raise RetryableError(
+            "choice_error",
+            f"the provider failed mid-answer: {_message(detail) or 'finish_reason error'}",
+            status=200,
+            generation_id=data.get("id") or generation_id,
+        )
+    usage = _dict(data.get("usage"))
+    completion_tokens = usage.get("completion_tokens")
+    content = message.get("content")
+    if not content and finish is None and not completion_tokens:
+        # A cold start: nothing generated and (by zero-completion insurance) nothing charged.
+        raise RetryableError(
+            "empty",
+            "empty answer with no finish reason (provider cold start?)",
+            status=200,
+            generation_id=data.get("id") or generation_id,
+        )
+    prompt_details = _dict(usage.get("prompt_tokens_details"))
+    completion_details = _dict(usage.get("completion_tokens_details"))
+    cost = usage.get("cost")
+    return Completion(
+        content=content
+        if isinstance(content, str)
+        else (json.dumps(content) if content is not None else None),
+        finish_reason=finish,
+        model=data.get("model"),
+        provider=data.get("provider"),
+        generation_id=data.get("id") or generation_id,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=completion_tokens,
+        total_tokens=usage.get("total_tokens"),
+        reasoning_tokens=completion_details.get("reasoning_tokens"),
+        cached_tokens=prompt_details.get("cached_tokens"),
+        cost=float(cost) if isinstance(cost, int | float) else None,
+    )
+
+
+def _status_error(
+    status: int, data: Any, headers: Any, raw: bytes, generation_id: str | None
+) -> Exception:
+    error = data.get("error") if isinstance(data, dict) else None
+    message = (
+        _message(error) if isinstance(error, dict) else raw[:200].decode(errors="replace").strip()
+    )
+    text = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    if status == 401:
+        return AuthError(
+            f"{text}. The API key was refused: check OPENROUTER_API_KEY (or request.key_file), then re-run the same command to resume."
+        )
+    if status == 402:
+        return CreditsError(
+            f"{text}. Add credits (https://openrouter.ai/settings/credits) or lower request.max_tokens, then re-run the same command to resume."
+        )
+    retryable = status in RETRYABLE_STATUSES or status >= 500
+    if (
+        status == 404
+        and isinstance(error, dict)
+        and (error.get("availability") or {}).get("retryable")
+    ):
+        retryable = True
+    kind = f"http_{status}"
+    if retryable:
+        return RetryableError(
+            kind,
+            text,
+            status=status,
+            retry_after=_retry_after(headers),
+            generation_id=generation_id,
+        )
+    return PermanentError(kind, text, status=status, generation_id=generation_id)
+
+
+def _class_for(code: int) -> type[RequestError]:
+    return RetryableError if code in RETRYABLE_STATUSES or code >= 500 else PermanentError
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait: `Retry-After` (seconds or an HTTP date), else `X-RateLimit-Reset` (epoch ms)."""
+    value = headers.get("Retry-After")
+    if value:
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            try:
+                return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+            except (TypeError, ValueError):
+                pass
+    reset = headers.get("X-RateLimit-Reset")
+    if reset:
+        try:
+            return max(float(reset) / 1000 - time.time(), 0.0)
+        except ValueError:
+            return None
+    return None
+
+
+def _error_code(error: dict[str, Any], default: int) -> int:
+    for candidate in (error.get("code"), error.get("http_status")):
+        if isinstance(candidate, int):
+            return candidate
+        if isinstance(candidate, str) and candidate.isdigit():
+            return int(candidate)
+    return default
+
+
+def _message(error: dict[str, Any] | None) -> str:
+    if not error:
+        return ""
+    message = str(error.get("message") or "")
+    metadata = _dict(error.get("metadata"))
+    provider = metadata.get("provider_name")
+    return f"{message} ({provider})" if provider and provider not in message else message
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: bodies from the wild may omit anything."""
+    return value if isinstance(value, dict) else {}
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -1,0 +1,438 @@
+"""`JobConfig`: one frozen, validated object built from a TOML file, command-line flags and the
+environment. Flags override the file. Every message names the key (and its flag) and what would
+be valid. Relative paths in a file are relative to that file, so a cron job can run from anywhere.
+
+```toml
+[input]    path, format, id_column
+[prompt]   column | template | messages_column, system, model_column
+[request]  model, base_url, temperature, top_p, max_tokens, seed, stop, response_format,
+           provider, models, referer, title, key_file, timeout, connect_timeout, extra
+[limits]   concurrency, rps | rpm, tpm
+[retry]    max_attempts, max_elapsed, backoff_base, backoff_max
+[output]   path, journal, result_prefix
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
+DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+DEFAULT_CONCURRENCY = 16
+DEFAULT_TIMEOUT = 300.0  # seconds per attempt: long generations are slow, not stuck
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_MAX_ELAPSED = 900.0  # seconds one row may spend retrying
+DEFAULT_TITLE = "prompt-pipeline"
+KEY_ENV = "OPENROUTER_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class InputConfig:
+    path: str
+    format: str | None = None  # csv | parquet | jsonl; by extension when unset
+    id_column: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptConfig:
+    column: str | None = None
+    template: str | None = None
+    messages_column: str | None = None
+    system: str | None = None
+    model_column: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestConfig:
+    model: str = DEFAULT_MODEL
+    base_url: str = DEFAULT_BASE_URL
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    response_format: Mapping[str, Any] | None = None
+    provider: Mapping[str, Any] | None = None
+    models: tuple[str, ...] | None = None
+    referer: str | None = None
+    title: str = DEFAULT_TITLE
+    key_file: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    # Talk to the bundled simulator instead of base_url (no key, no network).
+    simulate: bool = False
+
+    def body_params(self) -> dict[str, Any]:
+        """Everything besides `model` and `messages` that goes into each request body."""
+        params: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "max_tokens", "seed", "response_format", "provider"):
+            value = getattr(self, name)
+            if value is not None:
+                params[name] = value
+        if self.stop is not None:
+            params["stop"] = list(self.stop)
+        if self.models is not None:
+            params["models"] = list(self.models)
+        params.update(self.extra)
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    concurrency: int = DEFAULT_CONCURRENCY
+    rps: float | None = None
+    rpm: float | None = None
+    tpm: float | None = None
+
+    @property
+    def requests_per_second(self) -> float | None:
+        if self.rps is not None:
+            return self.rps
+        return self.rpm / 60 if self.rpm is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_elapsed: float = DEFAULT_MAX_ELAPSED
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    path: str
+    journal: str | None = None  # default: <output>.journal next to the output
+    result_prefix: str = ""
+
+    @property
+    def journal_path(self) -> Path:
+        return Path(self.journal) if self.journal else Path(self.path + ".journal")
+
+
+@dataclass(frozen=True, slots=True)
+class JobConfig:
+    input: InputConfig
+    prompt: PromptConfig
+    request: RequestConfig
+    limits: LimitsConfig
+    retry: RetryConfig
+    output: OutputConfig
+
+    def request_fingerprint(self) -> dict[str, Any]:
+        """What shapes the requests: a resumed job must send the same ones."""
+        request = asdict(self.request)
+        for item in ("referer", "title", "key_file", "timeout", "connect_timeout"):
+            request.pop(item)
+        if self.request.simulate:
+            request["base_url"] = "(simulator)"  # its port changes every run; answers do not
+        return {"prompt": asdict(self.prompt), "request": request}
+
+    def fingerprint_hash(self) -> str:
+        canonical = json.dumps(self.request_fingerprint(), sort_keys=True, default=list)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- loading
+
+SECTIONS: dict[str, Any] = {
+    "input": InputConfig,
+    "prompt": PromptConfig,
+    "request": RequestConfig,
+    "limits": LimitsConfig,
+    "retry": RetryConfig,
+    "output": OutputConfig,
+}
+
+# The flag that sets each key, for messages: "limits.concurrency (--concurrency)".
+FLAGS = {
+    "input.path": "--input", "input.id_column": "--id-column", "input.format": "--input-format",
+    "prompt.column": "--prompt-column", "prompt.template": "--template",
+    "prompt.messages_column": "--messages-column", "prompt.system": "--system",
+    "prompt.model_column": "--model-column",
+    "request.model": "--model", "request.base_url": "--base-url", "request.timeout": "--timeout",
+    "request.temperature": "--temperature", "request.max_tokens": "--max-tokens",
+    "limits.concurrency": "--concurrency", "limits.rps": "--rps", "limits.rpm": "--rpm", "limits.tpm": "--tpm",
+    "retry.max_attempts": "--max-retries", "output.path": "--output", "output.journal": "--journal",
+    "output.result_prefix": "--result-prefix",
+}  # fmt: skip
+
+PATH_KEYS = ("input.path", "output.path", "output.journal", "request.key_file")
+
+
+def name(key: str) -> str:
+    """`limits.concurrency (--concurrency)`: how a message refers to a key."""
+    flag = FLAGS.get(key)
+    return f"{key} ({flag})" if flag else key
+
+
+def load(config_file: Path | None, overrides: Mapping[str, Any]) -> JobConfig:
+    """Read `config_file` (if any), apply flag `overrides` (`{"limits.concurrency": 8}`), validate."""
+    raw: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    base_dir = Path.cwd()
+    if config_file is not None:
+        try:
+            with config_file.open("rb") as f:
+                document = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+        base_dir = config_file.resolve().parent
+        _check_keys(document, config_file)
+        for section, values in document.items():
+            raw[section].update(values)
+        for key in PATH_KEYS:
+            section, item = key.split(".")
+            if isinstance(raw[section].get(item), str):
+                raw[section][item] = str(_resolve(raw[section][item], base_dir))
+    for key, value in overrides.items():
+        if value is not None:
+            section, item = key.split(".")
+            raw[section][item] = value
+    return _build(raw)
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    expanded = Path(os.path.expanduser(path))
+    return expanded if expanded.is_absolute() else Path(os.path.normpath(base_dir / expanded))
+
+
+def _check_keys(document: Mapping[str, Any], source: Path) -> None:
+    every_key = [f"{s}.{f}" for s, cls in SECTIONS.items() for f in cls.__dataclass_fields__]
+    for section, values in document.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = (
+                f"; did you mean [{close[0]}]?"
+                if close
+                else f"; valid sections: {', '.join(SECTIONS)}"
+            )
+            raise ConfigError(f"{source}: unknown section [{section}]{hint}")
+        for key in values:
+            full = f"{section}.{key}"
+            if full not in every_key:
+                suggestion = _closest(full, every_key)
+                hint = f"; did you mean {suggestion}?" if suggestion else ""
+                raise ConfigError(f"{source}: unknown key {full}{hint}")
+
+
+def _closest(full: str, every_key: list[str]) -> str | None:
+    """The valid key nearest to a misspelt one, also across sections (`input.model` -> `request.model`)."""
+    close = difflib.get_close_matches(full, every_key, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    by_item = {key.split(".")[1]: key for key in every_key}
+    close = difflib.get_close_matches(full.split(".")[1], by_item, n=1)
+    return by_item[close[0]] if close else None
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
+    v = _Validator(raw)
+    input_cfg = InputConfig(
+        path=v.required("input.path"),
+        format=v.choice("input.format", ("csv", "parquet", "jsonl")),
+        id_column=v.string("input.id_column"),
+    )
+    prompt = PromptConfig(
+        column=v.string("prompt.column"),
+        template=v.string("prompt.template"),
+        messages_column=v.string("prompt.messages_column"),
+        system=v.string("prompt.system"),
+        model_column=v.string("prompt.model_column"),
+    )
+    sources = [
+        k for k in ("column", "template", "messages_column") if getattr(prompt, k) is not None
+    ]
+    if len(sources) != 1:
+        given = f" (got {', '.join('prompt.' + s for s in sources)})" if sources else ""
+        raise ConfigError(
+            "set exactly one prompt source: prompt.column (--prompt-column), prompt.template (--template) "
+            f"or prompt.messages_column (--messages-column){given}"
+        )
+    base_url = v.string("request.base_url") or DEFAULT_BASE_URL
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{name('request.base_url')} must start with http:// or https://, got {base_url!r}"
+        )
+    request = RequestConfig(
+        model=v.string("request.model") or DEFAULT_MODEL,
+        base_url=base_url.rstrip("/"),
+        temperature=v.number("request.temperature", low=0, high=2),
+        top_p=v.number("request.top_p", low=0, high=1, low_open=True),
+        max_tokens=v.integer("request.max_tokens", low=1),
+        seed=v.integer("request.seed"),
+        stop=v.stop("request.stop"),
+        response_format=v.table("request.response_format"),
+        provider=v.table("request.provider"),
+        models=v.strings("request.models"),
+        referer=v.string("request.referer"),
+        title=v.string("request.title") or DEFAULT_TITLE,
+        key_file=v.string("request.key_file"),
+        timeout=v.number("request.timeout", low=0, low_open=True) or DEFAULT_TIMEOUT,
+        connect_timeout=v.number("request.connect_timeout", low=0, low_open=True)
+        or DEFAULT_CONNECT_TIMEOUT,
+        extra=v.table("request.extra") or {},
+        simulate=bool(v.raw["request"].get("simulate")),
+    )
+    limits = LimitsConfig(
+        concurrency=v.integer("limits.concurrency", low=1) or DEFAULT_CONCURRENCY,
+        rps=v.number("limits.rps", low=0, low_open=True),
+        rpm=v.number("limits.rpm", low=0, low_open=True),
+        tpm=v.number("limits.tpm", low=0, low_open=True),
+    )
+    if limits.rps is not None and limits.rpm is not None:
+        raise ConfigError(f"set {name('limits.rps')} or {name('limits.rpm')}, not both")
+    retry = RetryConfig(
+        max_attempts=v.integer("retry.max_attempts", low=1) or DEFAULT_MAX_ATTEMPTS,
+        max_elapsed=v.number("retry.max_elapsed", low=0, low_open=True) or DEFAULT_MAX_ELAPSED,
+        backoff_base=_default(v.number("retry.backoff_base", low=0), 1.0),
+        backoff_max=_default(v.number("retry.backoff_max", low=0), 60.0),
+    )
+    output = OutputConfig(
+        path=v.required("output.path"),
+        journal=v.string("output.journal"),
+        result_prefix=v.string("output.result_prefix") or "",
+    )
+    return JobConfig(input_cfg, prompt, request, limits, retry, output)
+
+
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+class _Validator:
+    """Typed getters over the merged raw config; each raises a ConfigError naming the key."""
+
+    def __init__(self, raw: dict[str, dict[str, Any]]) -> None:
+        self.raw = raw
+
+    def _get(self, key: str) -> Any:
+        section, item = key.split(".")
+        return self.raw[section].get(item)
+
+    def _fail(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{name(key)} must be {expected}, got {value!r}")
+
+    def required(self, key: str) -> str:
+        value = self.string(key)
+        if value is None:
+            raise ConfigError(f"{name(key)} is required")
+        return value
+
+    def string(self, key: str) -> str | None:
+        value = self._get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self._fail(key, "a string", value)
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...]) -> str | None:
+        value = self.string(key)
+        if value is not None and value not in options:
+            raise self._fail(key, f"one of {', '.join(options)}", value)
+        return value
+
+    def number(
+        self,
+        key: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+    ) -> float | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise self._fail(key, "a number", value) from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._fail(key, "a number", value)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low:g}" if low is not None else ""
+            if high is not None:
+                bounds = f"between {low:g} and {high:g}" if low is not None else f"<= {high:g}"
+            raise self._fail(key, f"a number {bounds}", value)
+        return float(value)
+
+    def integer(self, key: str, *, low: int | None = None) -> int | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, "a whole number", value)
+        if low is not None and value < low:
+            raise self._fail(key, f"a whole number >= {low}", value)
+        return value
+
+    def table(self, key: str) -> Mapping[str, Any] | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise self._fail(
+                    key, "a table (or a JSON object on the command line)", value
+                ) from None
+        if not isinstance(value, dict):
+            raise self._fail(key, "a table", value)
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise self._fail(key, "a list of strings", value)
+        return tuple(value)
+
+    def stop(self, key: str) -> tuple[str, ...] | None:
+        value = self._get(key)
+        stops = (value,) if isinstance(value, str) else self.strings(key)
+        if stops is not None and len(stops) > 4:
+            raise self._fail(key, "at most 4 stop sequences", value)
+        return stops
+
+
+def read_api_key(config: JobConfig) -> str | None:
+    """The key from OPENROUTER_API_KEY, else from `request.key_file`; None if neither is set."""
+    key = os.environ.get(KEY_ENV, "").strip()
+    if key:
+        return key
+    if config.request.key_file:
+        path = Path(config.request.key_file)
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"request.key_file {path} cannot be read: {exc.strerror}") from None
+        if not key:
+            raise ConfigError(f"request.key_file {path} is empty")
+        return key
+    return None

@@ -1,0 +1,90 @@
+"""The exception tree. Lower-level errors (aiohttp, JSON, sqlite, polars) are translated into
+these in exactly one place each, so the CLI can map every one to a message and an exit code.
+
+    PipelineError
+    ├── UserError                 exit 1: the job could not run; nothing was sent
+    │   ├── ConfigError           a config key or flag is wrong (names the key and what is valid)
+    │   ├── InputError            an input file, column or row is wrong
+    │   └── JournalError          the journal belongs to another job, is locked, or is damaged
+    ├── RequestError              one request failed (never leaves the dispatcher)
+    │   ├── RetryableError        408, 429, 5xx, timeouts, dropped connections, bad bodies
+    │   └── PermanentError        400, 403, 404, 413, 422: this row fails
+    ├── JobStopped                exit 4: every further request would fail too; resumable
+    │   ├── AuthError             401: the key is missing, wrong or disabled
+    │   └── CreditsError          402: out of credits
+    └── Interrupted               exit 130 / 143: SIGINT / SIGTERM, journal flushed; resumable
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class UserError(PipelineError):
+    """Something the user can fix; the job did not start sending."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """A configuration key or command-line flag is invalid."""
+
+
+class InputError(UserError):
+    """An input file, column or value cannot be used."""
+
+
+class JournalError(UserError):
+    """The journal cannot be used for this job as it stands."""
+
+
+class RequestError(PipelineError):
+    """One request failed. `kind` is a short stable name recorded in the `error_type` column."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        generation_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.generation_id = generation_id
+
+
+class RetryableError(RequestError):
+    """Worth another attempt after a back-off."""
+
+
+class PermanentError(RequestError):
+    """Fails the same way every time: the row is recorded as an error."""
+
+
+class JobStopped(PipelineError):
+    """A job-wide failure: dispatching stops at once and the journal is kept for a resume."""
+
+    exit_code = 4
+
+
+class AuthError(JobStopped):
+    """401: the API key is missing, unknown or disabled."""
+
+
+class CreditsError(JobStopped):
+    """402: the account or key is out of credits."""
+
+
+class Interrupted(PipelineError):
+    """SIGINT or SIGTERM: the journal was flushed; the next run resumes. Exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.exit_code = 128 + signum

@@ -1,0 +1,262 @@
+"""The durable checkpoint: a sqlite3 database in WAL mode beside the output.
+
+One row per settled input row, keyed by its input position, written in batches by a single
+writer at least every half second. `meta` holds what the job was: the input's fingerprint and
+the request-shaping config, so a resume with a changed input or config is refused by name.
+A lock file next to the journal keeps two runs from sharing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import JournalError
+from pipeline.records import RESULT_FIELDS, Result
+
+FLUSH_INTERVAL = 0.5  # seconds between commits while results arrive
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    position INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    {
+    ", ".join(
+        f"{name} {kind}"
+        for name, kind in {
+            "completion": "TEXT",
+            "finish_reason": "TEXT",
+            "response_model": "TEXT",
+            "provider": "TEXT",
+            "generation_id": "TEXT",
+            "prompt_tokens": "INTEGER",
+            "completion_tokens": "INTEGER",
+            "total_tokens": "INTEGER",
+            "reasoning_tokens": "INTEGER",
+            "cached_tokens": "INTEGER",
+            "cost_usd": "REAL",
+            "latency_ms": "REAL",
+            "attempts": "INTEGER",
+            "status": "TEXT NOT NULL",
+            "error_type": "TEXT",
+            "error_message": "TEXT",
+            "retry_on_resume": "INTEGER NOT NULL",
+        }.items()
+    )
+}
+);
+"""
+_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
+
+
+class Journal:
+    """The journal of one job. Use `Journal.open(...)`; close it (or use `with`)."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock_file: Any) -> None:
+        self.path = path
+        self._db = connection
+        self._lock_file = lock_file
+        self._guard = threading.Lock()  # the writer thread and the reader never overlap
+
+    @classmethod
+    def open(cls, path: Path, fingerprint: dict[str, Any], *, restart: bool = False) -> Journal:
+        """Lock, open (or create) and check the journal at `path` against this job's fingerprint."""
+        lock_file = _lock(path)
+        try:
+            if restart:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            db = _connect(path)
+            journal = cls(path, db, lock_file)
+            journal._check(fingerprint)
+        except BaseException:
+            lock_file.close()
+            raise
+        return journal
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._guard:
+            self._db.close()
+        self._lock_file.close()
+
+    def _check(self, fingerprint: dict[str, Any]) -> None:
+        stored = {
+            name: json.loads(value)
+            for name, value in self._db.execute("SELECT name, value FROM meta")
+        }
+        if not stored:
+            with self._db:
+                self._db.executemany(
+                    "INSERT INTO meta (name, value) VALUES (?, ?)",
+                    [
+                        (name, json.dumps(value))
+                        for name, value in {**fingerprint, "version": __version__}.items()
+                    ],
+                )
+            return
+        changes = describe_changes(stored, fingerprint)
+        if changes:
+            raise JournalError(
+                f"journal {self.path} belongs to a different job: {'; '.join(changes)}. "
+                "Restore the original to resume, or re-run with --restart to start over "
+                "(rows already done will be sent and paid for again)."
+            )
+
+    # ------------------------------------------------------------------------------ reads
+
+    def settled_positions(self, low: int, high: int) -> set[int]:
+        """Positions in [low, high) that need no request: done, or failed for good."""
+        with self._guard:
+            cursor = self._db.execute(
+                "SELECT position FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0",
+                (low, high),
+            )
+            return {position for (position,) in cursor}
+
+    def settled_count(self, below: int) -> int:
+        """How many of the first `below` rows an earlier run settled."""
+        with self._guard:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM results WHERE position < ? AND retry_on_resume = 0", (below,)
+            ).fetchone()
+        return int(count)
+
+    def results_between(self, low: int, high: int) -> dict[int, tuple[Any, ...]]:
+        """Stored results for positions in [low, high), by position."""
+        with self._guard:
+            cursor = self._db.execute(
+                f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position >= ? AND position < ?",
+                (low, high),
+            )
+            return {row[0]: row for row in cursor}
+
+    def totals(self, below: int | None = None) -> dict[str, Any]:
+        """Counts, tokens and cost over the journal (rows under position `below` only, if given)."""
+        where = "WHERE position < ?" if below is not None else ""
+        with self._guard:
+            row = self._db.execute(
+                f"""SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
+                    COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), SUM(cost_usd)
+                    FROM results {where}""",
+                (below,) if below is not None else (),
+            ).fetchone()
+        return {
+            "rows": row[0],
+            "ok": row[1],
+            "failed": row[2],
+            "prompt_tokens": row[3],
+            "completion_tokens": row[4],
+            "cost_usd": row[5] or 0.0,
+        }
+
+    # ----------------------------------------------------------------------------- writes
+
+    def write(self, results: list[Result]) -> None:
+        """Commit `results` in one transaction (durable once this returns)."""
+        if not results:
+            return
+        with self._guard, self._db:
+            self._db.executemany(_INSERT, [r.as_tuple() for r in results])
+
+
+class JournalWriter:
+    """The single writer: collects results and commits them every `interval` seconds."""
+
+    def __init__(self, journal: Journal, interval: float = FLUSH_INTERVAL) -> None:
+        self.journal = journal
+        self.interval = interval
+        self._pending: list[Result] = []
+        self._flushing = asyncio.Lock()
+
+    def add(self, result: Result) -> None:
+        self._pending.append(result)
+
+    async def flush(self) -> None:
+        async with self._flushing:
+            batch, self._pending = self._pending, []
+            if batch:
+                await asyncio.to_thread(self.journal.write, batch)
+
+    async def run(self) -> None:
+        """Flush periodically until cancelled; the owner calls `flush()` once more at the end."""
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+
+def describe_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two job fingerprints."""
+    changes = []
+    # Files are compared by content, in order: the same bytes under another path are the same input.
+    old_files, new_files = stored.get("input", []), current.get("input", [])
+    if len(old_files) != len(new_files):
+        changes.append(f"the input was {len(old_files)} file(s) and is now {len(new_files)}")
+    for old, new in zip(old_files, new_files, strict=False):
+        if old["sha256"] != new["sha256"]:
+            changes.append(f"input file {new['file']} changed")
+    for section in ("prompt", "request"):
+        old_section, new_section = (
+            stored.get("config", {}).get(section, {}),
+            current.get("config", {}).get(section, {}),
+        )
+        for key in sorted(old_section.keys() | new_section.keys()):
+            if old_section.get(key) != new_section.get(key):
+                changes.append(f"{section}.{key} changed")
+    return changes
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(
+            f"journal {path} is damaged ({exc}); move it aside and re-run, or re-run with --restart"
+        ) from None
+    if verdict != "ok":
+        db.close()
+        raise JournalError(
+            f"journal {path} is damaged ({verdict}); move it aside and re-run, or re-run with --restart"
+        )
+    db.isolation_level = "DEFERRED"
+    return db
+
+
+def _lock(path: Path) -> Any:
+    """Hold an exclusive lock on `<journal>.lock` for the life of the run, or fail at once."""
+    lock_path = Path(f"{path}.lock")
+    try:
+        lock_file = lock_path.open("a+")
+    except OSError as exc:
+        raise JournalError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+        lock_file.close()
+        raise JournalError(
+            f"another run is using journal {path} (lock held by pid {holder}); wait for it to finish"
+        ) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file

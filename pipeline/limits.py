@@ -1,0 +1,103 @@
+"""Request and token rate limits (aiolimiter) and the shared 429 cool-down.
+
+Requests in flight are capped elsewhere, by the size of the worker pool. Here:
+
+- requests per second: an `AsyncLimiter(1, 1/rate)`, so requests are spaced evenly and no
+  one-second window holds more than the configured rate (a bucket of `rate` per second would
+  allow a burst of twice that across a window boundary);
+- tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate;
+- on a 429, *every* worker waits until the server's reset time, and the request rate is halved
+  (from the configured rate, or from the rate actually achieved when none is configured), then
+  raised again by 10% for each second without a 429, back up to the configured rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from aiolimiter import AsyncLimiter
+
+DEFAULT_COOLDOWN = 1.0  # seconds all workers pause after a 429 that names no reset time
+MIN_RATE = 0.5  # requests per second the adaptive rate never goes below
+RECOVERY_STEP = 1.10  # each quiet second multiplies the lowered rate by this much
+
+
+class Limits:
+    """Shared by all workers of one job on one event loop."""
+
+    def __init__(
+        self,
+        requests_per_second: float | None,
+        tokens_per_minute: float | None,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.ceiling = requests_per_second
+        self.rate = requests_per_second
+        self._requests = _spacing_limiter(requests_per_second)
+        self._tokens = AsyncLimiter(tokens_per_minute, 60) if tokens_per_minute else None
+        self._tokens_max = tokens_per_minute or 0.0
+        self._clock = clock or asyncio.get_running_loop().time
+        self._sleep = sleep
+        self.paused_until = 0.0
+        self._last_change = 0.0
+        self._starts: deque[float] = deque()  # request start times over the last 2 s
+        self.rate_limited = 0  # 429s seen, for the progress line
+
+    async def acquire(self, estimated_tokens: int) -> None:
+        """Wait until a request of about `estimated_tokens` may start."""
+        while (delay := self.paused_until - self._clock()) > 0:
+            await self._sleep(delay)
+        self._recover()
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._tokens is not None:
+            await self._tokens.acquire(min(float(estimated_tokens), self._tokens_max))
+        now = self._clock()
+        self._starts.append(now)
+        while self._starts[0] < now - 2.0:
+            self._starts.popleft()
+
+    async def charge_extra_tokens(self, tokens: int) -> None:
+        """The answer used more tokens than estimated: charge the difference to the token budget."""
+        if self._tokens is not None and tokens > 0:
+            await self._tokens.acquire(min(float(tokens), self._tokens_max))
+
+    def rate_limited_for(self, retry_after: float | None) -> None:
+        """A 429: pause every worker until the reset time and lower the request rate."""
+        self.rate_limited += 1
+        now = self._clock()
+        wait = retry_after if retry_after is not None else DEFAULT_COOLDOWN
+        self.paused_until = max(self.paused_until, now + wait)
+        # One lowering per cool-down: the other 429s of the same burst were already in flight.
+        if now < self._last_change + max(wait, 1.0):
+            return
+        current = self.rate if self.rate is not None else len(self._starts) / 2.0
+        self._set_rate(max(MIN_RATE, current / 2))
+        self._last_change = now
+
+    def _recover(self) -> None:
+        if self.rate is None or self.rate == self.ceiling:
+            return
+        now = self._clock()
+        if now - max(self._last_change, self.paused_until) < 1.0:
+            return
+        raised = self.rate * RECOVERY_STEP
+        if self.ceiling is not None and raised >= self.ceiling:
+            self._set_rate(self.ceiling)
+        elif self.ceiling is None and raised >= 2 * max(len(self._starts) / 2.0, MIN_RATE):
+            self._set_rate(None)  # faster than we go anyway: back to no limit
+        else:
+            self._set_rate(raised)
+        self._last_change = now
+
+    def _set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+        self._requests = _spacing_limiter(rate)
+
+
+def _spacing_limiter(rate: float | None) -> AsyncLimiter | None:
+    return AsyncLimiter(1, 1 / rate) if rate else None

@@ -1,0 +1,105 @@
+"""Progress at the edge: a tqdm bar on a terminal, a plain line every few seconds otherwise
+(cron, `--quiet`), and the closing summary.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from pipeline.records import OK, Result
+
+LOG_INTERVAL = 10.0  # seconds between progress lines when there is no terminal
+
+
+@dataclass
+class Tally:
+    """Running totals of a run (this run only; the journal holds the whole job's)."""
+
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    cost_unknown: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, result: Result) -> None:
+        if result.status == OK:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.prompt_tokens += result.prompt_tokens or 0
+        self.completion_tokens += result.completion_tokens or 0
+        if result.cost_usd is not None:
+            self.cost += result.cost_usd
+        elif result.status == OK:
+            self.cost_unknown += 1
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+
+class Progress:
+    """Shows a run's progress on stderr; `update()` is called once per result."""
+
+    def __init__(
+        self, total: int, already_done: int, *, quiet: bool, stream: IO[str] | None = None
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.tally = Tally()
+        self.total = total
+        self.retries = 0
+        self.rate_limited = 0
+        self._bar: Any = None
+        self._next_log = time.monotonic() + LOG_INTERVAL
+        self._already = already_done
+        if not quiet and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                initial=already_done,
+                unit="row",
+                file=self.stream,
+                dynamic_ncols=True,
+                smoothing=0.05,
+            )
+
+    def update(self, result: Result, retries: int, rate_limited: int) -> None:
+        self.tally.add(result)
+        self.retries, self.rate_limited = retries, rate_limited
+        if self._bar is not None:
+            self._bar.update(1)
+            if self.tally.done % 50 == 1:
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
+        elif time.monotonic() >= self._next_log:
+            self._next_log = time.monotonic() + LOG_INTERVAL
+            self.log(self.line())
+
+    def _postfix(self) -> str:
+        t = self.tally
+        return f"${t.cost:.4f} {t.prompt_tokens + t.completion_tokens:,} tok {self.retries} retries {t.failed} errors"
+
+    def line(self) -> str:
+        t = self.tally
+        done = self._already + t.done
+        elapsed = time.monotonic() - t.started
+        rate = t.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        return f"progress {done:,}/{self.total:,} rows ({rate:.1f}/s, eta {eta:.0f}s) {self._postfix()}"
+
+    def log(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,208 @@
+"""Turning input rows into request bodies: template / column / messages column, system prompt,
+per-row model, and the request parameters. Prompts are built column-wise with polars; each body
+is serialised once, here, and never again.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+
+import polars as pl
+
+from pipeline.config import JobConfig
+from pipeline.errors import InputError
+from pipeline.records import Row
+from pipeline.source import POSITION
+
+DEFAULT_OUTPUT_ESTIMATE = 256  # tokens assumed for an answer when max_tokens is not set
+MESSAGE_OVERHEAD_TOKENS = 4
+_PROMPT = "__pipeline_prompt"
+_NULL_COLUMN = "__pipeline_null_column"
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template refers to; `{{` and `}}` are literal braces."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InputError(
+            f"prompt.template (--template) is not a valid template: {exc}; write {{{{ and }}}} for literal braces"
+        ) from None
+    fields = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field or spec or conversion:
+            raise InputError(
+                f"prompt.template (--template): use plain column names like {{review}}, got {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            )
+        fields.append(field)
+    return fields
+
+
+class RequestBuilder:
+    """Builds the `Row`s of each input batch for one job."""
+
+    def __init__(self, config: JobConfig, columns: list[str]) -> None:
+        self.config = config
+        prompt = config.prompt
+        self._check_columns(columns)
+        self.default_model = config.request.model
+        params = config.request.body_params()
+        # Everything after "messages" is the same for every row: serialise it once.
+        self._tail = ("," + json.dumps(params)[1:]) if params else "}"
+        self._max_output = config.request.max_tokens or DEFAULT_OUTPUT_ESTIMATE
+        self._system = [{"role": "system", "content": prompt.system}] if prompt.system else []
+        self._system_tokens = (
+            _tokens(prompt.system or "") + MESSAGE_OVERHEAD_TOKENS if prompt.system else 0
+        )
+        self._prompt_expr, self._null_expr = self._prompt_expressions()
+
+    def _check_columns(self, columns: list[str]) -> None:
+        prompt, known = self.config.prompt, set(columns)
+        listing = ", ".join(columns)
+        wanted: list[tuple[str, str]] = []
+        if prompt.template is not None:
+            wanted += [
+                ("prompt.template (--template)", f) for f in template_fields(prompt.template)
+            ]
+            if not wanted:
+                raise InputError(
+                    "prompt.template (--template) names no column; write e.g. 'Label the sentiment of: {review}'"
+                )
+        for key, value in (
+            ("prompt.column (--prompt-column)", prompt.column),
+            ("prompt.messages_column (--messages-column)", prompt.messages_column),
+            ("prompt.model_column (--model-column)", prompt.model_column),
+            ("input.id_column (--id-column)", self.config.input.id_column),
+        ):
+            if value is not None:
+                wanted.append((key, value))
+        for key, column in wanted:
+            if column not in known:
+                raise InputError(
+                    f"{key} names column '{column}', which the input does not have; columns: {listing}"
+                )
+
+    def _prompt_expressions(self) -> tuple[pl.Expr | None, pl.Expr | None]:
+        prompt = self.config.prompt
+        if prompt.template is not None:
+            parts: list[pl.Expr] = []
+            fields = []
+            for literal, field, _, _ in string.Formatter().parse(prompt.template):
+                if literal:
+                    parts.append(pl.lit(literal))
+                if field is not None:
+                    parts.append(pl.col(field).cast(pl.String))
+                    fields.append(field)
+            null_column = pl.lit(None, dtype=pl.String)
+            for field in reversed(fields):
+                null_column = (
+                    pl.when(pl.col(field).is_null()).then(pl.lit(field)).otherwise(null_column)
+                )
+            return pl.concat_str(parts), null_column
+        if prompt.column is not None:
+            return pl.col(prompt.column).cast(pl.String), None
+        return None, None
+
+    def rows(self, batch: pl.DataFrame) -> list[Row]:
+        """One `Row` per input row of `batch`, in order."""
+        cfg = self.config
+        columns: list[pl.Expr] = [pl.col(POSITION)]
+        if cfg.input.id_column:
+            columns.append(pl.col(cfg.input.id_column).cast(pl.String).alias("__key"))
+        if self._prompt_expr is not None:
+            columns.append(self._prompt_expr.alias(_PROMPT))
+        else:
+            columns.append(pl.col(cfg.prompt.messages_column).alias(_PROMPT))  # type: ignore[arg-type]
+        if self._null_expr is not None:
+            columns.append(self._null_expr.alias(_NULL_COLUMN))
+        if cfg.prompt.model_column:
+            columns.append(pl.col(cfg.prompt.model_column).cast(pl.String).alias("__model"))
+        frame = batch.select(columns)
+        positions = frame[POSITION].to_list()
+        keys = frame["__key"].to_list() if "__key" in frame.columns else [str(p) for p in positions]
+        prompts = frame[_PROMPT].to_list()
+        nulls = frame[_NULL_COLUMN].to_list() if _NULL_COLUMN in frame.columns else None
+        models = frame["__model"].to_list() if "__model" in frame.columns else None
+        messages_mode = cfg.prompt.messages_column is not None
+
+        rows = []
+        for i, position in enumerate(positions):
+            model = (models[i] if models else None) or self.default_model
+            if messages_mode:
+                messages, problem = _parse_messages(prompts[i], cfg.prompt.messages_column or "")
+                rows.append(self._row(position, keys[i], model, messages, problem))
+                continue
+            text = prompts[i]
+            if text is None or not text.strip():
+                if nulls and nulls[i]:
+                    problem = f"column '{nulls[i]}' is null, so the template cannot be filled"
+                else:
+                    problem = (
+                        f"prompt column '{cfg.prompt.column}' is empty"
+                        if cfg.prompt.column
+                        else "the prompt is empty"
+                    )
+                rows.append(Row(position, keys[i] or str(position), None, 0, problem))
+                continue
+            rows.append(
+                self._row(position, keys[i], model, [{"role": "user", "content": text}], None)
+            )
+        return rows
+
+    def _row(
+        self,
+        position: int,
+        key: str | None,
+        model: str,
+        messages: list[dict[str, Any]] | None,
+        problem: str | None,
+    ) -> Row:
+        key = key if key is not None else str(position)
+        if messages is None:
+            return Row(position, key, None, 0, problem)
+        if self._system and messages[0].get("role") != "system":
+            messages = self._system + messages
+        text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+        body = f'{{"model":{json.dumps(model)},"messages":{json.dumps(messages, ensure_ascii=False)}{self._tail}'
+        return Row(position, key, body.encode(), text_tokens + self._max_output)
+
+
+def _tokens(content: Any) -> int:
+    """A cheap estimate: about four characters per token."""
+    if isinstance(content, str):
+        return (len(content) + 3) // 4
+    return (len(json.dumps(content)) + 3) // 4 if content is not None else 0
+
+
+def _parse_messages(value: Any, column: str) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """A messages cell: a JSON string, or an already-parsed list of {role, content}."""
+    if value is None:
+        return None, f"messages column '{column}' is null"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            return None, f"messages column '{column}' is not valid JSON: {exc}"
+    if isinstance(value, pl.Series):
+        value = value.to_list()
+    if not isinstance(value, list) or not value:
+        return (
+            None,
+            f"messages column '{column}' must hold a non-empty JSON list of {{role, content}} objects",
+        )
+    for i, message in enumerate(value):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in _ROLES
+            or "content" not in message
+        ):
+            return (
+                None,
+                f"messages column '{column}': message {i} needs a role ({', '.join(sorted(_ROLES))}) and content",
+            )
+    return value, None

@@ -1,0 +1,104 @@
+"""The final Parquet file: every input column unchanged and in input order, then the result
+columns with an explicit schema. Written batch by batch beside the target, then renamed into
+place, so the file is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS
+
+RESULT_TYPES: dict[str, pa.DataType] = {
+    "completion": pa.string(),
+    "finish_reason": pa.string(),
+    "response_model": pa.string(),
+    "provider": pa.string(),
+    "generation_id": pa.string(),
+    "prompt_tokens": pa.int64(),
+    "completion_tokens": pa.int64(),
+    "total_tokens": pa.int64(),
+    "reasoning_tokens": pa.int64(),
+    "cached_tokens": pa.int64(),
+    "cost_usd": pa.float64(),
+    "latency_ms": pa.float64(),
+    "attempts": pa.int32(),
+    "status": pa.string(),
+    "error_type": pa.string(),
+    "error_message": pa.string(),
+}
+_FIELD_INDEX = {name: RESULT_FIELDS.index(name) for name in RESULT_COLUMNS}
+
+
+def result_names(prefix: str, input_columns: Iterable[str]) -> list[str]:
+    """Result column names with `prefix`; a clash with an input column is an error naming both."""
+    names = [prefix + column for column in RESULT_COLUMNS]
+    clashes = sorted(set(names) & set(input_columns))
+    if clashes:
+        raise InputError(
+            f"the input already has column{'s' if len(clashes) > 1 else ''} {', '.join(clashes)}, which the output adds; "
+            "set output.result_prefix (--result-prefix), e.g. 'llm_'"
+        )
+    return names
+
+
+class ParquetSink:
+    """Writes the output file aside and renames it into place on `commit()`."""
+
+    def __init__(self, path: Path, names: list[str], metadata: dict[str, Any]) -> None:
+        self.path = path
+        self.names = names
+        self._metadata = {b"pipeline": json.dumps(metadata, sort_keys=True).encode()}
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+
+    def write(self, inputs: pa.Table, results: list[tuple[Any, ...]]) -> None:
+        """Append a batch: `inputs` rows and their stored results, in the same order."""
+        columns = [
+            pa.array([r[_FIELD_INDEX[c]] for r in results], type=RESULT_TYPES[c])
+            for c in RESULT_COLUMNS
+        ]
+        table = inputs
+        for name, column in zip(self.names, columns, strict=True):
+            table = table.append_column(pa.field(name, column.type), column)
+        if self._writer is None:
+            self._schema = table.schema.with_metadata(
+                {**(table.schema.metadata or {}), **self._metadata}
+            )
+            table = table.replace_schema_metadata(self._schema.metadata)
+            self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+        elif table.schema != self._schema:
+            table = table.cast(self._schema)
+        self._writer.write_table(table)
+
+    def commit(self) -> None:
+        """Finish the file, make it durable, then move it into place."""
+        if self._writer is None:
+            raise InputError("the input has no rows to write")
+        self._writer.close()
+        self._writer = None
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The `pipeline` metadata of an output file written by this tool."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"pipeline", b"{}"))  # type: ignore[no-any-return]

@@ -1,0 +1,137 @@
+"""Reading the input: CSV, Parquet or JSONL, one file or a glob, in batches of bounded size.
+
+CSV columns are read as strings: batch-wise type inference could change a column's type half way
+through a file, and `"007"` should stay `"007"`. Parquet and JSONL keep their own types.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.errors import InputError
+
+POSITION = "__pipeline_position"
+FORMATS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+BATCH_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class Source:
+    """The input files of a job, in a stable order, with their schema."""
+
+    pattern: str
+    paths: tuple[Path, ...]
+    format: str
+    schema: pl.Schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names())
+
+    def lazy(self, limit: int | None = None) -> pl.LazyFrame:
+        frame = _scan(self.paths, self.format)
+        if limit is not None:
+            frame = frame.head(limit)
+        return frame
+
+    def batches(self, limit: int | None = None, size: int = BATCH_ROWS) -> Iterator[pl.DataFrame]:
+        """The rows in input order, `size` at a time, each with its position in POSITION."""
+        frame = self.lazy(limit).with_row_index(POSITION)
+        try:
+            yield from frame.collect_batches(chunk_size=size)
+        except pl.exceptions.PolarsError as exc:
+            raise InputError(f"input {self.pattern}: {_first_line(exc)}") from None
+
+    def fingerprint(self) -> list[dict[str, Any]]:
+        """Name, size and content hash of each file: a resumed job must read the same rows."""
+        prints = []
+        for path in self.paths:
+            with path.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            prints.append({"file": str(path), "bytes": path.stat().st_size, "sha256": digest})
+        return prints
+
+
+def open_source(pattern: str, fmt: str | None = None) -> Source:
+    """Find the files, check they can be read, and read their schema (no rows yet)."""
+    paths = _expand(pattern)
+    formats = {fmt or _format_of(p) for p in paths}
+    if len(formats) > 1:
+        raise InputError(
+            f"input.path (--input) {pattern} matches files of different formats ({', '.join(sorted(formats))}); use one format"
+        )
+    (kind,) = formats
+    for path in paths:
+        if path.stat().st_size == 0:
+            raise InputError(f"input file {path} is empty")
+    try:
+        schema = _scan(paths, kind).collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(
+            f"input file {_culprit(paths, kind)} cannot be read as {kind}: {_first_line(exc)}"
+        ) from None
+    return Source(pattern, paths, kind, schema)
+
+
+def _expand(pattern: str) -> tuple[Path, ...]:
+    if glob.has_magic(pattern):
+        paths = tuple(
+            Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()
+        )
+        if not paths:
+            raise InputError(f"input.path (--input) {pattern} matches no files")
+        return paths
+    path = Path(pattern)
+    if not path.exists():
+        raise InputError(f"input file {pattern} does not exist (input.path / --input)")
+    if not path.is_file():
+        raise InputError(
+            f"input.path (--input) {pattern} is not a file; use a glob such as {pattern.rstrip('/')}/*.parquet for a folder"
+        )
+    return (path,)
+
+
+def _format_of(path: Path) -> str:
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(
+            f"input file {path}: cannot tell the format from '{path.suffix}'; set input.format (--input-format) to csv, parquet or jsonl"
+        )
+    return kind
+
+
+def _scan(paths: tuple[Path, ...], kind: str) -> pl.LazyFrame:
+    sources = [str(p) for p in paths]
+    if kind == "csv":
+        return pl.scan_csv(sources, infer_schema=False)
+    if kind == "parquet":
+        return pl.scan_parquet(sources)
+    return pl.scan_ndjson(sources, infer_schema_length=1000)
+
+
+def _culprit(paths: tuple[Path, ...], kind: str) -> Path:
+    """With several files, find the one that fails to read."""
+    for path in paths:
+        try:
+            _scan((path,), kind).collect_schema()
+        except (pl.exceptions.PolarsError, OSError):
+            return path
+    return paths[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
