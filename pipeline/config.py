@@ -170,6 +170,7 @@ FLAGS = {
     "output.result_prefix": "--result-prefix",
 }  # fmt: skip
 
+PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
 PATH_KEYS = ("input.path", "output.path", "output.journal", "request.key_file")
 
 
@@ -199,6 +200,11 @@ def load(config_file: Path | None, overrides: Mapping[str, Any]) -> JobConfig:
             section, item = key.split(".")
             if isinstance(raw[section].get(item), str):
                 raw[section][item] = str(_resolve(raw[section][item], base_dir))
+    given = {key for key, value in overrides.items() if value is not None}
+    if given & set(PROMPT_SOURCES):
+        # A prompt source on the command line replaces the file's, whichever kind it is.
+        for key in PROMPT_SOURCES:
+            raw["prompt"].pop(key.split(".")[1], None)
     for key, value in overrides.items():
         if value is not None:
             section, item = key.split(".")

@@ -43,7 +43,7 @@ class Limits:
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep
         self.paused_until = 0.0
-        self._last_change = 0.0
+        self._last_change = float("-inf")
         self._starts: deque[float] = deque()  # request start times over the last 2 s
         self.rate_limited = 0  # 429s seen, for the progress line
 

@@ -40,3 +40,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=timeout
     ) as session:
         yield session
+
+
+@pytest.fixture
+def sim_thread() -> Any:
+    """`with sim_thread(**config) as sim:` — a simulator in a thread, for tests that run the CLI."""
+    from pipeline.simulator import SimulatorThread
+
+    def factory(**overrides: Any) -> SimulatorThread:
+        return SimulatorThread(SimConfig().updated({**FAST, **overrides}))
+
+    return factory

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json as _json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.simulator import RunningSimulator
@@ -22,3 +29,76 @@ def chat_body(prompt: str = "Label the sentiment: great phone", **params: Any) -
         "messages": [{"role": "user", "content": prompt}],
         **params,
     }
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+FAST_RETRY = "[retry]\nbackoff_base = 0\nmax_attempts = 4\n"
+
+
+def cli_env(key: str | None = TEST_KEY) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OPENROUTER_API_KEY"}
+    if key is not None:
+        env["OPENROUTER_API_KEY"] = key
+    return env
+
+
+def run_cli(
+    *args: str, key: str | None = TEST_KEY, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`pipeline run ARGS` in a subprocess, the way a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", *args],
+        capture_output=True, text=True, env=cli_env(key), timeout=timeout, cwd=cwd, check=False,
+    )  # fmt: skip
+
+
+def start_cli(*args: str, key: str | None = TEST_KEY) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(key),
+    )  # fmt: skip
+
+
+def sim_get(sim: RunningSimulator, what: str) -> Any:
+    with urllib.request.urlopen(f"{sim.origin}/_sim/{what}", timeout=10) as resp:
+        return _json.load(resp)
+
+
+def sim_post(sim: RunningSimulator, what: str, payload: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        f"{sim.origin}/_sim/{what}",
+        data=_json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return _json.load(resp)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll a condition of another process (a bounded loop, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def write_job(
+    folder: Path,
+    sim: RunningSimulator | None,
+    *,
+    input_name: str = "in.csv",
+    extra: str = "",
+    prompt: str = 'template = "{text}"',
+    id_column: str | None = "id",
+) -> Path:
+    """A job config in `folder` reading `input_name` and writing `out.parquet`, aimed at `sim`."""
+    id_line = f'id_column = "{id_column}"' if id_column else ""
+    base = f'base_url = "{sim.base_url}"' if sim else ""
+    config = folder / "job.toml"
+    config.write_text(
+        f'[input]\npath = "{input_name}"\n{id_line}\n\n[prompt]\n{prompt}\n\n[request]\n{base}\n\n'
+        f'[output]\npath = "out.parquet"\n\n{extra if "[retry]" in extra else FAST_RETRY + extra}\n'
+    )
+    return config

@@ -1,0 +1,138 @@
+"""Limits (with a fake clock), the retry policy, and config loading."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as config_module
+from pipeline.errors import ConfigError
+from pipeline.limits import MIN_RATE, Limits
+from pipeline.retry import RetryPolicy
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_a_429_pauses_every_worker_until_the_reset_and_halves_the_rate() -> None:
+    clock = FakeClock()
+    limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
+    await limits.acquire(10)
+    limits.rate_limited_for(3.0)
+    limits.rate_limited_for(3.0)  # the rest of the same burst does not lower the rate again
+    assert limits.rate == 500 and limits.paused_until == 3.0 and limits.rate_limited == 2
+    await asyncio.gather(*(limits.acquire(10) for _ in range(4)))  # four workers
+    assert clock.now >= 3.0  # nobody started before the reset time
+
+
+async def test_the_rate_recovers_gradually_to_the_configured_ceiling() -> None:
+    clock = FakeClock()
+    limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
+    limits.rate_limited_for(0.0)
+    seen = []
+    for _ in range(12):
+        clock.now += 1.0
+        await limits.acquire(1)
+        seen.append(limits.rate)
+    assert seen[0] == pytest.approx(550)  # +10% per quiet second, not straight back
+    assert all(a <= b for a, b in itertools.pairwise(seen))
+    assert seen[-1] == 1000
+
+
+async def test_without_a_configured_rate_a_429_sets_one_from_the_observed_rate() -> None:
+    clock = FakeClock()
+    limits = Limits(None, None, clock=clock.time, sleep=clock.sleep)
+    for _ in range(40):
+        await limits.acquire(1)  # 40 starts within two (fake) seconds: 20/s observed
+    limits.rate_limited_for(None)
+    assert limits.rate == 10 and limits.paused_until == 1.0  # default cool-down without Retry-After
+    limits.rate_limited_for(None)
+    assert limits.rate >= MIN_RATE
+
+
+def test_retry_policy_caps_attempts_and_time_and_honours_retry_after() -> None:
+    policy = RetryPolicy(max_attempts=5, max_elapsed=30, backoff_base=1, backoff_max=8)
+    rng = random.Random(4)
+    delays = [policy.delay(attempt, None, rng) for attempt in range(1, 8)]
+    assert all(0 <= d <= min(8, 2 ** (a - 1)) for a, d in enumerate(delays, start=1))
+    assert policy.delay(2, 12.5) == 12.5
+    assert policy.gives_up(5, 1.0, 0.0) and not policy.gives_up(4, 1.0, 0.0)
+    assert policy.gives_up(2, 25.0, 6.0)  # would pass the 30 s cap
+    assert RetryPolicy(3, 10, 0, 0).delay(2, None) == 0.0
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_flags_override_the_file_and_paths_are_relative_to_it(tmp_path: Path) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    toml = write(
+        folder / "job.toml",
+        '[input]\npath = "../in.csv"\n[prompt]\ntemplate = "{x}"\n[limits]\nconcurrency = 4\n[output]\npath = "out.parquet"\n',
+    )
+    config = config_module.load(
+        toml, {"limits.concurrency": 32, "request.model": "openai/gpt-4o-mini"}
+    )
+    assert config.input.path == str(tmp_path / "in.csv")
+    assert config.output.path == str(folder / "out.parquet")
+    assert config.limits.concurrency == 32 and config.request.model == "openai/gpt-4o-mini"
+    assert config.output.journal_path == Path(str(folder / "out.parquet") + ".journal")
+
+
+def test_fingerprint_covers_what_shapes_requests_only(tmp_path: Path) -> None:
+    base = {"input.path": "in.csv", "output.path": "o.parquet", "prompt.template": "{x}"}
+    one = config_module.load(None, base)
+    assert (
+        one.fingerprint_hash()
+        == config_module.load(
+            None, {**base, "limits.concurrency": 99, "request.timeout": 5}
+        ).fingerprint_hash()
+    )
+    assert (
+        one.fingerprint_hash()
+        != config_module.load(None, {**base, "request.temperature": 0.5}).fingerprint_hash()
+    )
+    assert (
+        one.fingerprint_hash()
+        != config_module.load(None, {**base, "prompt.template": "Q: {x}"}).fingerprint_hash()
+    )
+    simulated = config_module.load(
+        None, {**base, "request.simulate": True, "request.base_url": "http://127.0.0.1:1/api/v1"}
+    )
+    assert (
+        simulated.fingerprint_hash()
+        == config_module.load(None, {**base, "request.simulate": True}).fingerprint_hash()
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[inputs]\npath = 'x'\n", "unknown section [inputs]; did you mean [input]?"),
+        (
+            "[input]\npath = 'x'\nmodel = 'y'\n",
+            "unknown key input.model; did you mean request.model?",
+        ),
+        ("[limits]\nconcurency = 3\n", "did you mean limits.concurrency?"),
+        ("[input\n", "is not valid TOML"),
+    ],
+)
+def test_config_file_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        config_module.load(write(tmp_path / "job.toml", toml), {})

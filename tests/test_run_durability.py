@@ -1,0 +1,111 @@
+"""Killing the job (SIGKILL, SIGTERM, SIGINT) and running it again: every row exactly once, and
+nothing paid twice except what was in flight at the kill."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from pipeline.simulator import messages_digest
+from tests.helpers import run_cli, sim_get, start_cli, wait_for, write_job
+
+ROWS = 240
+CONCURRENCY = 8
+
+
+def journaled_positions(folder: Path) -> set[int]:
+    path = folder / "out.parquet.journal"
+    if not path.exists():
+        return set()
+    with sqlite3.connect(path) as db:
+        try:
+            return {p for (p,) in db.execute("SELECT position FROM results")}
+        except sqlite3.OperationalError:
+            return set()
+
+
+def setup_job(folder: Path, sim: Any) -> tuple[str, list[str]]:
+    texts = [f"row {i}: the kettle boils fast" for i in range(ROWS)]
+    pl.DataFrame({"id": [f"k{i}" for i in range(ROWS)], "text": texts}).write_csv(folder / "in.csv")
+    return str(write_job(folder, sim, extra=f"[limits]\nconcurrency = {CONCURRENCY}\n")), texts
+
+
+def assert_every_row_once_and_no_settled_row_repaid(
+    folder: Path, sim: Any, texts: list[str], settled_at_kill: set[int], billed_at_kill: int
+) -> None:
+    out = pl.read_parquet(folder / "out.parquet")
+    assert out["id"].to_list() == [f"k{i}" for i in range(ROWS)]  # every row, once, in order
+    assert out["status"].to_list() == ["ok"] * ROWS
+    billed = Counter(e["messages_digest"] for e in sim_get(sim, "ledger")["data"])
+    by_digest = {messages_digest([{"role": "user", "content": t}]): i for i, t in enumerate(texts)}
+    paid_twice = {by_digest[d] for d, n in billed.items() if n > 1}
+    assert not paid_twice & settled_at_kill  # a row already in the journal was never sent again
+    # Re-paid: only answers that arrived but were not yet committed when the process died.
+    assert len(paid_twice) <= billed_at_kill - len(settled_at_kill)
+    assert set(billed) == set(by_digest)
+
+
+@pytest.mark.parametrize("kill_after", [20, 90, 170])
+def test_sigkill_mid_run_then_rerun_finishes_every_row_exactly_once(
+    tmp_path: Path, sim_thread: Any, kill_after: int
+) -> None:
+    with sim_thread(latency=0.02) as sim:
+        config, texts = setup_job(tmp_path, sim)
+        proc = start_cli(config)
+        wait_for(
+            lambda: len(sim_get(sim, "ledger")["data"]) >= kill_after, what=f"{kill_after} answers"
+        )
+        proc.kill()
+        proc.communicate(timeout=10)
+        settled = journaled_positions(tmp_path)
+        billed_at_kill = len(sim_get(sim, "ledger")["data"])
+        assert not (tmp_path / "out.parquet").exists()
+        rerun = run_cli(config)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"({len(settled)} done by earlier runs)" in rerun.stderr
+        assert_every_row_once_and_no_settled_row_repaid(
+            tmp_path, sim, texts, settled, billed_at_kill
+        )
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_flush_the_journal_and_exit_with_their_code(
+    tmp_path: Path, sim_thread: Any, signum: int, code: int
+) -> None:
+    with sim_thread(latency=0.02) as sim:
+        config, texts = setup_job(tmp_path, sim)
+        proc = start_cli(config)
+        wait_for(lambda: len(sim_get(sim, "ledger")["data"]) >= 60, what="60 answers")
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == code, stderr
+        assert "Run the same command again to resume" in stderr and "Traceback" not in stderr
+        settled = journaled_positions(tmp_path)
+        answered = len(sim_get(sim, "ledger")["data"])
+        # Everything answered before the stop was flushed, except at most what the grace period cut off.
+        assert len(settled) >= answered - CONCURRENCY
+        rerun = run_cli(config)
+        assert rerun.returncode == 0, rerun.stderr
+        assert_every_row_once_and_no_settled_row_repaid(tmp_path, sim, texts, settled, answered)
+
+
+def test_a_second_ctrl_c_during_the_flush_changes_nothing(tmp_path: Path, sim_thread: Any) -> None:
+    with sim_thread(latency=0.02) as sim:
+        config, texts = setup_job(tmp_path, sim)
+        proc = start_cli(config)
+        wait_for(lambda: len(sim_get(sim, "ledger")["data"]) >= 40, what="40 answers")
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 130, stderr
+        settled = journaled_positions(tmp_path)
+        answered = len(sim_get(sim, "ledger")["data"])
+        rerun = run_cli(config)
+        assert rerun.returncode == 0, rerun.stderr
+        assert_every_row_once_and_no_settled_row_repaid(tmp_path, sim, texts, settled, answered)
