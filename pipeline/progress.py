@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,13 @@ class Tally:
         return self.ok + self.failed
 
 
+def _columns(stream: IO[str]) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class Progress:
     """Shows a run's progress on stderr; `update()` is called once per result."""
 
@@ -60,12 +68,16 @@ class Progress:
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
+            # A terminal that reports no size (script, bare ptys) would get an empty, hidden bar.
+            sized = _columns(self.stream) > 0
             self._bar = tqdm(
                 total=total,
                 initial=already_done,
                 unit="row",
                 file=self.stream,
-                dynamic_ncols=True,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,
+                nrows=None if sized else 20,
                 smoothing=0.05,
             )
 

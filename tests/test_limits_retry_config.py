@@ -13,6 +13,7 @@ from pipeline import config as config_module
 from pipeline.errors import ConfigError
 from pipeline.limits import MIN_RATE, Limits
 from pipeline.retry import RetryPolicy
+from tests.fastclock import run_fast
 
 
 class FakeClock:
@@ -136,3 +137,35 @@ def test_fingerprint_covers_what_shapes_requests_only(tmp_path: Path) -> None:
 def test_config_file_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
         config_module.load(write(tmp_path / "job.toml", toml), {})
+
+
+def test_requests_are_spaced_so_no_one_second_window_exceeds_the_rate() -> None:
+    async def starts() -> list[float]:
+        loop = asyncio.get_running_loop()
+        limits = Limits(20, None)
+        times = []
+        for _ in range(100):
+            await limits.acquire(1)
+            times.append(loop.time())
+        return times
+
+    times = run_fast(starts())
+    busiest = max(sum(1 for u in times if t - 1 < u <= t) for t in times)
+    assert busiest == 20
+    assert times[-1] - times[0] == pytest.approx(99 / 20, abs=0.001)  # and no slower than the rate
+
+
+def test_token_budget_waits_for_estimates_and_for_usage_beyond_them() -> None:
+    async def elapsed() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        limits = Limits(None, 600)  # 10 tokens per second
+        start = loop.time()
+        await limits.acquire(600)  # a full minute's budget at once
+        await limits.acquire(300)  # must wait for 300 tokens to drain: 30 s
+        after_estimates = loop.time() - start
+        await limits.charge_extra_tokens(300)  # the answer was 300 tokens longer than estimated
+        return after_estimates, loop.time() - start
+
+    after_estimates, total = run_fast(elapsed())
+    assert after_estimates == pytest.approx(30, abs=0.01)
+    assert total == pytest.approx(60, abs=0.01)

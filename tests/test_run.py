@@ -334,3 +334,44 @@ def test_a_429_pauses_every_worker_so_nobody_retries_before_retry_after(
     # already on the wire when the first 429 came back may do so: at most one per worker.
     assert stats["retry_after_violations"] <= 8
     assert stats["by_status"]["429"] == 1 + stats["retry_after_violations"]
+
+
+def test_a_terminal_gets_a_progress_bar_and_a_pipe_gets_plain_lines(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    reviews(30).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = str(write_job(tmp_path, sim))
+        leader, follower = pty.openpty()
+        with subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", config],
+            stderr=follower,
+            stdout=subprocess.DEVNULL,
+            env=cli_env(),
+        ) as proc:
+            os.close(follower)
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # the terminal closed: the process ended
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            proc.wait(timeout=60)
+        os.close(leader)
+        piped = run_cli(config, "--restart")
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "30/30" in screen and "row/s" in screen and "\r" in screen  # a tqdm bar, redrawn
+    assert "$" in screen and "retries" in screen and "errors" in screen  # the postfix
+    assert "\r" not in piped.stderr and "\x1b[" not in piped.stderr
+    assert "done: 30 rows" in piped.stderr
