@@ -52,6 +52,7 @@ class OpenRouterClient:
         referer: str | None = None,
         title: str | None = None,
     ) -> None:
+        self.base_url = base_url
         self.url = f"{base_url}/chat/completions"
         headers = {
             "Authorization": f"Bearer {api_key}",
@@ -138,6 +139,26 @@ class OpenRouterClient:
                 generation_id=generation_id,
             )
         return _parse(data, generation_id)
+
+    async def get_json(self, path: str, **params: str) -> Any:
+        """GET `base_url + path` (e.g. `/models`, `/key`); None unless it answered 200 with JSON."""
+        status, body = await self.get_status_json(path, **params)
+        return body if status == 200 else None
+
+    async def get_status_json(self, path: str, **params: str) -> tuple[int, Any]:
+        """Like `get_json`, with the status (0 when the request itself failed)."""
+        assert self._session is not None, "use `async with OpenRouterClient(...)`"
+        try:
+            async with self._session.get(
+                self.base_url + path, params=params, allow_redirects=False
+            ) as resp:
+                raw = await resp.read()
+                try:
+                    return resp.status, json.loads(raw)
+                except ValueError:
+                    return resp.status, None
+        except (aiohttp.ClientError, TimeoutError):
+            return 0, None
 
 
 def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:

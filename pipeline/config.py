@@ -6,10 +6,11 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 [input]    path, format, id_column
 [prompt]   column | template | messages_column, system, model_column
 [request]  model, base_url, temperature, top_p, max_tokens, seed, stop, response_format,
-           provider, models, referer, title, key_file, timeout, connect_timeout, extra
+           provider, models, referer, title, key_file, timeout, connect_timeout, extra, cache
 [limits]   concurrency, rps | rpm, tpm
 [retry]    max_attempts, max_elapsed, backoff_base, backoff_max
 [output]   path, journal, result_prefix
+[cost]     max_cost, expected_output_tokens, prices_ttl
 ```
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.pricing import DEFAULT_PRICES_TTL
 
 DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -72,6 +74,8 @@ class RequestConfig:
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # A response cache shared across jobs (sqlite): identical requests are answered from it.
+    cache: str | None = None
     # Talk to the bundled simulator instead of base_url (no key, no network).
     simulate: bool = False
 
@@ -124,6 +128,13 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CostConfig:
+    max_cost: float | None = None  # USD for the whole job, earlier runs included
+    expected_output_tokens: int | None = None  # typical answer length, for estimates
+    prices_ttl: float = DEFAULT_PRICES_TTL  # seconds a cached /models answer is trusted
+
+
+@dataclass(frozen=True, slots=True)
 class JobConfig:
     input: InputConfig
     prompt: PromptConfig
@@ -131,11 +142,12 @@ class JobConfig:
     limits: LimitsConfig
     retry: RetryConfig
     output: OutputConfig
+    cost: CostConfig = CostConfig()
 
     def request_fingerprint(self) -> dict[str, Any]:
         """What shapes the requests: a resumed job must send the same ones."""
         request = asdict(self.request)
-        for item in ("referer", "title", "key_file", "timeout", "connect_timeout"):
+        for item in ("referer", "title", "key_file", "timeout", "connect_timeout", "cache"):
             request.pop(item)
         if self.request.simulate:
             request["base_url"] = "(simulator)"  # its port changes every run; answers do not
@@ -155,6 +167,7 @@ SECTIONS: dict[str, Any] = {
     "limits": LimitsConfig,
     "retry": RetryConfig,
     "output": OutputConfig,
+    "cost": CostConfig,
 }
 
 # The flag that sets each key, for messages: "limits.concurrency (--concurrency)".
@@ -167,11 +180,11 @@ FLAGS = {
     "request.temperature": "--temperature", "request.max_tokens": "--max-tokens",
     "limits.concurrency": "--concurrency", "limits.rps": "--rps", "limits.rpm": "--rpm", "limits.tpm": "--tpm",
     "retry.max_attempts": "--max-retries", "output.path": "--output", "output.journal": "--journal",
-    "output.result_prefix": "--result-prefix",
+    "output.result_prefix": "--result-prefix", "cost.max_cost": "--max-cost", "request.cache": "--cache",
 }  # fmt: skip
 
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
-PATH_KEYS = ("input.path", "output.path", "output.journal", "request.key_file")
+PATH_KEYS = ("input.path", "output.path", "output.journal", "request.key_file", "request.cache")
 
 
 def name(key: str) -> str:
@@ -295,6 +308,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         connect_timeout=v.number("request.connect_timeout", low=0, low_open=True)
         or DEFAULT_CONNECT_TIMEOUT,
         extra=v.table("request.extra") or {},
+        cache=v.string("request.cache"),
         simulate=bool(v.raw["request"].get("simulate")),
     )
     limits = LimitsConfig(
@@ -316,7 +330,12 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         journal=v.string("output.journal"),
         result_prefix=v.string("output.result_prefix") or "",
     )
-    return JobConfig(input_cfg, prompt, request, limits, retry, output)
+    cost = CostConfig(
+        max_cost=v.number("cost.max_cost", low=0),
+        expected_output_tokens=v.integer("cost.expected_output_tokens", low=1),
+        prices_ttl=_default(v.number("cost.prices_ttl", low=0), DEFAULT_PRICES_TTL),
+    )
+    return JobConfig(input_cfg, prompt, request, limits, retry, output, cost)
 
 
 def _default(value: float | None, default: float) -> float:

@@ -1,22 +1,33 @@
 """The async engine: a fixed pool of workers pulls rows from an async iterator, sends each under
-the limits with the retry policy, and yields results as they finish.
+the limits, the budget and the retry policy, and yields results as they finish.
 
-It knows nothing about files or journals: rows in, results out. A job-wide failure (401, 402)
-stops every worker from taking new rows; results already yielded stand, the rows in flight are
-dropped (a resumed run sends them), and the failure is raised once the pool has drained.
+It knows nothing about files or journals: rows in, results out. A job-wide failure (401, 402,
+budget) stops every worker from taking new rows; results already yielded stand, the rows in
+flight finish, and the failure is raised once the pool has drained.
+
+Identical requests are sent once: a row whose request is already in flight waits for that
+answer, and one whose request was answered recently reuses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import JobStopped, PermanentError, RetryableError
 from pipeline.limits import Limits
-from pipeline.records import ERROR, OK, Result, Row
+from pipeline.pricing import DEFAULT_MAX_OUTPUT, Budget, BudgetReached, Catalogue
+from pipeline.records import API, DUPLICATE, ERROR, OK, Result, Row
 from pipeline.retry import RetryPolicy
+
+# Failures after the server accepted the request: it may have generated, and billed, an answer
+# that never reached us. Their generation ids are kept for reconciliation.
+LOST_ANSWER_KINDS = frozenset({"timeout", "connection_dropped", "invalid_json"})
+RECENT_ANSWERS = 50_000  # answers remembered for duplicates not yet visible in the journal
+PROMPT_ESTIMATE_MARGIN = 1.25  # the prompt-token estimate can be this far under (see estimate)
 
 
 class Dispatcher:
@@ -29,17 +40,28 @@ class Dispatcher:
         policy: RetryPolicy,
         concurrency: int,
         *,
+        catalogue: Catalogue | None = None,
+        budget: Budget | None = None,
+        fallback_models: tuple[str, ...] = (),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.client = client
         self.limits = limits
         self.policy = policy
         self.concurrency = concurrency
+        self.catalogue = catalogue
+        self.budget = budget
+        self.fallback_models = fallback_models
         self._sleep = sleep
         self.stopping = asyncio.Event()
         self.stopped: JobStopped | None = None
         self.retries = 0
+        self.lost: list[
+            tuple[str, int, str]
+        ] = []  # (generation id, position, kind), drained by the job
         self._workers: list[asyncio.Task[None]] = []
+        self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._recent: OrderedDict[str, Result] = OrderedDict()
 
     def stop(self) -> None:
         """Take no new rows; requests in flight finish."""
@@ -100,19 +122,56 @@ class Dispatcher:
             finished.put_nowait(None)
 
     async def process(self, row: Row) -> Result:
-        """Send one row, retrying transient failures; return its result (never raises for a row)."""
+        """The result of one row: from an identical request if there is one, else from the API."""
         if row.body is None:
             return Result(row.position, row.key, ERROR, error_type="input", error_message=row.error)
+        if row.reuse is not None:
+            return row.reuse
+        while (pending := self._inflight.get(row.request_hash)) is not None:
+            try:
+                original = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this worker itself is being cancelled
+                continue  # the original was abandoned: send this one ourselves
+            return original.reused_for(row, DUPLICATE)
+        if (earlier := self._recent.get(row.request_hash)) is not None:
+            return earlier.reused_for(row, DUPLICATE)
+
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._inflight[row.request_hash] = future
+        try:
+            result = await self._send(row)
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            del self._inflight[row.request_hash]
+        future.set_result(result)
+        if result.status == OK:
+            self._recent[row.request_hash] = result
+            if len(self._recent) > RECENT_ANSWERS:
+                self._recent.popitem(last=False)
+        return result
+
+    async def _send(self, row: Row) -> Result:
+        """Send one row, retrying transient failures; never raises for a row-level failure."""
+        assert row.body is not None
         clock = asyncio.get_running_loop().time
         started = clock()
         attempt = 0
         while True:
             attempt += 1
+            reservation = self._reserve(row)
             await self.limits.acquire(row.estimated_tokens)
             sent = time.perf_counter()
             try:
                 completion = await self.client.complete(row.body)
             except RetryableError as exc:
+                lost = exc.generation_id is not None and exc.kind in LOST_ANSWER_KINDS
+                if lost:
+                    self.lost.append((exc.generation_id or "", row.position, exc.kind))
+                self._settle(reservation, None if lost else 0.0)
                 rate_limited = exc.status == 429
                 if rate_limited:
                     self.limits.rate_limited_for(exc.retry_after)
@@ -120,51 +179,95 @@ class Dispatcher:
                 elapsed = clock() - started
                 if self.policy.gives_up(attempt, elapsed, delay):
                     message = f"gave up after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed:.1f}s; last: {exc.message}"
-                    return self._failed(row, exc.kind, message, attempt, retry_on_resume=True)
+                    return _failed(row, exc.kind, message, attempt, retry_on_resume=True)
                 self.retries += 1
                 if not rate_limited and delay > 0:  # after a 429 the limits make every worker wait
                     await self._sleep(delay)
                 continue
             except PermanentError as exc:
-                return self._failed(row, exc.kind, exc.message, attempt, retry_on_resume=False)
+                self._settle(reservation, 0.0)
+                return _failed(row, exc.kind, exc.message, attempt, retry_on_resume=False)
+            except BaseException:
+                self._settle(
+                    reservation, None
+                )  # stopped or cancelled mid-request: assume it was billed
+                raise
             latency_ms = (time.perf_counter() - sent) * 1000
+            result = self._succeeded(row, completion, attempt, latency_ms)
+            self._settle(reservation, result.cost_usd)
             if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
                 await self.limits.charge_extra_tokens(
                     completion.total_tokens - row.estimated_tokens
                 )
-            return _succeeded(row, completion, attempt, latency_ms)
+            return result
 
-    @staticmethod
-    def _failed(
-        row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool
-    ) -> Result:
+    def _reserve(self, row: Row) -> float:
+        """Reserve the most this attempt could cost against the budget (0 without a budget)."""
+        if self.budget is None:
+            return 0.0
+        worst = 0.0
+        for model_id in (row.model, *self.fallback_models):
+            price = self.catalogue.get(model_id) if self.catalogue else None
+            if price is None:
+                raise BudgetReached(
+                    f"cost.max_cost (--max-cost) needs the price of {model_id}, which the endpoint's /models does not list"
+                )
+            output = (
+                row.output_tokens
+                if row.output_tokens
+                else (price.max_completion_tokens or DEFAULT_MAX_OUTPUT)
+            )
+            worst = max(
+                worst, price.cost(int(row.prompt_tokens * PROMPT_ESTIMATE_MARGIN) + 1, output)
+            )
+        self.budget.reserve(worst)
+        return worst
+
+    def _settle(self, reservation: float, actual: float | None) -> None:
+        if self.budget is not None:
+            self.budget.settle(reservation, actual)
+
+    def _succeeded(self, row: Row, c: Completion, attempts: int, latency_ms: float) -> Result:
+        cost: float | None = c.cost
+        source: str | None = "reported"
+        if cost is None:
+            price = self.catalogue.get(c.model or row.model) if self.catalogue else None
+            if (
+                price is not None
+                and c.prompt_tokens is not None
+                and c.completion_tokens is not None
+            ):
+                cost, source = (
+                    price.cost(c.prompt_tokens, c.completion_tokens, c.cached_tokens or 0),
+                    "computed",
+                )
+            else:
+                source = None  # unknown, never 0
         return Result(
             row.position,
             row.key,
-            ERROR,
+            OK,
+            completion=c.content,
+            finish_reason=c.finish_reason,
+            response_model=c.model,
+            provider=c.provider,
+            generation_id=c.generation_id,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            total_tokens=c.total_tokens,
+            reasoning_tokens=c.reasoning_tokens,
+            cached_tokens=c.cached_tokens,
+            cost_usd=cost,
+            cost_source=source,
+            response_source=API,
+            latency_ms=round(latency_ms, 3),
             attempts=attempts,
-            error_type=kind,
-            error_message=message,
-            retry_on_resume=retry_on_resume,
+            request_hash=row.request_hash,
         )
 
 
-def _succeeded(row: Row, c: Completion, attempts: int, latency_ms: float) -> Result:
+def _failed(row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool) -> Result:
     return Result(
-        row.position,
-        row.key,
-        OK,
-        completion=c.content,
-        finish_reason=c.finish_reason,
-        response_model=c.model,
-        provider=c.provider,
-        generation_id=c.generation_id,
-        prompt_tokens=c.prompt_tokens,
-        completion_tokens=c.completion_tokens,
-        total_tokens=c.total_tokens,
-        reasoning_tokens=c.reasoning_tokens,
-        cached_tokens=c.cached_tokens,
-        cost_usd=c.cost,
-        latency_ms=round(latency_ms, 3),
-        attempts=attempts,
-    )
+        row.position, row.key, ERROR, response_source=API, attempts=attempts, error_type=kind,
+        error_message=message, retry_on_resume=retry_on_resume, request_hash=row.request_hash,
+    )  # fmt: skip

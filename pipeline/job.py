@@ -1,8 +1,8 @@
 """`run_job`: the whole job, from config to output file, as a library call the CLI wraps.
 
 Order matters for the promise "bad input: nothing sent, nothing written": every check (input
-readable, columns present, ids unique, output writable, key present, journal ours) happens
-before the first request.
+readable, columns present, ids unique, output writable, key present, models known, journal
+ours) happens before the first completion request.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,24 @@ from typing import Any
 import polars as pl
 
 from pipeline import __version__
+from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient
 from pipeline.config import KEY_ENV, JobConfig, read_api_key
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import ConfigError, InputError, Interrupted, JobStopped
+from pipeline.errors import ConfigError, CreditsError, InputError, Interrupted, JobStopped
 from pipeline.journal import Journal, JournalWriter
 from pipeline.limits import Limits
+from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import Progress
-from pipeline.prompts import RequestBuilder
-from pipeline.records import Row
+from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
+from pipeline.records import CACHE, DUPLICATE, Row
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
 
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
 SHUTDOWN_GRACE = 1.0  # seconds in-flight requests get to finish after Ctrl-C / SIGTERM
+RECONCILE_TIMEOUT = 60.0  # seconds to wait for /generation to know about lost attempts
 
 
 @dataclass
@@ -51,10 +54,44 @@ class JobReport:
     retries: int = 0
     rate_limited: int = 0
     written: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         return 3 if self.job_totals.get("failed") else 0
+
+
+@dataclass
+class Prepared:
+    """A job checked and ready to send: everything that does not need the network."""
+
+    config: JobConfig
+    source: Source
+    builder: RequestBuilder
+    names: list[str]
+    total: int
+    prompt_chars: int | None  # sum over rows, for the pre-flight cost check
+    api_key: str
+    fingerprint: dict[str, Any]
+    limit: int | None
+
+
+def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
+    """Every check that needs no network: input, columns, ids, output folder, API key."""
+    source = open_source(config.input.path, config.input.format)
+    builder = RequestBuilder(config, source.columns)
+    names = result_names(config.output.result_prefix, source.columns)
+    _check_output(Path(config.output.path), source, config.output.journal_path)
+    total, prompt_chars = _validate_rows(source, config, builder, limit)
+    api_key = SIMULATOR_KEY if config.request.simulate else read_api_key(config)
+    if api_key is None:
+        raise ConfigError(
+            f"no API key: set {KEY_ENV} in the environment (or request.key_file in the config); or try --simulate"
+        )
+    fingerprint = {"input": source.fingerprint(), "config": config.request_fingerprint()}
+    return Prepared(
+        config, source, builder, names, total, prompt_chars, api_key, fingerprint, limit
+    )
 
 
 def run_job(
@@ -63,29 +100,84 @@ def run_job(
     limit: int | None = None,
     restart: bool = False,
     quiet: bool = False,
-    log: Callable[[str], None] | None = None,
+    write_output: bool = True,
 ) -> JobReport:
     """Run (or resume) the job; raise a `UserError`, `JobStopped` or `Interrupted` if it cannot finish."""
     started = time.monotonic()
-    source = open_source(config.input.path, config.input.format)
-    builder = RequestBuilder(config, source.columns)
-    names = result_names(config.output.result_prefix, source.columns)
-    output = Path(config.output.path)
-    _check_output(output, source, config.output.journal_path)
-    total = _validate_rows(source, config, limit)
-    api_key = SIMULATOR_KEY if config.request.simulate else read_api_key(config)
-    if api_key is None:
-        raise ConfigError(
-            f"no API key: set {KEY_ENV} in the environment (or request.key_file in the config); or try --simulate"
-        )
-    fingerprint = {"input": source.fingerprint(), "config": config.request_fingerprint()}
-    with Journal.open(config.output.journal_path, fingerprint, restart=restart) as journal:
-        skipped = journal.settled_count(below=total)
-        report = JobReport(output=output, total_rows=total, skipped=skipped)
-        asyncio.run(_dispatch(config, source, builder, journal, api_key, report, limit, quiet, log))
-        report.job_totals = journal.totals(below=total)
-        _write_output(output, names, source, journal, limit, config, report)
+    job = prepare(config, limit)
+    report = asyncio.run(_run(job, restart=restart, quiet=quiet, write_output=write_output))
     report.wall_seconds = time.monotonic() - started
+    return report
+
+
+@contextlib.asynccontextmanager
+async def connect(config: JobConfig, api_key: str) -> AsyncIterator[OpenRouterClient]:
+    """A client for the job's endpoint; with `request.simulate`, a simulator started for it."""
+    async with contextlib.AsyncExitStack() as stack:
+        base_url = config.request.base_url
+        if config.request.simulate:
+            from pipeline.simulator import serve
+
+            base_url = (await stack.enter_async_context(serve())).base_url
+        req = config.request
+        yield await stack.enter_async_context(
+            OpenRouterClient(
+                base_url, api_key, concurrency=config.limits.concurrency, timeout=req.timeout,
+                connect_timeout=req.connect_timeout, referer=req.referer, title=req.title,
+            )
+        )  # fmt: skip
+
+
+async def load_catalogue(
+    client: OpenRouterClient, config: JobConfig, *, refresh: bool = False
+) -> Catalogue | None:
+    """Prices from `/models`: from the disk cache when fresh, else fetched (and cached)."""
+    endpoint = "(simulator)" if config.request.simulate else config.request.base_url
+    if not refresh and (cached := cached_listing(endpoint, config.cost.prices_ttl)) is not None:
+        body, fetched_at = cached
+        return Catalogue.from_response(body, fetched_at)
+    body = await client.get_json("/models")
+    if body is None:
+        return None
+    store_listing(endpoint, body)
+    return Catalogue.from_response(body, time.time())
+
+
+async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool) -> JobReport:
+    config = job.config
+    async with connect(config, job.api_key) as client:
+        catalogue = await load_catalogue(client, config)
+        _check_models(config, catalogue)
+        with contextlib.ExitStack() as stack:
+            journal = stack.enter_context(
+                Journal.open(config.output.journal_path, job.fingerprint, restart=restart)
+            )
+            cache = ResponseCache(Path(config.request.cache)) if config.request.cache else None
+            if cache is not None:
+                stack.callback(cache.close)
+            report = JobReport(
+                output=Path(config.output.path),
+                total_rows=job.total,
+                skipped=journal.settled_count(below=job.total),
+            )
+            budget = None
+            if config.cost.max_cost is not None:
+                budget = Budget(
+                    config.cost.max_cost, journal.totals(below=job.total)["true_cost_usd"]
+                )
+            progress = Progress(job.total, report.skipped, quiet=quiet, budget=budget)
+            warning = await _preflight(client, config, catalogue, job, report.skipped)
+            if warning:
+                report.warnings.append(warning)
+                progress.log(f"warning: {warning}")
+            try:
+                await _dispatch(job, client, catalogue, budget, journal, cache, report, progress)
+            except CreditsError as exc:
+                raise CreditsError(f"{exc}{await _key_figures(client)}") from None
+            await reconcile(client, journal, progress)
+            report.job_totals = journal.totals(below=job.total)
+            if write_output:
+                _write_output(report.output, job, journal, report)
     return report
 
 
@@ -102,11 +194,16 @@ def _check_output(output: Path, source: Source, journal: Path) -> None:
         )
 
 
-def _validate_rows(source: Source, config: JobConfig, limit: int | None) -> int:
-    """Count the rows (checking every one can be read) and refuse duplicate ids, before sending."""
+def _validate_rows(
+    source: Source, config: JobConfig, builder: RequestBuilder, limit: int | None
+) -> tuple[int, int | None]:
+    """Count the rows (checking every one can be read), refuse duplicate ids, and sum the prompt
+    lengths for estimates, in one streaming pass before anything is sent."""
     frame = source.lazy(limit)
     id_column = config.input.id_column
     aggregates = [pl.len().alias("rows")]
+    if builder.prompt_expr is not None:
+        aggregates.append(builder.prompt_expr.str.len_chars().sum().alias("chars"))
     if id_column:
         ids = pl.col(id_column)
         aggregates += [
@@ -130,73 +227,180 @@ def _validate_rows(source: Source, config: JobConfig, limit: int | None) -> int:
         raise InputError(
             f"input.id_column (--id-column) '{id_column}' is null in {stats['nulls']} row(s); ids must be present"
         )
-    return int(stats["rows"])
+    chars = stats.get("chars")
+    return int(stats["rows"]), int(chars) if chars is not None else None
+
+
+def _check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
+    """Refuse a model the endpoint does not list (when it lists any), before anything is sent."""
+    wanted = [("request.model (--model)", config.request.model)]
+    wanted += [("request.models", m) for m in config.request.models or ()]
+    if catalogue is not None and catalogue.models:
+        for key, model in wanted:
+            if model not in catalogue:
+                raise InputError(
+                    f"{key}: the endpoint has no model {model!r}; see `pipeline models --search {model.split('/')[-1][:12]}`"
+                )
+    if config.cost.max_cost is not None:
+        for key, model in wanted:
+            if catalogue is None or catalogue.get(model) is None:
+                raise ConfigError(
+                    f"cost.max_cost (--max-cost) needs prices, and the endpoint's /models does not price {key} {model!r}"
+                )
+
+
+async def _preflight(
+    client: OpenRouterClient,
+    config: JobConfig,
+    catalogue: Catalogue | None,
+    job: Prepared,
+    settled: int,
+) -> str | None:
+    """Warn when the job could cost more than the key has left (`GET /key` -> limit_remaining)."""
+    price = catalogue.get(config.request.model) if catalogue else None
+    if price is None or job.prompt_chars is None:
+        return None
+    body = await client.get_json("/key")
+    remaining = (
+        (body or {}).get("data", {}).get("limit_remaining") if isinstance(body, dict) else None
+    )
+    if not isinstance(remaining, int | float):
+        return None
+    left = max(job.total - settled, 0) / job.total
+    prompt_tokens = (job.prompt_chars / 4 + MESSAGE_OVERHEAD_TOKENS * job.total) * left
+    output_tokens = (
+        (config.request.max_tokens or config.cost.expected_output_tokens or 256) * job.total * left
+    )
+    estimate = price.cost(int(prompt_tokens), int(output_tokens))
+    if estimate > remaining:
+        return f"this job could cost up to ${estimate:.4f} but the key has ${remaining:.4f} left (GET /key limit_remaining); it will stop with exit 4 when the credit runs out"
+    return None
+
+
+async def _key_figures(client: OpenRouterClient) -> str:
+    body = await client.get_json("/key")
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        return ""
+    parts = [
+        f"{name} ${data[name]:.4f}"
+        for name in ("usage", "limit", "limit_remaining")
+        if isinstance(data.get(name), int | float)
+    ]
+    return f" (key: {', '.join(parts)})" if parts else ""
 
 
 async def _dispatch(
-    config: JobConfig,
-    source: Source,
-    builder: RequestBuilder,
+    job: Prepared,
+    client: OpenRouterClient,
+    catalogue: Catalogue | None,
+    budget: Budget | None,
     journal: Journal,
-    api_key: str,
+    cache: ResponseCache | None,
     report: JobReport,
-    limit: int | None,
-    quiet: bool,
-    log: Callable[[str], None] | None,
+    progress: Progress,
 ) -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        base_url = config.request.base_url
-        if config.request.simulate:
-            from pipeline.simulator import serve
-
-            base_url = (await stack.enter_async_context(serve())).base_url
-        req = config.request
-        client = await stack.enter_async_context(
-            OpenRouterClient(
-                base_url, api_key, concurrency=config.limits.concurrency, timeout=req.timeout,
-                connect_timeout=req.connect_timeout, referer=req.referer, title=req.title,
-            )
-        )  # fmt: skip
-        limits = Limits(config.limits.requests_per_second, config.limits.tpm)
-        dispatcher = Dispatcher(
-            client, limits, RetryPolicy.from_config(config.retry), config.limits.concurrency
-        )
-        writer = JournalWriter(journal)
-        progress = Progress(report.total_rows, report.skipped, quiet=quiet)
-        interrupted = _on_signals(dispatcher, progress)
-        flusher = asyncio.create_task(writer.run())
-        try:
-            async for result in dispatcher.results(_pending(source, journal, builder, limit)):
-                writer.add(result)
-                progress.update(result, dispatcher.retries, limits.rate_limited)
-        except JobStopped:
-            progress.log("stopping: no more requests will be sent")
-            raise
-        finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-            await writer.flush()
-            progress.close()
-            report.sent_ok, report.sent_failed = progress.tally.ok, progress.tally.failed
-            report.retries, report.rate_limited = dispatcher.retries, limits.rate_limited
-            _restore_signals()
-        if interrupted:
-            raise Interrupted(interrupted[0])
+    config = job.config
+    limits = Limits(config.limits.requests_per_second, config.limits.tpm)
+    dispatcher = Dispatcher(
+        client, limits, RetryPolicy.from_config(config.retry), config.limits.concurrency,
+        catalogue=catalogue, budget=budget, fallback_models=config.request.models or (),
+    )  # fmt: skip
+    writer = JournalWriter(journal, cache)
+    interrupted = _on_signals(dispatcher, progress)
+    flusher = asyncio.create_task(writer.run())
+    try:
+        async for result in dispatcher.results(_pending(job, journal, cache)):
+            writer.add(result)
+            if dispatcher.lost:
+                writer.add_lost(dispatcher.lost)
+                dispatcher.lost = []
+            progress.update(result, dispatcher.retries, limits.rate_limited)
+    except JobStopped:
+        progress.log("stopping: no more requests will be sent")
+        raise
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        writer.add_lost(dispatcher.lost)
+        await writer.flush()
+        progress.close()
+        report.sent_ok, report.sent_failed = progress.tally.ok, progress.tally.failed
+        report.retries, report.rate_limited = dispatcher.retries, limits.rate_limited
+        _restore_signals()
+    if interrupted:
+        raise Interrupted(interrupted[0])
 
 
 async def _pending(
-    source: Source, journal: Journal, builder: RequestBuilder, limit: int | None
+    job: Prepared, journal: Journal, cache: ResponseCache | None
 ) -> AsyncIterator[Row]:
-    """Rows still to do, in input order; rows settled by an earlier run are skipped."""
-    for batch in source.batches(limit):
+    """Rows still to do, in input order. Settled rows are skipped; rows whose request was
+    already answered (earlier in this job, or in the shared cache) carry that answer."""
+    for batch in job.source.batches(job.limit):
         positions = batch[POSITION]
         settled = journal.settled_positions(positions[0], positions[-1] + 1)
         if settled:
             batch = batch.filter(~pl.col(POSITION).is_in(list(settled)))
-        for row in builder.rows(batch):
+        rows = job.builder.rows(batch)
+        hashes = list({row.request_hash for row in rows if row.body is not None})
+        answered = journal.answers(hashes)
+        cached = cache.lookup([h for h in hashes if h not in answered]) if cache else {}
+        for row in rows:
+            if (earlier := answered.get(row.request_hash)) is not None:
+                row.reuse = earlier.reused_for(row, DUPLICATE)
+            elif (stored := cached.get(row.request_hash)) is not None:
+                row.reuse = stored.reused_for(row, CACHE)
             yield row
         await asyncio.sleep(0)  # let the workers start on this batch before reading the next
+
+
+async def reconcile(
+    client: OpenRouterClient,
+    journal: Journal,
+    progress: Progress | None = None,
+    patience: float = RECONCILE_TIMEOUT,
+) -> None:
+    """Ask `/generation` what the lost attempts cost. It may answer 404 for a while after a
+    generation, so poll with back-off; what is still unknown after `patience` seconds waits for a later run."""
+    pending = set(journal.unreconciled())
+    if not pending:
+        return
+    if progress is not None:
+        progress.log(
+            f"reconciling {len(pending)} attempt(s) whose answer never arrived (GET /generation)"
+        )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = 0.5
+    gate = asyncio.Semaphore(8)
+
+    async def look_up(generation_id: str) -> tuple[str, float | None, bool]:
+        async with gate:
+            status, body = await client.get_status_json("/generation", id=generation_id)
+        data = body.get("data") if isinstance(body, dict) else None
+        if (
+            status == 200
+            and isinstance(data, dict)
+            and isinstance(data.get("total_cost"), int | float)
+        ):
+            return generation_id, float(data["total_cost"]), True
+        return (
+            generation_id,
+            None,
+            status not in (404, 0, 429) and status < 500,
+        )  # give up on other errors
+
+    while pending:
+        found = await asyncio.gather(*(look_up(g) for g in pending))
+        costs = {g: cost for g, cost, _ in found if cost is not None}
+        journal.reconcile(costs)
+        pending -= {g for g, cost, final in found if cost is not None or final}
+        if not pending or loop.time() + delay > deadline:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 8.0)
 
 
 def _on_signals(dispatcher: Dispatcher, progress: Progress) -> list[int]:
@@ -225,25 +429,17 @@ def _restore_signals() -> None:
         loop.remove_signal_handler(signum)
 
 
-def _write_output(
-    output: Path,
-    names: list[str],
-    source: Source,
-    journal: Journal,
-    limit: int | None,
-    config: JobConfig,
-    report: JobReport,
-) -> None:
+def _write_output(output: Path, job: Prepared, journal: Journal, report: JobReport) -> None:
     metadata = {
         "tool": "prompt-pipeline",
         "version": __version__,
-        "config_fingerprint": config.fingerprint_hash(),
-        "model": config.request.model,
+        "config_fingerprint": job.config.fingerprint_hash(),
+        "model": job.config.request.model,
         **report.job_totals,
     }
-    sink = ParquetSink(output, names, metadata)
+    sink = ParquetSink(output, job.names, metadata)
     try:
-        for batch in source.batches(limit):
+        for batch in job.source.batches(job.limit):
             positions = batch[POSITION].to_list()
             stored = journal.results_between(positions[0], positions[-1] + 1)
             missing = [p for p in positions if p not in stored]

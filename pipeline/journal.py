@@ -18,45 +18,48 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.cache import ResponseCache
 from pipeline.errors import JournalError
-from pipeline.records import RESULT_FIELDS, Result
+from pipeline.records import API, OK, RESULT_FIELDS, Result
 
 # Seconds between commits while results arrive. A WAL commit with synchronous=NORMAL costs no
 # fsync, so committing often is cheap, and an answer that arrived but was not yet committed
 # when the process died is the one thing a resume pays for again.
 FLUSH_INTERVAL = 0.2
 
+_COLUMN_TYPES = {
+    "completion": "TEXT", "finish_reason": "TEXT", "response_model": "TEXT", "provider": "TEXT",
+    "generation_id": "TEXT", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
+    "total_tokens": "INTEGER", "reasoning_tokens": "INTEGER", "cached_tokens": "INTEGER",
+    "cost_usd": "REAL", "cost_source": "TEXT", "response_source": "TEXT", "latency_ms": "REAL",
+    "attempts": "INTEGER", "status": "TEXT NOT NULL", "error_type": "TEXT", "error_message": "TEXT",
+    "retry_on_resume": "INTEGER NOT NULL", "request_hash": "TEXT",
+}  # fmt: skip
+_COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     position INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
-    {
-    ", ".join(
-        f"{name} {kind}"
-        for name, kind in {
-            "completion": "TEXT",
-            "finish_reason": "TEXT",
-            "response_model": "TEXT",
-            "provider": "TEXT",
-            "generation_id": "TEXT",
-            "prompt_tokens": "INTEGER",
-            "completion_tokens": "INTEGER",
-            "total_tokens": "INTEGER",
-            "reasoning_tokens": "INTEGER",
-            "cached_tokens": "INTEGER",
-            "cost_usd": "REAL",
-            "latency_ms": "REAL",
-            "attempts": "INTEGER",
-            "status": "TEXT NOT NULL",
-            "error_type": "TEXT",
-            "error_message": "TEXT",
-            "retry_on_resume": "INTEGER NOT NULL",
-        }.items()
-    )
-}
+    {_COLUMNS_SQL}
+);
+CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
+-- Attempts whose answer never arrived although the server had accepted them (it may have billed).
+CREATE TABLE IF NOT EXISTS lost_attempts (
+    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL
 );
 """
+_TOTALS = """SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
+    COALESCE(SUM(CASE WHEN response_source = 'api' THEN prompt_tokens END), 0),
+    COALESCE(SUM(CASE WHEN response_source = 'api' THEN completion_tokens END), 0),
+    SUM(cost_usd), COALESCE(SUM(response_source = 'duplicate'), 0), COALESCE(SUM(response_source = 'cache'), 0),
+    COALESCE(SUM(status = 'ok' AND cost_usd IS NULL), 0)
+    FROM results WHERE {where}"""
+_BY_MODEL = """SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd)
+    FROM results WHERE {where} AND response_source = 'api' AND status = 'ok'
+    GROUP BY response_model ORDER BY response_model"""
+_LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
+    COALESCE(SUM(cost_usd IS NULL), 0) FROM lost_attempts"""
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
 
 
@@ -147,24 +150,69 @@ class Journal:
             )
             return {row[0]: row for row in cursor}
 
-    def totals(self, below: int | None = None) -> dict[str, Any]:
-        """Counts, tokens and cost over the journal (rows under position `below` only, if given)."""
-        where = "WHERE position < ?" if below is not None else ""
+    def answers(self, request_hashes: list[str]) -> dict[str, Result]:
+        """Successful answers already journaled for any of these requests, by request hash."""
+        found: dict[str, Result] = {}
         with self._guard:
-            row = self._db.execute(
-                f"""SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
-                    COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), SUM(cost_usd)
-                    FROM results {where}""",
-                (below,) if below is not None else (),
-            ).fetchone()
+            for start in range(0, len(request_hashes), 500):
+                chunk = request_hashes[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                cursor = self._db.execute(
+                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE status = 'ok' AND request_hash IN ({marks})",
+                    chunk,
+                )
+                for values in cursor:
+                    result = Result.from_tuple(values)
+                    found.setdefault(result.request_hash or "", result)
+        return found
+
+    def totals(self, below: int | None = None) -> dict[str, Any]:
+        """Counts, tokens and cost over the journal (rows under position `below` only, if given).
+
+        Tokens count answers from the API only: a reused answer was not generated again.
+        """
+        where = "position < ?" if below is not None else "1"
+        args = (below,) if below is not None else ()
+        with self._guard:
+            row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
+            by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
+            lost = self._db.execute(_LOST).fetchone()
+        cost = row[5] or 0.0
         return {
-            "rows": row[0],
-            "ok": row[1],
-            "failed": row[2],
-            "prompt_tokens": row[3],
-            "completion_tokens": row[4],
-            "cost_usd": row[5] or 0.0,
-        }
+            "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
+            "cost_usd": cost, "duplicates_reused": row[6], "cache_hits": row[7], "rows_cost_unknown": row[8],
+            "by_model": {
+                model or "(unknown)": {"rows": n, "prompt_tokens": p or 0, "completion_tokens": c or 0, "cost_usd": usd or 0.0}
+                for model, n, p, c, usd in by_model
+            },
+            "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
+            "lost_attempts_unreconciled": lost[3], "true_cost_usd": cost + lost[2],
+        }  # fmt: skip
+
+    def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
+        """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
+        if attempts:
+            with self._guard, self._db:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO lost_attempts (generation_id, position, kind) VALUES (?, ?, ?)",
+                    attempts,
+                )
+
+    def unreconciled(self) -> list[str]:
+        with self._guard:
+            return [
+                g
+                for (g,) in self._db.execute(
+                    "SELECT generation_id FROM lost_attempts WHERE cost_usd IS NULL"
+                )
+            ]
+
+    def reconcile(self, costs: dict[str, float]) -> None:
+        with self._guard, self._db:
+            self._db.executemany(
+                "UPDATE lost_attempts SET cost_usd = ? WHERE generation_id = ?",
+                [(c, g) for g, c in costs.items()],
+            )
 
     # ----------------------------------------------------------------------------- writes
 
@@ -177,22 +225,37 @@ class Journal:
 
 
 class JournalWriter:
-    """The single writer: collects results and commits them every `interval` seconds."""
+    """The single writer: collects results and commits them every `interval` seconds, along with
+    lost attempts and, when a response cache is in use, the new answers for it."""
 
-    def __init__(self, journal: Journal, interval: float = FLUSH_INTERVAL) -> None:
+    def __init__(
+        self, journal: Journal, cache: ResponseCache | None = None, interval: float = FLUSH_INTERVAL
+    ) -> None:
         self.journal = journal
+        self.cache = cache
         self.interval = interval
         self._pending: list[Result] = []
+        self._lost: list[tuple[str, int, str]] = []
         self._flushing = asyncio.Lock()
 
     def add(self, result: Result) -> None:
         self._pending.append(result)
 
+    def add_lost(self, attempts: list[tuple[str, int, str]]) -> None:
+        self._lost.extend(attempts)
+
     async def flush(self) -> None:
         async with self._flushing:
             batch, self._pending = self._pending, []
-            if batch:
-                await asyncio.to_thread(self.journal.write, batch)
+            lost, self._lost = self._lost, []
+            if batch or lost:
+                await asyncio.to_thread(self._write, batch, lost)
+
+    def _write(self, batch: list[Result], lost: list[tuple[str, int, str]]) -> None:
+        self.journal.record_lost(lost)  # before the rows: a row's lost attempts are never missed
+        self.journal.write(batch)
+        if self.cache is not None:
+            self.cache.store([r for r in batch if r.status == OK and r.response_source == API])
 
     async def run(self) -> None:
         """Flush periodically until cancelled; the owner calls `flush()` once more at the end."""

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pipeline.records import OK, Result
+from pipeline.pricing import Budget
+from pipeline.records import API, OK, Result
 
 LOG_INTERVAL = 10.0  # seconds between progress lines when there is no terminal
 
@@ -32,8 +33,9 @@ class Tally:
             self.ok += 1
         else:
             self.failed += 1
-        self.prompt_tokens += result.prompt_tokens or 0
-        self.completion_tokens += result.completion_tokens or 0
+        if result.response_source == API:  # a reused answer was not generated again
+            self.prompt_tokens += result.prompt_tokens or 0
+            self.completion_tokens += result.completion_tokens or 0
         if result.cost_usd is not None:
             self.cost += result.cost_usd
         elif result.status == OK:
@@ -55,8 +57,15 @@ class Progress:
     """Shows a run's progress on stderr; `update()` is called once per result."""
 
     def __init__(
-        self, total: int, already_done: int, *, quiet: bool, stream: IO[str] | None = None
+        self,
+        total: int,
+        already_done: int,
+        *,
+        quiet: bool,
+        budget: Budget | None = None,
+        stream: IO[str] | None = None,
     ) -> None:
+        self.budget = budget
         self.stream = stream or sys.stderr
         self.tally = Tally()
         self.total = total
@@ -94,7 +103,13 @@ class Progress:
 
     def _postfix(self) -> str:
         t = self.tally
-        return f"${t.cost:.4f} {t.prompt_tokens + t.completion_tokens:,} tok {self.retries} retries {t.failed} errors"
+        spent = f"${t.cost:.4f}"
+        if t.done:
+            projected = t.cost / t.done * (self.total - self._already)
+            spent += (
+                f" (of ~${projected:.4f}{f', cap ${self.budget.cap:.2f}' if self.budget else ''})"
+            )
+        return f"{spent} {t.prompt_tokens + t.completion_tokens:,} tok {self.retries} retries {t.failed} errors"
 
     def line(self) -> str:
         t = self.tally

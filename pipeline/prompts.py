@@ -5,6 +5,7 @@ is serialised once, here, and never again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from typing import Any
@@ -52,14 +53,20 @@ class RequestBuilder:
         self._check_columns(columns)
         self.default_model = config.request.model
         params = config.request.body_params()
-        # Everything after "messages" is the same for every row: serialise it once.
-        self._tail = ("," + json.dumps(params)[1:]) if params else "}"
+        # Everything after "messages" is the same for every row: serialise it once. Keys are
+        # sorted so the same request is the same bytes in every job (the cache key).
+        self._tail = (
+            ("," + json.dumps(params, sort_keys=True, ensure_ascii=False)[1:]) if params else "}"
+        )
         self._max_output = config.request.max_tokens or DEFAULT_OUTPUT_ESTIMATE
+        # Answers from the simulator must never be served to a real job from a shared cache.
+        endpoint = "(simulator)" if config.request.simulate else config.request.base_url
+        self._hash_seed = endpoint.encode() + b"\n"
         self._system = [{"role": "system", "content": prompt.system}] if prompt.system else []
         self._system_tokens = (
             _tokens(prompt.system or "") + MESSAGE_OVERHEAD_TOKENS if prompt.system else 0
         )
-        self._prompt_expr, self._null_expr = self._prompt_expressions()
+        self.prompt_expr, self._null_expr = self._prompt_expressions()
 
     def _check_columns(self, columns: list[str]) -> None:
         prompt, known = self.config.prompt, set(columns)
@@ -114,8 +121,8 @@ class RequestBuilder:
         columns: list[pl.Expr] = [pl.col(POSITION)]
         if cfg.input.id_column:
             columns.append(pl.col(cfg.input.id_column).cast(pl.String).alias("__key"))
-        if self._prompt_expr is not None:
-            columns.append(self._prompt_expr.alias(_PROMPT))
+        if self.prompt_expr is not None:
+            columns.append(self.prompt_expr.alias(_PROMPT))
         else:
             columns.append(pl.col(cfg.prompt.messages_column).alias(_PROMPT))  # type: ignore[arg-type]
         if self._null_expr is not None:
@@ -147,7 +154,7 @@ class RequestBuilder:
                         if cfg.prompt.column
                         else "the prompt is empty"
                     )
-                rows.append(Row(position, keys[i] or str(position), None, 0, problem))
+                rows.append(Row(position, keys[i] or str(position), None, model, error=problem))
                 continue
             rows.append(
                 self._row(position, keys[i], model, [{"role": "user", "content": text}], None)
@@ -164,12 +171,14 @@ class RequestBuilder:
     ) -> Row:
         key = key if key is not None else str(position)
         if messages is None:
-            return Row(position, key, None, 0, problem)
+            return Row(position, key, None, model, error=problem)
         if self._system and messages[0].get("role") != "system":
             messages = self._system + messages
         text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
-        body = f'{{"model":{json.dumps(model)},"messages":{json.dumps(messages, ensure_ascii=False)}{self._tail}'
-        return Row(position, key, body.encode(), text_tokens + self._max_output)
+        encoded = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        body = f'{{"model":{json.dumps(model)},"messages":{encoded}{self._tail}'.encode()
+        request_hash = hashlib.blake2b(self._hash_seed + body, digest_size=16).hexdigest()
+        return Row(position, key, body, model, text_tokens, self._max_output, request_hash)
 
 
 def _tokens(content: Any) -> int:

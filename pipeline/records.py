@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 OK = "ok"
 ERROR = "error"
+API, DUPLICATE, CACHE = "api", "duplicate", "cache"  # where an answer came from
 
 
 @dataclass(slots=True)
@@ -15,9 +17,17 @@ class Row:
 
     position: int  # 0-based position in the input: the journal's key and the output order
     key: str  # the id column's value, else the position
-    body: bytes | None  # the request body, serialised once
-    estimated_tokens: int  # prompt estimate + max output, for the tokens-per-minute limit
+    body: bytes | None  # the request body, canonical JSON, serialised once
+    model: str = ""
+    prompt_tokens: int = 0  # estimated from the text
+    output_tokens: int = 0  # max_tokens, or an assumption when unset
+    request_hash: str = ""  # of the endpoint and the body: identical requests share it
     error: str | None = None  # why the row cannot be sent (null prompt, bad messages JSON)
+    reuse: Result | None = None  # an earlier answer to the same request (journal or cache)
+
+    @property
+    def estimated_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
 
 
 @dataclass(slots=True)
@@ -38,22 +48,37 @@ class Result:
     reasoning_tokens: int | None = None
     cached_tokens: int | None = None
     cost_usd: float | None = None
+    cost_source: str | None = None  # "reported" (usage.cost) | "computed" (tokens x prices) | None
+    response_source: str | None = None  # "api" | "duplicate" (of a row in this job) | "cache"
     latency_ms: float | None = None
     attempts: int = 0
     error_type: str | None = None
     error_message: str | None = None
     # A row that failed only because its retries ran out is sent again by the next run.
     retry_on_resume: bool = False
+    request_hash: str | None = None
 
     def as_tuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in RESULT_FIELDS)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[Any, ...]) -> Result:
+        return cls(**dict(zip(RESULT_FIELDS, values, strict=True)))
+
+    def reused_for(self, row: Row, source: str) -> Result:
+        """This answer, given to another row that asked the same thing: no request, no cost."""
+        return dataclasses.replace(
+            self, position=row.position, key=row.key, cost_usd=0.0, cost_source="reused",
+            response_source=source, latency_ms=0.0, attempts=0,
+        )  # fmt: skip
 
 
 # Columns of the output, in order, after the input columns (names before any prefix).
 RESULT_COLUMNS = (
     "completion", "finish_reason", "response_model", "provider", "generation_id",
     "prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens", "cached_tokens",
-    "cost_usd", "latency_ms", "attempts", "status", "error_type", "error_message",
+    "cost_usd", "cost_source", "response_source", "latency_ms", "attempts", "status", "error_type",
+    "error_message",
 )  # fmt: skip
 
-RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume")
+RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume", "request_hash")

@@ -30,6 +30,8 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "reasoning_tokens": pa.int64(),
     "cached_tokens": pa.int64(),
     "cost_usd": pa.float64(),
+    "cost_source": pa.string(),
+    "response_source": pa.string(),
     "latency_ms": pa.float64(),
     "attempts": pa.int32(),
     "status": pa.string(),
