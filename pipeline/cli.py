@@ -7,6 +7,7 @@ Heavy libraries (polars, pyarrow, aiohttp) are imported inside the commands that
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -126,6 +127,9 @@ def cli() -> None:
     metavar="TEXT",
     help="Prompts containing TEXT get 403 moderation (repeatable).",
 )
+@click.option(
+    "--omit-cost", is_flag=True, help="Leave usage.cost out, like a plain OpenAI-compatible server."
+)
 def simulate(
     host: str,
     port: int,
@@ -142,6 +146,7 @@ def simulate(
     api_keys: tuple[str, ...],
     down_models: tuple[str, ...],
     flagged_terms: tuple[str, ...],
+    omit_cost: bool,
 ) -> None:
     """Serve a local OpenRouter simulator until Ctrl-C.
 
@@ -168,6 +173,7 @@ def simulate(
             api_keys=frozenset(api_keys) or None,
             down_models=frozenset(down_models),
             flagged_terms=flagged_terms,
+            omit_cost=omit_cost,
         )
     except FaultSpecError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -194,75 +200,65 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+# Flags shared by every command that runs or describes a job: (config key, parameter, option).
+_JOB_OPTIONS: list[tuple[str, str, Any]] = [
+    ("input.path", "input_path", click.option("--input", "input_path", metavar="PATH", help="Input file or glob (CSV, Parquet, JSONL).")),
+    ("input.format", "input_format", click.option("--input-format", type=click.Choice(["csv", "parquet", "jsonl"]), help="Input format, when the extension does not say.")),
+    ("output.path", "output_path", click.option("--output", "output_path", metavar="PATH", help="Output Parquet file.")),
+    ("prompt.column", "prompt_column", click.option("--prompt-column", metavar="COL", help="Column holding the whole prompt.")),
+    ("prompt.template", "template", click.option("--template", metavar="TEXT", help="Prompt template over columns, e.g. 'Label: {review}'.")),
+    ("prompt.messages_column", "messages_column", click.option("--messages-column", metavar="COL", help="Column holding a JSON list of chat messages.")),
+    ("prompt.system", "system", click.option("--system", metavar="TEXT", help="System prompt sent before each prompt.")),
+    ("input.id_column", "id_column", click.option("--id-column", metavar="COL", help="Column of unique row ids (default: row position).")),
+    ("prompt.model_column", "model_column", click.option("--model-column", metavar="COL", help="Column naming a model per row (empty: --model).")),
+    ("request.model", "model", click.option("--model", metavar="ID", help="Model id [default: mistralai/mixtral-8x7b-instruct].")),
+    ("request.base_url", "base_url", click.option("--base-url", metavar="URL", help="OpenAI-compatible API base URL [default: https://openrouter.ai/api/v1].")),
+    ("request.temperature", "temperature", click.option("--temperature", type=float, help="Sampling temperature (0-2).")),
+    ("request.max_tokens", "max_tokens", click.option("--max-tokens", type=int, help="Cap on output tokens per request.")),
+    ("request.cache", "cache_path", click.option("--cache", "cache_path", metavar="PATH", help="Response cache shared across jobs (sqlite file).")),
+    ("limits.concurrency", "concurrency", click.option("--concurrency", type=int, metavar="N", help="Requests in flight at most [default: 16].")),
+    ("limits.rps", "rps", click.option("--rps", type=float, metavar="R", help="Requests per second at most.")),
+    ("limits.rpm", "rpm", click.option("--rpm", type=float, metavar="R", help="Requests per minute at most.")),
+    ("limits.tpm", "tpm", click.option("--tpm", type=float, metavar="T", help="Tokens (prompt + max output) per minute at most.")),
+    ("retry.max_attempts", "max_retries", click.option("--max-retries", type=int, metavar="N", help="Attempts per row at most, the first included [default: 6].")),
+    ("request.timeout", "timeout", click.option("--timeout", type=float, metavar="SECONDS", help="Time one attempt may take [default: 300].")),
+    ("cost.max_cost", "max_cost", click.option("--max-cost", type=float, metavar="USD", help="Stop before the job's spend could pass this.")),
+    ("output.journal", "journal_path", click.option("--journal", "journal_path", metavar="PATH", help="Checkpoint file [default: OUTPUT.journal].")),
+    ("output.result_prefix", "result_prefix", click.option("--result-prefix", metavar="TEXT", help="Prefix for the result columns, if the input uses their names.")),
+]  # fmt: skip
+
+
+def job_options(command: Any) -> Any:
+    """Add CONFIG_FILE, every job flag, --limit and --simulate to a command."""
+    for _, _, option in reversed(_JOB_OPTIONS):
+        command = option(command)
+    command = click.option(
+        "--simulate", is_flag=True, help="Use the bundled OpenRouter simulator: no key, no network."
+    )(command)
+    command = click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Only the first N rows: a cheap trial run.",
+    )(command)
+    return click.argument(
+        "config_file", required=False, type=click.Path(dir_okay=False, path_type=Path)
+    )(command)
+
+
+def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]) -> Any:
+    from pipeline import config as config_module
+
+    overrides = {key: flags[param] for key, param, _ in _JOB_OPTIONS}
+    if simulate:
+        overrides["request.simulate"] = True
+    return config_module.load(config_file, overrides)
+
+
 @cli.command(context_settings=CONTEXT)
-@click.argument("config_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--input", "input_path", metavar="PATH", help="Input file or glob (CSV, Parquet, JSONL)."
-)
-@click.option(
-    "--input-format",
-    type=click.Choice(["csv", "parquet", "jsonl"]),
-    help="Input format, when the extension does not say.",
-)
-@click.option("--output", "output_path", metavar="PATH", help="Output Parquet file.")
-@click.option("--prompt-column", metavar="COL", help="Column holding the whole prompt.")
-@click.option(
-    "--template", metavar="TEXT", help="Prompt template over columns, e.g. 'Label: {review}'."
-)
-@click.option(
-    "--messages-column", metavar="COL", help="Column holding a JSON list of chat messages."
-)
-@click.option("--system", metavar="TEXT", help="System prompt sent before each prompt.")
-@click.option(
-    "--id-column", metavar="COL", help="Column of unique row ids (default: row position)."
-)
-@click.option(
-    "--model-column", metavar="COL", help="Column naming a model per row (empty: --model)."
-)
-@click.option("--model", metavar="ID", help="Model id [default: mistralai/mixtral-8x7b-instruct].")
-@click.option(
-    "--base-url",
-    metavar="URL",
-    help="OpenAI-compatible API base URL [default: https://openrouter.ai/api/v1].",
-)
-@click.option("--temperature", type=float, help="Sampling temperature (0-2).")
-@click.option("--max-tokens", type=int, help="Cap on output tokens per request.")
-@click.option(
-    "--concurrency", type=int, metavar="N", help="Requests in flight at most [default: 16]."
-)
-@click.option("--rps", type=float, metavar="R", help="Requests per second at most.")
-@click.option("--rpm", type=float, metavar="R", help="Requests per minute at most.")
-@click.option(
-    "--tpm", type=float, metavar="T", help="Tokens (prompt + max output) per minute at most."
-)
-@click.option(
-    "--max-retries",
-    type=int,
-    metavar="N",
-    help="Attempts per row at most, the first included [default: 6].",
-)
-@click.option(
-    "--timeout", type=float, metavar="SECONDS", help="Time one attempt may take [default: 300]."
-)
-@click.option(
-    "--journal", "journal_path", metavar="PATH", help="Checkpoint file [default: OUTPUT.journal]."
-)
-@click.option(
-    "--result-prefix",
-    metavar="TEXT",
-    help="Prefix for the result columns, if the input uses their names.",
-)
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Only the first N rows: a cheap trial run.",
-)
+@job_options
 @click.option(
     "--restart", is_flag=True, help="Discard the journal and start over (pays again for done rows)."
-)
-@click.option(
-    "--simulate", is_flag=True, help="Use the bundled OpenRouter simulator: no key, no network."
 )
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress bar: a plain progress line every 10 s."
@@ -282,49 +278,192 @@ def run(
     Running the same command again resumes: rows already done are not sent again.
 
     Exit codes: 0 all rows ok; 1 the job could not run (nothing sent); 2 usage error;
-    3 finished, some rows failed; 4 stopped early (bad key, out of credits), resumable;
-    130/143 interrupted (journal saved), resumable.
+    3 finished, some rows failed; 4 stopped early (bad key, out of credits, budget reached),
+    resumable; 130/143 interrupted (journal saved), resumable.
     """
-    from pipeline import config as config_module
     from pipeline.errors import Interrupted, JobStopped, UserError
     from pipeline.job import run_job
 
-    overrides = {key: flags[option] for key, option in _RUN_FLAGS.items()}
-    if simulate:
-        overrides["request.simulate"] = True
     try:
-        config = config_module.load(config_file, overrides)
+        config = _load_config(config_file, simulate, flags)
         report = run_job(config, limit=limit, restart=restart, quiet=quiet)
     except UserError as exc:
         _fail(str(exc), exc.exit_code)
     except JobStopped as exc:
-        _fail(f"{exc}", exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except Interrupted as exc:
         _fail(
             "interrupted; the journal is saved. Run the same command again to resume.",
             exc.exit_code,
         )
-    totals = report.job_totals
-    cost = totals.get("cost_usd") or 0.0
-    click.echo(
-        f"done: {report.total_rows:,} rows: {totals.get('ok', 0):,} ok, {totals.get('failed', 0):,} failed "
-        f"({report.skipped:,} done by earlier runs); {totals.get('prompt_tokens', 0):,} prompt + "
-        f"{totals.get('completion_tokens', 0):,} completion tokens; ${cost:.6f}; "
-        f"{report.wall_seconds:.1f}s; {report.retries} retries; wrote {report.output}",
-        err=True,
-    )
+    click.echo(_summary(report), err=True)
     sys.exit(report.exit_code)
 
 
-_RUN_FLAGS = {
-    "input.path": "input_path", "input.format": "input_format", "output.path": "output_path",
-    "prompt.column": "prompt_column", "prompt.template": "template", "prompt.messages_column": "messages_column",
-    "prompt.system": "system", "input.id_column": "id_column", "prompt.model_column": "model_column",
-    "request.model": "model", "request.base_url": "base_url", "request.temperature": "temperature",
-    "request.max_tokens": "max_tokens", "limits.concurrency": "concurrency", "limits.rps": "rps",
-    "limits.rpm": "rpm", "limits.tpm": "tpm", "retry.max_attempts": "max_retries",
-    "request.timeout": "timeout", "output.journal": "journal_path", "output.result_prefix": "result_prefix",
-}  # fmt: skip
+def _summary(report: Any) -> str:
+    t = report.job_totals
+    lines = [
+        f"done: {report.total_rows:,} rows: {t.get('ok', 0):,} ok, {t.get('failed', 0):,} failed "
+        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output}",
+        f"  cost ${t.get('cost_usd', 0.0):.6f} for {t.get('prompt_tokens', 0):,} prompt + {t.get('completion_tokens', 0):,} completion tokens",
+    ]
+    if t.get("duplicates_reused") or t.get("cache_hits"):
+        lines.append(
+            f"  not paid: {t.get('duplicates_reused', 0):,} rows reused an identical request, {t.get('cache_hits', 0):,} came from the cache"
+        )
+    if t.get("lost_attempts"):
+        lines.append(
+            f"  true spend ${t.get('true_cost_usd', 0.0):.6f}: {t.get('paid_twice_requests', 0)} attempt(s) billed although "
+            f"their answer never arrived cost ${t.get('paid_twice_cost_usd', 0.0):.6f}"
+            + (
+                f"; {t['lost_attempts_unreconciled']} not yet known (a later run checks again)"
+                if t.get("lost_attempts_unreconciled")
+                else ""
+            )
+        )
+    if t.get("rows_cost_unknown"):
+        lines.append(
+            f"  {t['rows_cost_unknown']:,} row(s) have no cost: the endpoint reported none and lists no price"
+        )
+    by_model = t.get("by_model") or {}
+    if len(by_model) > 1:
+        for model, m in by_model.items():
+            lines.append(
+                f"  {model}: {m['rows']:,} rows, {m['prompt_tokens']:,} + {m['completion_tokens']:,} tokens, ${m['cost_usd']:.6f}"
+            )
+    return "\n".join(lines)
+
+
+@cli.command(context_settings=CONTEXT)
+@job_options
+@click.option(
+    "--pilot",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Really run N rows (journaled) and extrapolate from them.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate(
+    config_file: Path | None,
+    limit: int | None,
+    simulate: bool,
+    pilot: int | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Estimate what a job (or the rest of a resumed one) will cost, without sending it.
+
+    Counts rows still to do, estimates prompt tokens (characters / 4) and output tokens
+    (cost.expected_output_tokens or max_tokens), and prices them from /models. --pilot N runs
+    N rows for real; they are journaled, so the job never pays for them again.
+    """
+    import json
+
+    from pipeline.errors import Interrupted, JobStopped, UserError
+    from pipeline.estimate import estimate as estimate_job
+
+    try:
+        config = _load_config(config_file, simulate, flags)
+        result = estimate_job(config, limit=limit, pilot=pilot)
+    except (UserError, JobStopped) as exc:
+        _fail(str(exc), exc.exit_code)
+    except Interrupted as exc:
+        _fail("interrupted; the pilot's journal is saved.", exc.exit_code)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"rows: {result.total_rows:,} in the input, {result.done_rows:,} done, {result.todo_rows:,} to do"
+               + (f" ({result.unique_requests:,} distinct requests)" if result.unique_requests is not None else ""))  # fmt: skip
+    for model, m in result.by_model.items():
+        cost = (
+            f"${m.cost_low:.4f} - ${m.cost_high:.4f}"
+            if m.cost_low is not None and m.cost_high is not None
+            else "price unknown"
+        )
+        click.echo(
+            f"  {model}: {m.rows:,} requests, ~{m.prompt_tokens:,} prompt tokens, {m.output_low:,}-{m.output_high:,} output tokens: {cost}"
+        )
+    if result.cost_low is not None and result.cost_high is not None:
+        click.echo(f"estimated cost: ${result.cost_low:.4f} - ${result.cost_high:.4f}")
+    click.echo(f"how: {result.method}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    if result.pilot:
+        p = result.pilot
+        click.echo(f"pilot: {p['rows']} rows cost ${p['cost_usd']:.6f} (${p['cost_per_row_usd'] or 0:.6f} per row); "
+                   f"projected for the rest: ${p['projected_remaining_usd'] or 0:.4f}, whole job: ${p['projected_total_usd'] or 0:.4f}")  # fmt: skip
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--search", metavar="TEXT", help="Only models whose id or name contains TEXT.")
+@click.option(
+    "--base-url",
+    metavar="URL",
+    default=None,
+    help="API base URL [default: https://openrouter.ai/api/v1].",
+)
+@click.option("--simulate", is_flag=True, help="List the bundled simulator's models.")
+@click.option("--refresh", is_flag=True, help="Fetch now instead of using the cached list.")
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Age at which the cached list is refetched [default: 21600].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(
+    search: str | None,
+    base_url: str | None,
+    simulate: bool,
+    refresh: bool,
+    ttl: float | None,
+    as_json: bool,
+) -> None:
+    """List models with context length and prices per million tokens (from /models, cached)."""
+    import asyncio
+    import json
+    import os
+
+    from pipeline import config as config_module
+    from pipeline.errors import UserError
+    from pipeline.job import SIMULATOR_KEY, connect, load_catalogue
+
+    try:
+        config = config_module.load(None, {
+            "input.path": "-", "output.path": "-", "prompt.column": "-", "request.base_url": base_url,
+            "request.simulate": simulate or None, "cost.prices_ttl": ttl,
+        })  # fmt: skip
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code)
+    key = SIMULATOR_KEY if simulate else os.environ.get(config_module.KEY_ENV, "")
+
+    async def fetch() -> Any:
+        async with connect(config, key) as client:
+            return await load_catalogue(client, config, refresh=refresh)
+
+    catalogue = asyncio.run(fetch())
+    if catalogue is None:
+        _fail(f"{config.request.base_url}/models did not answer with a model list", 1)
+    found = catalogue.search(search)
+    if as_json:
+        click.echo(json.dumps([
+            {"id": m.id, "name": m.name, "context_length": m.context_length,
+             "prompt_per_million": float(m.prompt * 1_000_000), "completion_per_million": float(m.completion * 1_000_000)}
+            for m in found
+        ], indent=2))  # fmt: skip
+        return
+    width = max((len(m.id) for m in found), default=10)
+    click.echo(f"{'model':<{width}}  {'context':>9}  {'$/M in':>9}  {'$/M out':>9}")
+    for m in found:
+        context = f"{m.context_length:,}" if m.context_length else "?"
+        click.echo(
+            f"{m.id:<{width}}  {context:>9}  {m.per_million(m.prompt):>9}  {m.per_million(m.completion):>9}"
+        )
+    click.echo(
+        f"{len(found)} model(s); prices as of {time.strftime('%Y-%m-%d %H:%M', time.localtime(catalogue.fetched_at))}",
+        err=True,
+    )
 
 
 def main() -> None:

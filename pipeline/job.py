@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,17 +333,23 @@ async def _dispatch(
         raise Interrupted(interrupted[0])
 
 
+def pending_batches(job: Prepared, settled: Callable[[int, int], set[int]]) -> Iterator[list[Row]]:
+    """The rows still to do, a batch at a time, in input order; `settled(low, high)` names the
+    positions in [low, high) that an earlier run finished."""
+    for batch in job.source.batches(job.limit):
+        positions = batch[POSITION]
+        done = settled(positions[0], positions[-1] + 1)
+        if done:
+            batch = batch.filter(~pl.col(POSITION).is_in(list(done)))
+        yield job.builder.rows(batch)
+
+
 async def _pending(
     job: Prepared, journal: Journal, cache: ResponseCache | None
 ) -> AsyncIterator[Row]:
-    """Rows still to do, in input order. Settled rows are skipped; rows whose request was
-    already answered (earlier in this job, or in the shared cache) carry that answer."""
-    for batch in job.source.batches(job.limit):
-        positions = batch[POSITION]
-        settled = journal.settled_positions(positions[0], positions[-1] + 1)
-        if settled:
-            batch = batch.filter(~pl.col(POSITION).is_in(list(settled)))
-        rows = job.builder.rows(batch)
+    """Rows still to do. Those whose request was already answered (earlier in this job, or in
+    the shared cache) carry that answer."""
+    for rows in pending_batches(job, journal.settled_positions):
         hashes = list({row.request_hash for row in rows if row.body is not None})
         answered = journal.answers(hashes)
         cached = cache.lookup([h for h in hashes if h not in answered]) if cache else {}

@@ -91,6 +91,8 @@ class SimConfig:
     free_requests_per_minute: int = 20
     free_requests_per_day: int = 50
     request_log_size: int = 10_000
+    # Answer like a plain OpenAI-compatible server: `usage` without `cost` or `cost_details`.
+    omit_cost: bool = False
 
     def updated(self, changes: Mapping[str, Any]) -> SimConfig:
         """A copy with `changes` applied; JSON-friendly values (lists, strings) are converted."""

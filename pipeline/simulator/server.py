@@ -600,6 +600,9 @@ class Simulator:
             )
         else:
             payload = bodies.completion(gen, answer)
+            if self.config.omit_cost:
+                for name in ("cost", "cost_details", "is_byok"):
+                    payload["usage"].pop(name)
             if fault is Fault.CHOICE_ERROR:
                 choice = payload["choices"][0]
                 choice["message"]["content"] = answer.content[: len(answer.content) // 2]
