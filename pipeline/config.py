@@ -10,7 +10,7 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 [limits]   concurrency, rps | rpm, tpm
 [retry]    max_attempts, max_elapsed, backoff_base, backoff_max
 [output]   path, journal, result_prefix
-[cost]     max_cost, expected_output_tokens, prices_ttl
+[cost]     max_cost, expected_output_tokens, prices_ttl, reconcile_timeout
 ```
 """
 
@@ -37,6 +37,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_MAX_ELAPSED = 900.0  # seconds one row may spend retrying
 DEFAULT_TITLE = "prompt-pipeline"
+DEFAULT_RECONCILE_TIMEOUT = 60.0
 KEY_ENV = "OPENROUTER_API_KEY"
 
 
@@ -132,6 +133,8 @@ class CostConfig:
     max_cost: float | None = None  # USD for the whole job, earlier runs included
     expected_output_tokens: int | None = None  # typical answer length, for estimates
     prices_ttl: float = DEFAULT_PRICES_TTL  # seconds a cached /models answer is trusted
+    # Seconds to wait for /generation to price attempts whose answer never arrived.
+    reconcile_timeout: float = DEFAULT_RECONCILE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +337,9 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         max_cost=v.number("cost.max_cost", low=0),
         expected_output_tokens=v.integer("cost.expected_output_tokens", low=1),
         prices_ttl=_default(v.number("cost.prices_ttl", low=0), DEFAULT_PRICES_TTL),
+        reconcile_timeout=_default(
+            v.number("cost.reconcile_timeout", low=0), DEFAULT_RECONCILE_TIMEOUT
+        ),
     )
     return JobConfig(input_cfg, prompt, request, limits, retry, output, cost)
 

@@ -37,7 +37,6 @@ from pipeline.source import POSITION, Source, open_source
 
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
 SHUTDOWN_GRACE = 1.0  # seconds in-flight requests get to finish after Ctrl-C / SIGTERM
-RECONCILE_TIMEOUT = 60.0  # seconds to wait for /generation to know about lost attempts
 
 
 @dataclass
@@ -174,7 +173,7 @@ async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool)
                 await _dispatch(job, client, catalogue, budget, journal, cache, report, progress)
             except CreditsError as exc:
                 raise CreditsError(f"{exc}{await _key_figures(client)}") from None
-            await reconcile(client, journal, progress)
+            await reconcile(client, journal, progress, patience=config.cost.reconcile_timeout)
             report.job_totals = journal.totals(below=job.total)
             if write_output:
                 _write_output(report.output, job, journal, report)
@@ -366,7 +365,7 @@ async def reconcile(
     client: OpenRouterClient,
     journal: Journal,
     progress: Progress | None = None,
-    patience: float = RECONCILE_TIMEOUT,
+    patience: float = 60.0,
 ) -> None:
     """Ask `/generation` what the lost attempts cost. It may answer 404 for a while after a
     generation, so poll with back-off; what is still unknown after `patience` seconds waits for a later run."""
