@@ -279,17 +279,16 @@ def run(
 
     Exit codes: 0 all rows ok; 1 the job could not run (nothing sent); 2 usage error;
     3 finished, some rows failed; 4 stopped early (bad key, out of credits, budget reached),
-    resumable; 130/143 interrupted (journal saved), resumable.
+    resumable; 5 another run of this job holds its lock (nothing touched); 130/143
+    interrupted (journal saved), resumable.
     """
-    from pipeline.errors import Interrupted, JobStopped, UserError
+    from pipeline.errors import Interrupted, JobStopped, Locked, UserError
     from pipeline.job import run_job
 
     try:
         config = _load_config(config_file, simulate, flags)
         report = run_job(config, limit=limit, restart=restart, quiet=quiet)
-    except UserError as exc:
-        _fail(str(exc), exc.exit_code)
-    except JobStopped as exc:
+    except (UserError, JobStopped, Locked) as exc:
         _fail(str(exc), exc.exit_code)
     except Interrupted as exc:
         _fail(
@@ -359,13 +358,13 @@ def estimate(
     """
     import json
 
-    from pipeline.errors import Interrupted, JobStopped, UserError
+    from pipeline.errors import Interrupted, JobStopped, Locked, UserError
     from pipeline.estimate import estimate as estimate_job
 
     try:
         config = _load_config(config_file, simulate, flags)
         result = estimate_job(config, limit=limit, pilot=pilot)
-    except (UserError, JobStopped) as exc:
+    except (UserError, JobStopped, Locked) as exc:
         _fail(str(exc), exc.exit_code)
     except Interrupted as exc:
         _fail("interrupted; the pilot's journal is saved.", exc.exit_code)

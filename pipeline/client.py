@@ -16,7 +16,14 @@ from typing import Any
 import aiohttp
 
 from pipeline import __version__
-from pipeline.errors import AuthError, CreditsError, PermanentError, RequestError, RetryableError
+from pipeline.errors import (
+    AuthError,
+    CreditsError,
+    PermanentError,
+    RequestError,
+    RetryableError,
+    TrustError,
+)
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 
@@ -108,6 +115,11 @@ class OpenRouterClient:
                 "connection_dropped",
                 f"the connection dropped mid-answer: {_short(exc)}",
                 generation_id=generation_id,
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TrustError(
+                f"the TLS certificate of {self.url} does not verify ({_short(exc)}); fix the endpoint's "
+                "certificate or the system's CA bundle (SSL_CERT_FILE): verification stays on"
             ) from None
         except aiohttp.ClientConnectorError as exc:
             raise RetryableError(

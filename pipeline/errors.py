@@ -11,7 +11,10 @@ these in exactly one place each, so the CLI can map every one to a message and a
     │   └── PermanentError        400, 403, 404, 413, 422: this row fails
     ├── JobStopped                exit 4: every further request would fail too; resumable
     │   ├── AuthError             401: the key is missing, wrong or disabled
-    │   └── CreditsError          402: out of credits
+    │   ├── CreditsError          402: out of credits
+    │   ├── BudgetReached         cost.max_cost would be passed (pipeline.pricing)
+    │   └── TrustError            the endpoint's TLS certificate does not verify
+    ├── Locked                    exit 5: another run holds the job's lock; nothing was touched
     └── Interrupted               exit 130 / 143: SIGINT / SIGTERM, journal flushed; resumable
 """
 
@@ -80,6 +83,16 @@ class AuthError(JobStopped):
 
 class CreditsError(JobStopped):
     """402: the account or key is out of credits."""
+
+
+class TrustError(JobStopped):
+    """The endpoint's TLS certificate failed verification (which cannot be switched off)."""
+
+
+class Locked(PipelineError):
+    """Another run of the same job holds its lock."""
+
+    exit_code = 5
 
 
 class Interrupted(PipelineError):

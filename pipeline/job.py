@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import resource
 import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pipeline.client import OpenRouterClient
 from pipeline.config import KEY_ENV, JobConfig, read_api_key
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, CreditsError, InputError, Interrupted, JobStopped
-from pipeline.journal import Journal, JournalWriter
+from pipeline.journal import JobLock, Journal, JournalWriter
 from pipeline.limits import Limits
 from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import Progress
@@ -36,6 +37,9 @@ from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
 
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
+OPEN_FILES_HEADROOM = (
+    64  # descriptors beyond one per request: journal, input files, stdio, the loop
+)
 SHUTDOWN_GRACE = 1.0  # seconds in-flight requests get to finish after Ctrl-C / SIGTERM
 
 
@@ -80,7 +84,11 @@ def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
     source = open_source(config.input.path, config.input.format)
     builder = RequestBuilder(config, source.columns)
     names = result_names(config.output.result_prefix, source.columns)
-    _check_output(Path(config.output.path), source, config.output.journal_path)
+    output = Path(config.output.path)
+    if any(output.resolve() == p.resolve() for p in source.paths):
+        raise InputError(
+            f"output.path (--output) {output} is the input file; choose another output path"
+        )
     total, prompt_chars = _validate_rows(source, config, builder, limit)
     api_key = SIMULATOR_KEY if config.request.simulate else read_api_key(config)
     if api_key is None:
@@ -103,10 +111,47 @@ def run_job(
 ) -> JobReport:
     """Run (or resume) the job; raise a `UserError`, `JobStopped` or `Interrupted` if it cannot finish."""
     started = time.monotonic()
-    job = prepare(config, limit)
-    report = asyncio.run(_run(job, restart=restart, quiet=quiet, write_output=write_output))
+    check_folders(config)
+    with JobLock(config.output.journal_path):
+        ensure_open_files(config.limits.concurrency)
+        job = prepare(config, limit)
+        report = asyncio.run(_run(job, restart=restart, quiet=quiet, write_output=write_output))
     report.wall_seconds = time.monotonic() - started
     return report
+
+
+def check_folders(config: JobConfig) -> None:
+    """The output and journal folders exist and take new files (tried, not guessed: root passes
+    every permission check, yet a read-only or immutable folder still refuses)."""
+    for path, key in (
+        (Path(config.output.path), "output.path (--output)"),
+        (config.output.journal_path, "output.journal (--journal)"),
+    ):
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"{key} {path}: folder {folder} does not exist; create it first")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".pipeline-probe-"):
+                pass
+        except OSError as exc:
+            raise InputError(
+                f"{key} {path}: folder {folder} is not writable ({exc.strerror})"
+            ) from None
+
+
+def ensure_open_files(concurrency: int) -> None:
+    """Each request in flight holds a socket: raise the soft open-file limit if it is too low for
+    `concurrency`, and say so up front when even the hard limit is."""
+    needed = concurrency + OPEN_FILES_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ConfigError(
+            f"limits.concurrency (--concurrency) {concurrency} needs about {needed} open files, but this process may "
+            f"open at most {hard} (ulimit -n); lower the concurrency or raise the limit"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 @contextlib.asynccontextmanager
@@ -178,19 +223,6 @@ async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool)
             if write_output:
                 _write_output(report.output, job, journal, report)
     return report
-
-
-def _check_output(output: Path, source: Source, journal: Path) -> None:
-    for path, key in ((output, "output.path (--output)"), (journal, "output.journal (--journal)")):
-        folder = path.parent
-        if not folder.is_dir():
-            raise InputError(f"{key} {path}: folder {folder} does not exist; create it first")
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"{key} {path}: folder {folder} is not writable")
-    if any(output.resolve() == p.resolve() for p in source.paths):
-        raise InputError(
-            f"output.path (--output) {output} is the input file; choose another output path"
-        )
 
 
 def _validate_rows(

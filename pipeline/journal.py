@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cache import ResponseCache
-from pipeline.errors import JournalError
+from pipeline.errors import JournalError, Locked
 from pipeline.records import API, OK, RESULT_FIELDS, Result
 
 # Seconds between commits while results arrive. A WAL commit with synchronous=NORMAL costs no
@@ -66,25 +66,25 @@ _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES (
 class Journal:
     """The journal of one job. Use `Journal.open(...)`; close it (or use `with`)."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, lock_file: Any) -> None:
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self.path = path
         self._db = connection
-        self._lock_file = lock_file
         self._guard = threading.Lock()  # the writer thread and the reader never overlap
 
     @classmethod
     def open(cls, path: Path, fingerprint: dict[str, Any], *, restart: bool = False) -> Journal:
-        """Lock, open (or create) and check the journal at `path` against this job's fingerprint."""
-        lock_file = _lock(path)
+        """Open (or create) the journal at `path` and check it against this job's fingerprint.
+
+        The caller holds the job's `JobLock`."""
+        if restart:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        db = _connect(path)
+        journal = cls(path, db)
         try:
-            if restart:
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
-            db = _connect(path)
-            journal = cls(path, db, lock_file)
             journal._check(fingerprint)
         except BaseException:
-            lock_file.close()
+            db.close()
             raise
         return journal
 
@@ -97,7 +97,6 @@ class Journal:
     def close(self) -> None:
         with self._guard:
             self._db.close()
-        self._lock_file.close()
 
     def _check(self, fingerprint: dict[str, Any]) -> None:
         stored = {
@@ -305,24 +304,37 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _lock(path: Path) -> Any:
-    """Hold an exclusive lock on `<journal>.lock` for the life of the run, or fail at once."""
-    lock_path = Path(f"{path}.lock")
-    try:
-        lock_file = lock_path.open("a+")
-    except OSError as exc:
-        raise JournalError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.seek(0)
-        holder = lock_file.read().strip() or "another process"
-        lock_file.close()
-        raise JournalError(
-            f"another run is using journal {path} (lock held by pid {holder}); wait for it to finish"
-        ) from None
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(str(os.getpid()))
-    lock_file.flush()
-    return lock_file
+class JobLock:
+    """An exclusive `flock` on `<journal>.lock` for the life of a run. Taken before anything else,
+    so a second run exits at once, touching neither the input nor the journal."""
+
+    def __init__(self, journal: Path) -> None:
+        self.path = Path(f"{journal}.lock")
+        self.journal = journal
+        self._file: Any = None
+
+    def __enter__(self) -> JobLock:
+        try:
+            handle = self.path.open("a+")
+        except OSError as exc:
+            raise JournalError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise Locked(
+                f"another run is using journal {self.journal} (pid {holder}); this run changed nothing"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
