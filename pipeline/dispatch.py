@@ -172,7 +172,9 @@ class Dispatcher:
                 if lost:
                     self.lost.append((exc.generation_id or "", row.position, exc.kind))
                 self._settle(reservation, None if lost else 0.0)
-                rate_limited = exc.status == 429
+                # Only the endpoint's own 429 judges our pace; a 429 inside a 200 body is an
+                # upstream provider throttling one answer, which a retry of that row gets past.
+                rate_limited = exc.kind == "http_429"
                 if rate_limited:
                     self.limits.rate_limited_for(exc.retry_after)
                 delay = self.policy.delay(attempt, exc.retry_after)

@@ -285,21 +285,40 @@ def describe_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[st
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """Open and check the journal. A stale WAL index (`-shm`) left by a crash can point past a
+    torn WAL; it is only an index, so with the job lock held it is dropped and rebuilt from the
+    WAL, whose torn frames fail their checksums and are ignored. Anything else damaged is refused."""
     try:
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        return _open_checked(path)
+    except sqlite3.DatabaseError as exc:
+        failure: sqlite3.DatabaseError = exc
+    index = Path(f"{path}-shm")
+    if index.exists():
+        index.unlink()
+        try:
+            return _open_checked(path)
+        except sqlite3.DatabaseError as exc:
+            failure = exc
+    detail = (
+        str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    )
+    raise JournalError(
+        f"journal {path} is damaged ({detail}); move it aside and re-run, or re-run with --restart"
+    )
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
-        (verdict,) = db.execute("PRAGMA quick_check").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise JournalError(
-            f"journal {path} is damaged ({exc}); move it aside and re-run, or re-run with --restart"
-        ) from None
-    if verdict != "ok":
+        (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
+    except BaseException:
         db.close()
-        raise JournalError(
-            f"journal {path} is damaged ({verdict}); move it aside and re-run, or re-run with --restart"
-        )
+        raise
     db.isolation_level = "DEFERRED"
     return db
 

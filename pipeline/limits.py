@@ -6,9 +6,10 @@ Requests in flight are capped elsewhere, by the size of the worker pool. Here:
   one-second window holds more than the configured rate (a bucket of `rate` per second would
   allow a burst of twice that across a window boundary);
 - tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate;
-- on a 429, *every* worker waits until the server's reset time, and the request rate is halved
-  (from the configured rate, or from the rate actually achieved when none is configured), then
-  raised again by 10% for each second without a 429, back up to the configured rate.
+- on a 429, *every* worker waits until the server's reset time, and, if that wait is not zero,
+  the request rate is halved (from the configured rate, or from the rate actually achieved when
+  none is configured), then raised again by 25% for each second without a 429, back up to the
+  configured rate.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiolimiter import AsyncLimiter
 
 DEFAULT_COOLDOWN = 1.0  # seconds all workers pause after a 429 that names no reset time
 MIN_RATE = 0.5  # requests per second the adaptive rate never goes below
-RECOVERY_STEP = 1.10  # each quiet second multiplies the lowered rate by this much
+RECOVERY_STEP = 1.25  # each quiet second multiplies the lowered rate by this much
 
 
 class Limits:
@@ -72,10 +73,15 @@ class Limits:
         now = self._clock()
         wait = retry_after if retry_after is not None else DEFAULT_COOLDOWN
         self.paused_until = max(self.paused_until, now + wait)
+        # A 429 that asks for no wait (Retry-After: 0, a reset already past) says the window has
+        # already reset: our pace is not what it objects to, and halving on every such 429 would
+        # sink the rate under a provider that throws them at random.
+        if wait <= 0:
+            return
         # One lowering per cool-down: the other 429s of the same burst were already in flight.
         if now < self._last_change + max(wait, 1.0):
             return
-        current = self.rate if self.rate is not None else len(self._starts) / 2.0
+        current = self.rate if self.rate is not None else self.observed_rate()
         self._set_rate(max(MIN_RATE, current / 2))
         self._last_change = now
 
@@ -88,11 +94,18 @@ class Limits:
         raised = self.rate * RECOVERY_STEP
         if self.ceiling is not None and raised >= self.ceiling:
             self._set_rate(self.ceiling)
-        elif self.ceiling is None and raised >= 2 * max(len(self._starts) / 2.0, MIN_RATE):
-            self._set_rate(None)  # faster than we go anyway: back to no limit
+        elif self.ceiling is None and raised >= 4 * max(self.observed_rate(), MIN_RATE):
+            self._set_rate(None)  # far above the pace we actually keep: back to no limit
         else:
             self._set_rate(raised)
         self._last_change = now
+
+    def observed_rate(self) -> float:
+        """Requests started per second over the last two seconds (or since the first start)."""
+        starts = self._starts
+        if len(starts) < 2:
+            return MIN_RATE
+        return len(starts) / max(self._clock() - starts[0], 0.25)
 
     def _set_rate(self, rate: float | None) -> None:
         self.rate = rate

@@ -39,16 +39,28 @@ async def test_a_429_pauses_every_worker_until_the_reset_and_halves_the_rate() -
     assert clock.now >= 3.0  # nobody started before the reset time
 
 
+async def test_a_429_that_asks_for_no_wait_does_not_lower_the_rate() -> None:
+    clock = FakeClock()
+    limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
+    for _ in range(5):
+        clock.now += 2.0
+        limits.rate_limited_for(0.0)  # Retry-After: 0, e.g. a provider's random upstream 429
+    assert limits.rate == 1000 and limits.rate_limited == 5
+
+
 async def test_the_rate_recovers_gradually_to_the_configured_ceiling() -> None:
     clock = FakeClock()
     limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
-    limits.rate_limited_for(0.0)
+    limits.rate_limited_for(0.5)
     seen = []
     for _ in range(12):
         clock.now += 1.0
         await limits.acquire(1)
         seen.append(limits.rate)
-    assert seen[0] == pytest.approx(550)  # +10% per quiet second, not straight back
+    assert seen[:2] == [
+        500,
+        pytest.approx(625),
+    ]  # a second after the pause, +25%: not straight back
     assert all(a <= b for a, b in itertools.pairwise(seen))
     assert seen[-1] == 1000
 
@@ -56,10 +68,14 @@ async def test_the_rate_recovers_gradually_to_the_configured_ceiling() -> None:
 async def test_without_a_configured_rate_a_429_sets_one_from_the_observed_rate() -> None:
     clock = FakeClock()
     limits = Limits(None, None, clock=clock.time, sleep=clock.sleep)
-    for _ in range(40):
-        await limits.acquire(1)  # 40 starts within two (fake) seconds: 20/s observed
+    for _ in range(41):
+        await limits.acquire(1)
+        clock.now += 0.05  # 20 starts a second
     limits.rate_limited_for(None)
-    assert limits.rate == 10 and limits.paused_until == 1.0  # default cool-down without Retry-After
+    assert limits.rate == pytest.approx(10, rel=0.05)  # half the pace actually kept
+    assert limits.paused_until == pytest.approx(
+        clock.now + 1.0
+    )  # default cool-down without Retry-After
     limits.rate_limited_for(None)
     assert limits.rate >= MIN_RATE
 
