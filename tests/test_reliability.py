@@ -108,7 +108,7 @@ def test_ten_sigkills_at_random_points_lose_nothing_and_repay_only_what_was_in_f
 ) -> None:
     rng = random.Random(20261126)
     rows = 1500
-    write_input(tmp_path, rows)
+    texts = write_input(tmp_path, rows)
     by_digest = {digest(t): i for i, t in enumerate(texts)}
     exposed: set[int] = set()  # rows answered but not yet journaled at some kill
     with sim_thread(latency=0.02) as sim:
