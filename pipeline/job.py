@@ -482,7 +482,10 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
             missing = [p for p in positions if p not in stored]
             if missing:
                 raise AssertionError(f"journal has no result for input rows {missing[:5]}")
-            sink.write(batch.drop(POSITION).to_arrow(), [stored[p] for p in positions])
+            inputs = batch.drop(POSITION).to_arrow()
+            if job.source.arrow_schema is not None:
+                inputs = inputs.cast(job.source.arrow_schema)
+            sink.write(inputs, [stored[p] for p in positions])
         sink.commit()
     except BaseException:
         sink.discard()

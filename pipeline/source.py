@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 
@@ -36,6 +38,9 @@ class Source:
     paths: tuple[Path, ...]
     format: str
     schema: pl.Schema
+    # Parquet's own Arrow schema: the output keeps the input's exact types (string, not
+    # large_string; list, not large_list), not polars' choices.
+    arrow_schema: pa.Schema | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -83,7 +88,8 @@ def open_source(pattern: str, fmt: str | None = None) -> Source:
         raise InputError(
             f"input file {_culprit(paths, kind)} cannot be read as {kind}: {_first_line(exc)}"
         ) from None
-    return Source(pattern, paths, kind, schema)
+    arrow_schema = pq.read_schema(paths[0]).remove_metadata() if kind == "parquet" else None
+    return Source(pattern, paths, kind, schema, arrow_schema)
 
 
 def _expand(pattern: str) -> tuple[Path, ...]:
