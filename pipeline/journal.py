@@ -1,7 +1,7 @@
 """The durable checkpoint: a sqlite3 database in WAL mode beside the output.
 
 One row per settled input row, keyed by its input position, written in batches by a single
-writer every 0.2 s. `meta` holds what the job was: the input's fingerprint and
+writer every 0.1 s. `meta` holds what the job was: the input's fingerprint and
 the request-shaping config, so a resume with a changed input or config is refused by name.
 A lock file next to the journal keeps two runs from sharing it.
 """
@@ -25,7 +25,7 @@ from pipeline.records import API, OK, RESULT_FIELDS, Result
 # Seconds between commits while results arrive. A WAL commit with synchronous=NORMAL costs no
 # fsync, so committing often is cheap, and an answer that arrived but was not yet committed
 # when the process died is the one thing a resume pays for again.
-FLUSH_INTERVAL = 0.2
+FLUSH_INTERVAL = 0.1
 
 _COLUMN_TYPES = {
     "completion": "TEXT", "finish_reason": "TEXT", "response_model": "TEXT", "provider": "TEXT",
