@@ -26,7 +26,7 @@ from pipeline.retry import RetryPolicy
 # Failures after the server accepted the request: it may have generated, and billed, an answer
 # that never reached us. Their generation ids are kept for reconciliation.
 LOST_ANSWER_KINDS = frozenset({"timeout", "connection_dropped", "invalid_json"})
-RECENT_ANSWERS = 50_000  # answers remembered for duplicates not yet visible in the journal
+RECENT_ANSWERS = 10_000  # answers remembered for duplicates not yet visible in the journal
 PROMPT_ESTIMATE_MARGIN = 1.25  # the prompt-token estimate can be this far under (see estimate)
 
 

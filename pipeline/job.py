@@ -57,6 +57,7 @@ class JobReport:
     retries: int = 0
     rate_limited: int = 0
     written: bool = False
+    write_seconds: float = 0.0  # spent writing the output file
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -475,6 +476,7 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
         **report.job_totals,
     }
     sink = ParquetSink(output, job.names, metadata)
+    started = time.monotonic()
     try:
         for batch in job.source.batches(job.limit):
             positions = batch[POSITION].to_list()
@@ -491,3 +493,4 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
         sink.discard()
         raise
     report.written = True
+    report.write_seconds = time.monotonic() - started

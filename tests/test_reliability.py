@@ -134,7 +134,9 @@ def test_ten_sigkills_at_random_points_lose_nothing_and_repay_only_what_was_in_f
     bills = Counter(by_digest[e["messages_digest"]] for e in entries)
     assert set(bills) == set(range(rows))
     repaid = {row for row, n in bills.items() if n > 1}
-    print(f"10 kills: {rows} rows, {len(entries)} bills, {len(repaid)} rows re-paid, {len(exposed)} exposed at kills")
+    print(
+        f"10 kills: {rows} rows, {len(entries)} bills, {len(repaid)} rows re-paid, {len(exposed)} exposed at kills"
+    )
     assert repaid <= exposed  # paid twice only if in flight (answered, uncommitted) at a kill
 
 

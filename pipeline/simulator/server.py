@@ -93,6 +93,8 @@ class Simulator:
             maxlen=self.config.request_log_size
         )
         self.arrivals: deque[float] = deque()
+        self.first_request_at: float | None = None
+        self.last_request_at: float | None = None
         self.max_per_second = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -128,10 +130,15 @@ class Simulator:
             "max_requests_per_second": self.max_per_second,
             "max_in_flight": self.max_in_flight,
             "retry_after_violations": self.counters["retry_after_violations"],
+            "first_request_at": self.first_request_at,
+            "last_request_at": self.last_request_at,
         }
 
     def _arrive(self, now: float) -> None:
         self.counters["requests"] += 1
+        if self.first_request_at is None:
+            self.first_request_at = now
+        self.last_request_at = now
         arrivals = self.arrivals
         arrivals.append(now)
         while arrivals[0] <= now - 1.0:

@@ -1,0 +1,426 @@
+"""The benchmark suite: `pipeline run` against a bare aiohttp loop, on the same simulator.
+
+    python benchmarks/run.py                 # the full suite (about 15 minutes on 2 cores)
+    python benchmarks/run.py --quick         # tiny sizes: checks the suite itself works
+
+The simulator runs in its own process. For each scenario the two clients run interleaved,
+`--repeat` times each, and the median is reported. Client CPU is user+sys of the client process
+from `os.wait4`; server CPU is read from /proc so readers see the two share the machine. Ratios
+(ours / baseline) are what to compare across machines; absolute times drift on shared hosts.
+Prints one table and writes every figure to `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+HERE = Path(__file__).resolve().parent
+PYTHON = sys.executable
+KEY = "sk-or-v1-benchmark-0000000000000000000000"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    overhead_rows: int
+    latency_rows: tuple[int, ...]
+    rate_rows: int
+    memory_rows: tuple[int, int]
+    repeat: int
+
+
+FULL = Sizes(20_000, (5_000, 50_000), 3_000, (100_000, 1_000_000), 3)
+QUICK = Sizes(400, (200,), 60, (500, 1_000), 1)
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+def write_rows(folder: Path, n: int) -> Path:
+    """`n` rows of ~200-character prompts (distinct, so nothing is deduplicated)."""
+    path = folder / f"rows-{n}.parquet"
+    if not path.exists():
+        sentence = "The blender is loud but crushes ice well; the jug is sturdy, easy to clean and it fits under the cupboard. "
+        frame = pl.DataFrame({"id": pl.int_range(n, eager=True).cast(pl.String)}).with_columns(
+            text=pl.format("Review {}: {}", pl.col("id"), pl.lit(sentence * 2).str.slice(0, 190))
+        )
+        frame.write_parquet(path)
+    return path
+
+
+class Simulator:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "pipeline", "simulate", "--port", "0", "--ready-after", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        self.origin = self.base_url.removesuffix("/api/v1")
+
+    def cpu(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.origin}/_sim/stats", timeout=30) as resp:
+            return json.load(resp)  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.origin}/_sim/reset", data=b"{}"), timeout=30
+        ).close()
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a client to completion: wall seconds, CPU seconds (user+sys), peak RSS (MB), output."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stdout, stderr = _drain(proc)  # to the end before reaping, so the child never blocks on a pipe
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    return {
+        "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+        "code": proc.returncode, "stdout": stdout.decode(errors="replace"), "stderr": stderr.decode(errors="replace"),
+    }  # fmt: skip
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    import threading
+
+    chunks: dict[str, bytes] = {}
+
+    def read(name: str, stream: Any) -> None:
+        chunks[name] = stream.read()
+
+    threads = [
+        threading.Thread(target=read, args=(n, s))
+        for n, s in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return chunks["out"], chunks["err"]
+
+
+def ours(
+    sim: Simulator, rows: Path, work: Path, concurrency: int, rps: float | None = None
+) -> dict[str, Any]:
+    output = work / "out.parquet"
+    for stale in work.glob("out.parquet*"):
+        stale.unlink()
+    command = [PYTHON, "-m", "pipeline", "run", "--input", str(rows), "--template", "{text}", "--id-column", "id",
+               "--output", str(output), "--base-url", sim.base_url, "--concurrency", str(concurrency), "--quiet"]  # fmt: skip
+    if rps:
+        command += ["--rps", str(rps)]
+    env = {**os.environ, "OPENROUTER_API_KEY": KEY, "PIPELINE_CACHE_DIR": str(work / "cache")}
+    result = measure(command, env)
+    if result["code"] != 0:
+        raise SystemExit(f"pipeline run failed ({result['code']}):\n{result['stderr'][-2000:]}")
+    match = re.search(r"in ([0-9.]+)s\n", result["stderr"])
+    result["write_seconds"] = float(match.group(1)) if match else None
+    return result
+
+
+def baseline(
+    sim: Simulator, rows: Path, concurrency: int, rps: float | None = None
+) -> dict[str, Any]:
+    command = [
+        PYTHON,
+        str(HERE / "baseline.py"),
+        "--base-url",
+        sim.base_url,
+        "--input",
+        str(rows),
+        "--concurrency",
+        str(concurrency),
+    ]
+    if rps:
+        command += ["--rps", str(rps)]
+    result = measure(command)
+    if result["code"] != 0:
+        raise SystemExit(f"baseline failed:\n{result['stderr'][-2000:]}")
+    return result
+
+
+def interleaved(
+    repeat: int, sim: Simulator, runs: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Run each client `repeat` times, alternating, with the server's CPU and stats per run."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            sim.reset()
+            before = sim.cpu()
+            result = run()
+            result["server_cpu"] = sim.cpu() - before
+            result["server"] = sim.stats()
+            results[name].append(result)
+    return results
+
+
+def median(results: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+
+def overhead(sizes: Sizes, work: Path) -> dict[str, Any]:
+    n = sizes.overhead_rows
+    rows = write_rows(work, n)
+    with Simulator("--latency", "0") as sim:
+        runs = interleaved(
+            sizes.repeat,
+            sim,
+            {
+                "ours": lambda: ours(sim, rows, work, 256),
+                "baseline": lambda: baseline(sim, rows, 256),
+            },
+        )
+    figures = {}
+    for name, results in runs.items():
+        figures[name] = {
+            "cpu_us_per_row": median(results, "cpu") / n * 1e6,
+            "rows_per_s": n / median(results, "wall"),
+            "peak_rss_mb": median(results, "rss_mb"),
+            "server_cpu_us_per_row": median(results, "server_cpu") / n * 1e6,
+        }
+    figures["ratio_cpu"] = figures["ours"]["cpu_us_per_row"] / figures["baseline"]["cpu_us_per_row"]
+    return figures
+
+
+def latency_bound(sizes: Sizes, work: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    with Simulator("--latency", "0.2") as sim:
+        for n in sizes.latency_rows:
+            rows = write_rows(work, n)
+            ideal = n * 0.2 / 200
+            runs = interleaved(
+                sizes.repeat,
+                sim,
+                {
+                    "ours": lambda r=rows: ours(sim, r, work, 200),
+                    "baseline": lambda r=rows: baseline(sim, r, 200),
+                },
+            )
+            figures[str(n)] = {
+                name: {"wall_over_ideal": median(results, "wall") / ideal}
+                for name, results in runs.items()
+            }
+    return figures
+
+
+def rate_precision(sizes: Sizes, work: Path) -> dict[str, Any]:
+    n = sizes.rate_rows
+    rows = write_rows(work, n)
+    figures = {}
+    with Simulator(
+        "--latency", "0.02", "--rate-limit", "110", "--rate-window", "1", "--retry-after", "1"
+    ) as sim:
+        runs = interleaved(
+            sizes.repeat,
+            sim,
+            {
+                "ours": lambda: ours(sim, rows, work, 64, rps=100),
+                "baseline": lambda: baseline(sim, rows, 64, rps=100),
+            },
+        )
+    for name, results in runs.items():
+        servers = [r["server"] for r in results]
+        achieved = [
+            s["requests"] / max(s["last_request_at"] - s["first_request_at"], 1e-9) for s in servers
+        ]
+        figures[name] = {
+            "achieved_rps": statistics.median(achieved),
+            "max_in_one_second": max(s["max_requests_per_second"] for s in servers),
+            "http_429": sum(s["by_status"].get("429", 0) for s in servers),
+        }
+    return figures
+
+
+def memory(sizes: Sizes, work: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    with Simulator("--latency", "0", "--completion-words", "100") as sim:
+        for n in sizes.memory_rows:
+            rows = write_rows(work, n)
+            sim.reset()
+            result = ours(sim, rows, work, 256)
+            figures[str(n)] = {
+                "peak_rss_mb": result["rss_mb"],
+                "wall_s": result["wall"],
+                "parquet_write_s": result["write_seconds"],
+            }
+    small, large = (figures[str(n)] for n in sizes.memory_rows)
+    figures["ratio_rss"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+    figures["write_share"] = (
+        large["parquet_write_s"] / large["wall_s"] if large["parquet_write_s"] is not None else None
+    )
+    return figures
+
+
+def startup(repeat: int) -> dict[str, Any]:
+    figures = {}
+    for label, args in (
+        ("pipeline --help", ["--help"]),
+        ("pipeline run --help", ["run", "--help"]),
+    ):
+        walls = [measure([PYTHON, "-m", "pipeline", *args])["wall"] for _ in range(max(repeat, 5))]
+        figures[label] = statistics.median(walls)
+    return figures
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def verdicts(r: dict[str, Any], sizes: Sizes) -> list[tuple[str, str, bool]]:
+    lat = r["latency_bound"]
+    small, *rest = (str(n) for n in sizes.latency_rows)
+    checks = [
+        ("overhead: client CPU/row <= 1.3x baseline", f"{r['overhead']['ratio_cpu']:.2f}x", r["overhead"]["ratio_cpu"] <= 1.3),
+        (f"latency {small} rows: wall/ideal <= baseline + 0.03", f"{lat[small]['ours']['wall_over_ideal']:.3f} vs {lat[small]['baseline']['wall_over_ideal']:.3f}",
+         lat[small]["ours"]["wall_over_ideal"] <= lat[small]["baseline"]["wall_over_ideal"] + 0.03),
+    ]  # fmt: skip
+    for n in rest:
+        checks.append(
+            (
+                f"latency {n} rows: wall/ideal <= 1.03",
+                f"{lat[n]['ours']['wall_over_ideal']:.3f}",
+                lat[n]["ours"]["wall_over_ideal"] <= 1.03,
+            )
+        )
+    rate = r["rate_precision"]["ours"]
+    checks += [
+        ("rate: achieved >= 98% of 100 rps", f"{rate['achieved_rps']:.1f} rps", rate["achieved_rps"] >= 98),
+        ("rate: no one-second window above 100", f"max {rate['max_in_one_second']}", rate["max_in_one_second"] <= 100),
+        ("rate: zero 429s", str(rate["http_429"]), rate["http_429"] == 0),
+        ("memory: RSS at large <= 1.25x small", f"{r['memory']['ratio_rss']:.2f}x", r["memory"]["ratio_rss"] <= 1.25),
+        ("memory: RSS at large < 500 MB", f"{r['memory'][str(sizes.memory_rows[1])]['peak_rss_mb']:.0f} MB", r["memory"][str(sizes.memory_rows[1])]["peak_rss_mb"] < 500),
+        ("memory: Parquet write <= 10% of wall", f"{(r['memory']['write_share'] or 0) * 100:.1f}%", (r["memory"]["write_share"] or 0) <= 0.10),
+        ("start-up: pipeline --help < 0.25 s", f"{r['startup']['pipeline --help']:.3f} s", r["startup"]["pipeline --help"] < 0.25),
+    ]  # fmt: skip
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, one repetition: a smoke test of the suite"
+    )
+    parser.add_argument("--repeat", type=int, help="repetitions per client (default 3, quick 1)")
+    parser.add_argument(
+        "--out", type=Path, default=HERE / "results.json", help="where to write the figures (JSON)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=["overhead", "latency_bound", "rate_precision", "memory", "startup"],
+    )
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    if args.repeat:
+        sizes = Sizes(
+            sizes.overhead_rows, sizes.latency_rows, sizes.rate_rows, sizes.memory_rows, args.repeat
+        )
+    wanted = args.only or ["overhead", "latency_bound", "rate_precision", "memory", "startup"]
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "sizes": vars(sizes),
+    }
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        work = Path(tmp)
+        for name in wanted:
+            started = time.perf_counter()
+            results[name] = (
+                startup(sizes.repeat) if name == "startup" else globals()[name](sizes, work)
+            )
+            print(f"[{name}: {time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
+    if len(wanted) == 5:
+        results["targets"] = [
+            {"target": t, "measured": m, "met": ok} for t, m, ok in verdicts(results, sizes)
+        ]
+    args.out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(r: dict[str, Any]) -> None:
+    if "overhead" in r:
+        o = r["overhead"]
+        print(
+            "\noverhead (zero latency, concurrency 256)        ours      baseline   ours/baseline"
+        )
+        print(
+            f"  client CPU per row (us)                  {o['ours']['cpu_us_per_row']:10.1f} {o['baseline']['cpu_us_per_row']:12.1f} {o['ratio_cpu']:12.2f}"
+        )
+        print(
+            f"  rows/s                                   {o['ours']['rows_per_s']:10.0f} {o['baseline']['rows_per_s']:12.0f} {o['ours']['rows_per_s'] / o['baseline']['rows_per_s']:12.2f}"
+        )
+        print(
+            f"  peak RSS (MB)                            {o['ours']['peak_rss_mb']:10.0f} {o['baseline']['peak_rss_mb']:12.0f}"
+        )
+        print(
+            f"  server CPU per row (us)                  {o['ours']['server_cpu_us_per_row']:10.1f} {o['baseline']['server_cpu_us_per_row']:12.1f}"
+        )
+    if "latency_bound" in r:
+        print("\nlatency-bound (200 ms, concurrency 200): wall / ideal")
+        for n, f in r["latency_bound"].items():
+            print(
+                f"  {int(n):>9,} rows                          {f['ours']['wall_over_ideal']:10.3f} {f['baseline']['wall_over_ideal']:12.3f}"
+            )
+    if "rate_precision" in r:
+        print("\nrate precision (limit 100 rps, server enforces 110)")
+        for name, f in r["rate_precision"].items():
+            print(
+                f"  {name:<9} achieved {f['achieved_rps']:6.1f} rps, busiest second {f['max_in_one_second']}, 429s {f['http_429']}"
+            )
+    if "memory" in r:
+        print("\nmemory at scale (~200-char prompts, ~100-token answers)")
+        for n, f in r["memory"].items():
+            if isinstance(f, dict):
+                print(
+                    f"  {int(n):>9,} rows: peak RSS {f['peak_rss_mb']:6.0f} MB, wall {f['wall_s']:7.1f} s, Parquet write {f['parquet_write_s']:.2f} s"
+                )
+    if "startup" in r:
+        print("\nstart-up (median wall)")
+        for label, seconds in r["startup"].items():
+            print(f"  {label:<22} {seconds:.3f} s")
+    if "targets" in r:
+        print("\ntargets")
+        for t in r["targets"]:
+            print(f"  [{'met ' if t['met'] else 'MISS'}] {t['target']}: {t['measured']}")
+
+
+if __name__ == "__main__":
+    main()
