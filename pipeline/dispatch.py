@@ -1,5 +1,5 @@
-"""The async engine: a fixed pool of workers pulls rows from an async iterator, sends each under
-the limits, the budget and the retry policy, and yields results as they finish.
+"""The async engine: a fixed pool of workers pulls rows from an iterator, sends each under the
+limits, the budget and the retry policy, and hands each result to a callback as it finishes.
 
 It knows nothing about files or journals: rows in, results out. A job-wide failure (401, 402,
 budget) stops every worker from taking new rows; results already yielded stand, the rows in
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import JobStopped, PermanentError, RetryableError
@@ -60,7 +60,7 @@ class Dispatcher:
             tuple[str, int, str]
         ] = []  # (generation id, position, kind), drained by the job
         self._workers: list[asyncio.Task[None]] = []
-        self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._inflight: dict[str, asyncio.Future[Result] | None] = {}
         self._recent: OrderedDict[str, Result] = OrderedDict()
 
     def stop(self) -> None:
@@ -73,26 +73,18 @@ class Dispatcher:
         for worker in self._workers:
             worker.cancel()
 
-    async def results(self, rows: AsyncIterable[Row]) -> AsyncIterator[Result]:
-        source = aiter(rows)
-        take = asyncio.Lock()
-        finished: asyncio.Queue[Result | None] = asyncio.Queue()
+    async def run(self, rows: Iterable[Row], on_result: Callable[[Result], None]) -> None:
+        """Send every row; `on_result` gets each result as it finishes. Returns when all are
+        done; raises the job-wide failure, if one stopped the pool, once it has drained."""
+        source = iter(rows)  # pulled by the workers in turn: a plain iterator needs no lock
         self._workers = [
-            asyncio.create_task(self._worker(source, take, finished))
-            for _ in range(self.concurrency)
+            asyncio.create_task(self._worker(source, on_result)) for _ in range(self.concurrency)
         ]
-        running = len(self._workers)
         try:
-            while running:
-                result = await finished.get()
-                if result is None:
-                    running -= 1
-                else:
-                    yield result
+            outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
         finally:
             for worker in self._workers:
                 worker.cancel()
-            outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(
                 outcome, asyncio.CancelledError
@@ -101,25 +93,19 @@ class Dispatcher:
         if self.stopped is not None:
             raise self.stopped
 
-    async def _worker(
-        self, source: AsyncIterator[Row], take: asyncio.Lock, finished: asyncio.Queue[Result | None]
-    ) -> None:
-        try:
-            while not self.stopping.is_set():
-                async with take:
-                    row = await anext(source, None)
-                if row is None:
-                    return
-                try:
-                    result = await self.process(row)
-                except JobStopped as exc:
-                    if self.stopped is None:
-                        self.stopped = exc
-                    self.stopping.set()
-                    return
-                finished.put_nowait(result)
-        finally:
-            finished.put_nowait(None)
+    async def _worker(self, source: Iterator[Row], on_result: Callable[[Result], None]) -> None:
+        while not self.stopping.is_set():
+            row = next(source, None)
+            if row is None:
+                return
+            try:
+                result = await self.process(row)
+            except JobStopped as exc:
+                if self.stopped is None:
+                    self.stopped = exc
+                self.stopping.set()
+                return
+            on_result(result)
 
     async def process(self, row: Row) -> Result:
         """The result of one row: from an identical request if there is one, else from the API."""
@@ -127,7 +113,13 @@ class Dispatcher:
             return Result(row.position, row.key, ERROR, error_type="input", error_message=row.error)
         if row.reuse is not None:
             return row.reuse
-        while (pending := self._inflight.get(row.request_hash)) is not None:
+        key = row.request_hash
+        while key in self._inflight:
+            # An identical request is in flight: wait for its answer (a future is made only now,
+            # for the rare duplicate, not for every request).
+            pending = self._inflight[key]
+            if pending is None:
+                pending = self._inflight[key] = asyncio.get_running_loop().create_future()
             try:
                 original = await asyncio.shield(pending)
             except asyncio.CancelledError:
@@ -135,21 +127,22 @@ class Dispatcher:
                     raise  # this worker itself is being cancelled
                 continue  # the original was abandoned: send this one ourselves
             return original.reused_for(row, DUPLICATE)
-        if (earlier := self._recent.get(row.request_hash)) is not None:
+        if (earlier := self._recent.get(key)) is not None:
             return earlier.reused_for(row, DUPLICATE)
 
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._inflight[row.request_hash] = future
+        self._inflight[key] = None
         try:
             result = await self._send(row)
         except BaseException:
-            future.cancel()
+            waiting = self._inflight.pop(key, None)
+            if waiting is not None:
+                waiting.cancel()
             raise
-        finally:
-            del self._inflight[row.request_hash]
-        future.set_result(result)
+        waiting = self._inflight.pop(key, None)
+        if waiting is not None:
+            waiting.set_result(result)
         if result.status == OK:
-            self._recent[row.request_hash] = result
+            self._recent[key] = result
             if len(self._recent) > RECENT_ANSWERS:
                 self._recent.popitem(last=False)
         return result

@@ -31,7 +31,7 @@ from pipeline.limits import Limits
 from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
-from pipeline.records import CACHE, DUPLICATE, Row
+from pipeline.records import CACHE, DUPLICATE, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
@@ -342,12 +342,15 @@ async def _dispatch(
     interrupted = _on_signals(dispatcher, progress)
     flusher = asyncio.create_task(writer.run())
     try:
-        async for result in dispatcher.results(_pending(job, journal, cache)):
+
+        def finished(result: Result) -> None:
             writer.add(result)
             if dispatcher.lost:
                 writer.add_lost(dispatcher.lost)
                 dispatcher.lost = []
             progress.update(result, dispatcher.retries, limits.rate_limited)
+
+        await dispatcher.run(_pending(job, journal, cache), finished)
     except JobStopped:
         progress.log("stopping: no more requests will be sent")
         raise
@@ -376,9 +379,7 @@ def pending_batches(job: Prepared, settled: Callable[[int, int], set[int]]) -> I
         yield job.builder.rows(batch)
 
 
-async def _pending(
-    job: Prepared, journal: Journal, cache: ResponseCache | None
-) -> AsyncIterator[Row]:
+def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> Iterator[Row]:
     """Rows still to do. Those whose request was already answered (earlier in this job, or in
     the shared cache) carry that answer."""
     for rows in pending_batches(job, journal.settled_positions):
@@ -391,7 +392,6 @@ async def _pending(
             elif (stored := cached.get(row.request_hash)) is not None:
                 row.reuse = stored.reused_for(row, CACHE)
             yield row
-        await asyncio.sleep(0)  # let the workers start on this batch before reading the next
 
 
 async def reconcile(
