@@ -479,15 +479,16 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
     started = time.monotonic()
     try:
         for batch in job.source.batches(job.limit):
-            positions = batch[POSITION].to_list()
+            positions = batch[POSITION]
             stored = journal.results_between(positions[0], positions[-1] + 1)
-            missing = [p for p in positions if p not in stored]
-            if missing:
-                raise AssertionError(f"journal has no result for input rows {missing[:5]}")
+            if [row[0] for row in stored] != positions.to_list():
+                raise AssertionError(
+                    f"the journal lacks results for some of input rows {positions[0]}..{positions[-1]}"
+                )
             inputs = batch.drop(POSITION).to_arrow()
             if job.source.arrow_schema is not None:
                 inputs = inputs.cast(job.source.arrow_schema)
-            sink.write(inputs, [stored[p] for p in positions])
+            sink.write(inputs, stored)
         sink.commit()
     except BaseException:
         sink.discard()

@@ -140,14 +140,14 @@ class Journal:
             ).fetchone()
         return int(count)
 
-    def results_between(self, low: int, high: int) -> dict[int, tuple[Any, ...]]:
-        """Stored results for positions in [low, high), by position."""
+    def results_between(self, low: int, high: int) -> list[tuple[Any, ...]]:
+        """Stored results for positions in [low, high), in position order."""
         with self._guard:
             cursor = self._db.execute(
-                f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position >= ? AND position < ?",
+                f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position >= ? AND position < ? ORDER BY position",
                 (low, high),
             )
-            return {row[0]: row for row in cursor}
+            return cursor.fetchall()
 
     def answers(self, request_hashes: list[str]) -> dict[str, Result]:
         """Successful answers already journaled for any of these requests, by request hash."""

@@ -66,10 +66,8 @@ class ParquetSink:
 
     def write(self, inputs: pa.Table, results: list[tuple[Any, ...]]) -> None:
         """Append a batch: `inputs` rows and their stored results, in the same order."""
-        columns = [
-            pa.array([r[_FIELD_INDEX[c]] for r in results], type=RESULT_TYPES[c])
-            for c in RESULT_COLUMNS
-        ]
+        fields = list(zip(*results, strict=True))  # one tuple per field, transposed in C
+        columns = [pa.array(fields[_FIELD_INDEX[c]], type=RESULT_TYPES[c]) for c in RESULT_COLUMNS]
         table = inputs
         for name, column in zip(self.names, columns, strict=True):
             table = table.append_column(pa.field(name, column.type), column)
