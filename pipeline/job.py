@@ -37,6 +37,7 @@ from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
 
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
+OUTPUT_BATCH_ROWS = 50_000  # rows per Parquet row group in the output
 OPEN_FILES_HEADROOM = (
     64  # descriptors beyond one per request: journal, input files, stdio, the loop
 )
@@ -478,7 +479,7 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
     sink = ParquetSink(output, job.names, metadata)
     started = time.monotonic()
     try:
-        for batch in job.source.batches(job.limit):
+        for batch in job.source.batches(job.limit, size=OUTPUT_BATCH_ROWS):
             positions = batch[POSITION]
             stored = journal.results_between(positions[0], positions[-1] + 1)
             if [row[0] for row in stored] != positions.to_list():

@@ -2,9 +2,9 @@
 
 Requests in flight are capped elsewhere, by the size of the worker pool. Here:
 
-- requests per second: an `AsyncLimiter(1, 1/rate)`, so requests are spaced evenly and no
-  one-second window holds more than the configured rate (a bucket of `rate` per second would
-  allow a burst of twice that across a window boundary);
+- requests per second: an `AsyncLimiter` holding just over one request, so requests are
+  spaced evenly and no one-second window holds more than the configured rate (a bucket of
+  `rate` per second would allow a burst of twice that across a window boundary);
 - tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate;
 - on a 429, *every* worker waits until the server's reset time, and, if that wait is not zero,
   the request rate is halved (from the configured rate, or from the rate actually achieved when
@@ -113,4 +113,13 @@ class Limits:
 
 
 def _spacing_limiter(rate: float | None) -> AsyncLimiter | None:
-    return AsyncLimiter(1, 1 / rate) if rate else None
+    """Evenly spaced requests at `rate` per second, never more than `rate` in any one second.
+
+    A bucket of exactly one request loses every timer's lateness (epoll rounds waits up to whole
+    milliseconds: at 100 rps a 10 ms gap becomes 11 and the pace 90). A little headroom `h`
+    absorbs that lateness, and draining at `rate - h` keeps the busiest second at `rate`:
+    one request at once, then one per 1/(rate - h) after the first h/(rate - h)."""
+    if not rate:
+        return None
+    headroom = min(0.5, 0.005 * rate)
+    return AsyncLimiter(1 + headroom, (1 + headroom) / (rate - headroom))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
@@ -27,7 +30,7 @@ FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
-BATCH_ROWS = 10_000
+BATCH_ROWS = 2_000  # small: a batch is prepared on the event loop, between requests
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,54 @@ class Source:
         return frame
 
     def batches(self, limit: int | None = None, size: int = BATCH_ROWS) -> Iterator[pl.DataFrame]:
-        """The rows in input order, `size` at a time, each with its position in POSITION."""
-        frame = self.lazy(limit).with_row_index(POSITION)
+        """The rows in input order, about `size` at a time, each with its position in POSITION.
+
+        Pull-based: a batch is read only when asked for. (polars' `collect_batches` runs the
+        whole query ahead of a slow consumer, buffering a million-row file in memory.)"""
+        position = 0
         try:
-            yield from frame.collect_batches(chunk_size=size)
-        except pl.exceptions.PolarsError as exc:
+            for chunk in self._chunks(size):
+                if limit is not None and position + chunk.height > limit:
+                    chunk = chunk.head(limit - position)
+                if chunk.height:
+                    yield chunk.with_row_index(POSITION, offset=position)
+                position += chunk.height
+                if limit is not None and position >= limit:
+                    return
+        except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
             raise InputError(f"input {self.pattern}: {_first_line(exc)}") from None
+
+    def _chunks(self, size: int) -> Iterator[pl.DataFrame]:
+        for path in self.paths:
+            if self.format == "parquet":
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
+                    frame = pl.from_arrow(batch)
+                    assert isinstance(frame, pl.DataFrame)
+                    yield frame
+            elif self.format == "csv":
+                yield from self._csv_chunks(path, size)
+            else:
+                yield from self._jsonl_chunks(path, size)
+
+    def _csv_chunks(self, path: Path, size: int) -> Iterator[pl.DataFrame]:
+        # Every column a string, an empty field null: what polars' infer_schema=False reads.
+        convert = pacsv.ConvertOptions(
+            column_types=dict.fromkeys(self.columns, pa.string()),
+            null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False,
+        )  # fmt: skip
+        reader = pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=convert
+        )
+        for batch in reader:
+            frame = pl.from_arrow(batch)
+            assert isinstance(frame, pl.DataFrame)
+            yield frame
+
+    def _jsonl_chunks(self, path: Path, size: int) -> Iterator[pl.DataFrame]:
+        # JSON Lines holds one object per line, so a run of lines is a valid smaller file.
+        with path.open("rb") as f:
+            while lines := list(itertools.islice(f, size)):
+                yield pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=self.schema)
 
     def fingerprint(self) -> list[dict[str, Any]]:
         """Name, size and content hash of each file: a resumed job must read the same rows."""

@@ -76,3 +76,24 @@ def test_simulate_rejects_a_bad_fault_spec_in_one_line() -> None:
     result = CliRunner().invoke(cli, ["simulate", "--fault-rate", "430=0.1"])
     assert result.exit_code == 2
     assert "unknown fault '430'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """The suite itself keeps working (timings are the benchmark's business, not the test's)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=230, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert {"overhead", "latency_bound", "rate_precision", "memory", "startup", "targets"} <= set(
+        results
+    )
+    assert (
+        results["overhead"]["ours"]["cpu_us_per_row"] > 0
+        and results["overhead"]["baseline"]["cpu_us_per_row"] > 0
+    )
+    assert results["rate_precision"]["ours"]["http_429"] == 0
+    assert "ours/baseline" in done.stdout and "targets" in done.stdout
