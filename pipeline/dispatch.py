@@ -12,9 +12,10 @@ answer, and one whose request was answered recently reuses it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import JobStopped, PermanentError, RetryableError
@@ -73,18 +74,19 @@ class Dispatcher:
         for worker in self._workers:
             worker.cancel()
 
-    async def run(self, rows: Iterable[Row], on_result: Callable[[Result], None]) -> None:
+    async def run(self, batches: Iterator[list[Row]], on_result: Callable[[Result], None]) -> None:
         """Send every row; `on_result` gets each result as it finishes. Returns when all are
         done; raises the job-wide failure, if one stopped the pool, once it has drained."""
-        source = iter(rows)  # pulled by the workers in turn: a plain iterator needs no lock
+        feed = RowFeed(batches)
         self._workers = [
-            asyncio.create_task(self._worker(source, on_result)) for _ in range(self.concurrency)
+            asyncio.create_task(self._worker(feed, on_result)) for _ in range(self.concurrency)
         ]
         try:
             outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
         finally:
             for worker in self._workers:
                 worker.cancel()
+            await feed.aclose()
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(
                 outcome, asyncio.CancelledError
@@ -93,9 +95,9 @@ class Dispatcher:
         if self.stopped is not None:
             raise self.stopped
 
-    async def _worker(self, source: Iterator[Row], on_result: Callable[[Result], None]) -> None:
+    async def _worker(self, feed: RowFeed, on_result: Callable[[Result], None]) -> None:
         while not self.stopping.is_set():
-            row = next(source, None)
+            row = await feed.next()
             if row is None:
                 return
             try:
@@ -259,6 +261,45 @@ class Dispatcher:
             attempts=attempts,
             request_hash=row.request_hash,
         )
+
+
+class RowFeed:
+    """Rows for the workers, a batch at a time. The next batch (reading, templating, journal
+    look-ups) is prepared in a thread while the current one is being sent, so preparing rows
+    never stalls the event loop long enough to drain the requests in flight."""
+
+    def __init__(self, batches: Iterator[list[Row]]) -> None:
+        self._batches = batches
+        self._current: Iterator[Row] = iter(())
+        self._ahead: asyncio.Future[list[Row] | None] | None = None
+        self._refill = asyncio.Lock()
+        self._done = False
+
+    async def next(self) -> Row | None:
+        while True:
+            row = next(self._current, None)
+            if row is not None or self._done:
+                return row
+            async with self._refill:
+                if (row := next(self._current, None)) is not None:
+                    return row  # another worker refilled while this one waited
+                if self._ahead is None:
+                    self._ahead = self._prepare()
+                batch = await self._ahead
+                if batch is None:
+                    self._done = True
+                    return None
+                self._current = iter(batch)
+                self._ahead = self._prepare()
+
+    def _prepare(self) -> asyncio.Future[list[Row] | None]:
+        return asyncio.ensure_future(asyncio.to_thread(next, self._batches, None))
+
+    async def aclose(self) -> None:
+        """Let a batch being prepared finish: its thread reads the journal, which closes next."""
+        if self._ahead is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._ahead)
 
 
 def _failed(row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool) -> Result:

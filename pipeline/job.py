@@ -37,7 +37,7 @@ from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
 
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
-OUTPUT_BATCH_ROWS = 50_000  # rows per Parquet row group in the output
+OUTPUT_BATCH_ROWS = 10_000  # rows per Parquet row group in the output
 OPEN_FILES_HEADROOM = (
     64  # descriptors beyond one per request: journal, input files, stdio, the loop
 )
@@ -245,7 +245,7 @@ def _validate_rows(
             ids.null_count().alias("nulls"),
         ]
     try:
-        stats = frame.select(aggregates).collect().row(0, named=True)
+        stats = frame.select(aggregates).collect(engine="streaming").row(0, named=True)
     except pl.exceptions.PolarsError as exc:
         raise InputError(
             f"input {source.pattern} cannot be read: {str(exc).strip().splitlines()[0]}"
@@ -380,9 +380,9 @@ def pending_batches(job: Prepared, settled: Callable[[int, int], set[int]]) -> I
         yield job.builder.rows(batch)
 
 
-def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> Iterator[Row]:
-    """Rows still to do. Those whose request was already answered (earlier in this job, or in
-    the shared cache) carry that answer."""
+def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> Iterator[list[Row]]:
+    """Rows still to do, a batch at a time. Those whose request was already answered (earlier in
+    this job, or in the shared cache) carry that answer. Runs in a thread (see RowFeed)."""
     for rows in pending_batches(job, journal.settled_positions):
         hashes = list({row.request_hash for row in rows if row.body is not None})
         answered = journal.answers(hashes)
@@ -392,7 +392,7 @@ def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> It
                 row.reuse = earlier.reused_for(row, DUPLICATE)
             elif (stored := cached.get(row.request_hash)) is not None:
                 row.reuse = stored.reused_for(row, CACHE)
-            yield row
+        yield rows
 
 
 async def reconcile(
