@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as _json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -102,3 +103,15 @@ def write_job(
         f'[output]\npath = "out.parquet"\n\n{extra if "[retry]" in extra else FAST_RETRY + extra}\n'
     )
     return config
+
+
+def journaled_positions(folder: Path) -> set[int]:
+    """Input positions the job's journal (`out.parquet.journal` in `folder`) holds, read from outside."""
+    path = folder / "out.parquet.journal"
+    if not path.exists():
+        return set()
+    with sqlite3.connect(path) as db:
+        try:
+            return {p for (p,) in db.execute("SELECT position FROM results")}
+        except sqlite3.OperationalError:
+            return set()

@@ -20,7 +20,15 @@ import pytest
 
 from pipeline.simulator import messages_digest
 from pipeline.sink import read_metadata
-from tests.helpers import cli_env, run_cli, sim_get, start_cli, wait_for, write_job
+from tests.helpers import (
+    cli_env,
+    journaled_positions,
+    run_cli,
+    sim_get,
+    start_cli,
+    wait_for,
+    write_job,
+)
 
 
 def write_input(folder: Path, n: int) -> list[str]:
@@ -31,17 +39,6 @@ def write_input(folder: Path, n: int) -> list[str]:
 
 def digest(text: str) -> str:
     return messages_digest([{"role": "user", "content": text}])
-
-
-def journal_positions(folder: Path) -> set[int]:
-    path = folder / "out.parquet.journal"
-    if not path.exists():
-        return set()
-    with sqlite3.connect(path) as db:
-        try:
-            return {p for (p,) in db.execute("SELECT position FROM results")}
-        except sqlite3.OperationalError:
-            return set()
 
 
 # --------------------------------------------------------------------------- soak
@@ -125,7 +122,7 @@ def test_ten_sigkills_at_random_points_lose_nothing_and_repay_only_what_was_in_f
             proc.kill()
             proc.communicate(timeout=10)
             billed_rows = {by_digest[e["messages_digest"]] for e in sim_get(sim, "ledger")["data"]}
-            exposed |= billed_rows - journal_positions(tmp_path)
+            exposed |= billed_rows - journaled_positions(tmp_path)
         final = run_cli(config)
         entries = sim_get(sim, "ledger")["data"]
     assert final.returncode == 0, final.stderr
@@ -144,7 +141,7 @@ def crash_half_way(folder: Path, sim: Any) -> str:
     write_input(folder, 400)
     config = str(write_job(folder, sim, extra="[limits]\nconcurrency = 4\n"))
     proc = start_cli(config)
-    wait_for(lambda: len(journal_positions(folder)) >= 100, what="100 journaled rows")
+    wait_for(lambda: len(journaled_positions(folder)) >= 100, what="100 journaled rows")
     proc.kill()
     proc.communicate(timeout=10)
     return config
@@ -218,7 +215,8 @@ def test_a_second_run_exits_at_once_and_touches_nothing(tmp_path: Path, sim_thre
         first = start_cli(config)
         try:
             wait_for(
-                lambda: len(journal_positions(tmp_path)) >= 2, what="the first run to journal rows"
+                lambda: len(journaled_positions(tmp_path)) >= 2,
+                what="the first run to journal rows",
             )
             first.send_signal(
                 signal.SIGSTOP

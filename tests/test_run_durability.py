@@ -4,7 +4,6 @@ nothing paid twice except what was in flight at the kill."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,21 +12,10 @@ import polars as pl
 import pytest
 
 from pipeline.simulator import messages_digest
-from tests.helpers import run_cli, sim_get, start_cli, wait_for, write_job
+from tests.helpers import journaled_positions, run_cli, sim_get, start_cli, wait_for, write_job
 
 ROWS = 240
 CONCURRENCY = 8
-
-
-def journaled_positions(folder: Path) -> set[int]:
-    path = folder / "out.parquet.journal"
-    if not path.exists():
-        return set()
-    with sqlite3.connect(path) as db:
-        try:
-            return {p for (p,) in db.execute("SELECT position FROM results")}
-        except sqlite3.OperationalError:
-            return set()
 
 
 def setup_job(folder: Path, sim: Any) -> tuple[str, list[str]]:
