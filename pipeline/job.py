@@ -51,12 +51,9 @@ class JobReport:
     output: Path
     total_rows: int
     skipped: int  # settled by an earlier run
-    sent_ok: int = 0
-    sent_failed: int = 0
     job_totals: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
     retries: int = 0
-    rate_limited: int = 0
     written: bool = False
     write_seconds: float = 0.0  # spent writing the output file
     warnings: list[str] = field(default_factory=list)
@@ -349,7 +346,7 @@ async def _dispatch(
             if dispatcher.lost:
                 writer.add_lost(dispatcher.lost)
                 dispatcher.lost = []
-            progress.update(result, dispatcher.retries, limits.rate_limited)
+            progress.update(result, dispatcher.retries)
 
         await dispatcher.run(_pending(job, journal, cache), finished)
     except JobStopped:
@@ -362,8 +359,7 @@ async def _dispatch(
         writer.add_lost(dispatcher.lost)
         await writer.flush()
         progress.close()
-        report.sent_ok, report.sent_failed = progress.tally.ok, progress.tally.failed
-        report.retries, report.rate_limited = dispatcher.retries, limits.rate_limited
+        report.retries = dispatcher.retries
         _restore_signals()
     if interrupted:
         raise Interrupted(interrupted[0])

@@ -70,7 +70,6 @@ class Progress:
         self.tally = Tally()
         self.total = total
         self.retries = 0
-        self.rate_limited = 0
         self._bar: Any = None
         self._next_log = time.monotonic() + LOG_INTERVAL
         self._already = already_done
@@ -90,9 +89,9 @@ class Progress:
                 smoothing=0.05,
             )
 
-    def update(self, result: Result, retries: int, rate_limited: int) -> None:
+    def update(self, result: Result, retries: int) -> None:
         self.tally.add(result)
-        self.retries, self.rate_limited = retries, rate_limited
+        self.retries = retries
         if self._bar is not None:
             self._bar.update(1)
             if self.tally.done % 50 == 1:
