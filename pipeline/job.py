@@ -475,16 +475,13 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
     sink = ParquetSink(output, job.names, metadata)
     started = time.monotonic()
     try:
-        for batch in job.source.batches(job.limit, size=OUTPUT_BATCH_ROWS):
-            positions = batch[POSITION]
-            stored = journal.results_between(positions[0], positions[-1] + 1)
-            if [row[0] for row in stored] != positions.to_list():
+        for start, inputs in job.source.arrow_batches(job.limit, size=OUTPUT_BATCH_ROWS):
+            end = start + inputs.num_rows
+            stored = journal.results_between(start, end)
+            if [row[0] for row in stored] != list(range(start, end)):
                 raise AssertionError(
-                    f"the journal lacks results for some of input rows {positions[0]}..{positions[-1]}"
+                    f"the journal lacks results for some of input rows {start}..{end - 1}"
                 )
-            inputs = batch.drop(POSITION).to_arrow()
-            if job.source.arrow_schema is not None:
-                inputs = inputs.cast(job.source.arrow_schema)
             sink.write(inputs, stored)
         sink.commit()
     except BaseException:

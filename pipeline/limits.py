@@ -3,8 +3,9 @@
 Requests in flight are capped elsewhere, by the size of the worker pool. Here:
 
 - requests per second: an `AsyncLimiter` holding just over one request, so requests are
-  spaced evenly and no one-second window holds more than the configured rate (a bucket of
-  `rate` per second would allow a burst of twice that across a window boundary);
+  spaced evenly (a bucket of `rate` per second would allow a burst of twice that across a
+  window boundary), and a count of the last second's starts, so no one-second window holds
+  more than the configured rate;
 - tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate;
 - on a 429, *every* worker waits until the server's reset time, and, if that wait is not zero,
   the request rate is halved (from the configured rate, or from the rate actually achieved when
@@ -23,6 +24,9 @@ from aiolimiter import AsyncLimiter
 DEFAULT_COOLDOWN = 1.0  # seconds all workers pause after a 429 that names no reset time
 MIN_RATE = 0.5  # requests per second the adaptive rate never goes below
 RECOVERY_STEP = 1.25  # each quiet second multiplies the lowered rate by this much
+# The sliding window no `rate` may be exceeded in: a little over a second, so that the jitter
+# between our send and the server's clock does not put one request too many in its second.
+WINDOW = 1.01
 
 
 class Limits:
@@ -46,6 +50,7 @@ class Limits:
         self.paused_until = 0.0
         self._last_change = float("-inf")
         self._starts: deque[float] = deque()  # request start times over the last 2 s
+        self._window: deque[float] = deque()  # request start times over the last WINDOW
         self.rate_limited = 0  # 429s seen, for the progress line
 
     async def acquire(self, estimated_tokens: int) -> None:
@@ -57,10 +62,25 @@ class Limits:
             await self._requests.acquire()
         if self._tokens is not None:
             await self._tokens.acquire(min(float(estimated_tokens), self._tokens_max))
+        await self._hold_window()
         now = self._clock()
         self._starts.append(now)
+        self._window.append(now)
         while self._starts[0] < now - 2.0:
             self._starts.popleft()
+
+    async def _hold_window(self) -> None:
+        """Never more than `rate` starts in any WINDOW: the bucket's headroom (see
+        `_spacing_limiter`) would otherwise let one more through after a stall. No await may
+        come between this returning and the start being recorded."""
+        window = self._window
+        while self.rate is not None:
+            now = self._clock()
+            while window and window[0] <= now - WINDOW:
+                window.popleft()
+            if len(window) < max(1, int(self.rate)):
+                return
+            await self._sleep(window[0] + WINDOW - now)
 
     async def charge_extra_tokens(self, tokens: int) -> None:
         """The answer used more tokens than estimated: charge the difference to the token budget."""
@@ -117,8 +137,8 @@ def _spacing_limiter(rate: float | None) -> AsyncLimiter | None:
 
     A bucket of exactly one request loses every timer's lateness (epoll rounds waits up to whole
     milliseconds: at 100 rps a 10 ms gap becomes 11 and the pace 90). A little headroom `h`
-    absorbs that lateness, and draining at `rate - h` keeps the busiest second at `rate`:
-    one request at once, then one per 1/(rate - h) after the first h/(rate - h)."""
+    absorbs that lateness; draining at `rate - h` keeps the pace just under `rate`, and
+    `Limits._hold_window` trims the one extra start the headroom can let into a second."""
     if not rate:
         return None
     headroom = min(0.5, 0.005 * rate)

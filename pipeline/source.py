@@ -41,9 +41,6 @@ class Source:
     paths: tuple[Path, ...]
     format: str
     schema: pl.Schema
-    # Parquet's own Arrow schema: the output keeps the input's exact types (string, not
-    # large_string; list, not large_list), not polars' choices.
-    arrow_schema: pa.Schema | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -56,54 +53,60 @@ class Source:
         return frame
 
     def batches(self, limit: int | None = None, size: int = BATCH_ROWS) -> Iterator[pl.DataFrame]:
-        """The rows in input order, about `size` at a time, each with its position in POSITION.
+        """The rows in input order, about `size` at a time, each with its position in POSITION."""
+        for position, table in self.arrow_batches(limit, size):
+            frame = pl.from_arrow(table)
+            assert isinstance(frame, pl.DataFrame)
+            yield frame.with_row_index(POSITION, offset=position)
 
-        Pull-based: a batch is read only when asked for. (polars' `collect_batches` runs the
-        whole query ahead of a slow consumer, buffering a million-row file in memory.)"""
+    def arrow_batches(
+        self, limit: int | None = None, size: int = BATCH_ROWS
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """The rows in input order as Arrow, with the position of each batch's first row.
+
+        Pull-based: a batch is read only when asked for (polars' `collect_batches` runs the
+        whole query ahead of a slow consumer, buffering a million-row file in memory). Parquet
+        keeps its exact Arrow types (string, not large_string), so the output can too."""
         position = 0
         try:
             for chunk in self._chunks(size):
-                if limit is not None and position + chunk.height > limit:
-                    chunk = chunk.head(limit - position)
-                if chunk.height:
-                    yield chunk.with_row_index(POSITION, offset=position)
-                position += chunk.height
+                table = (
+                    pa.Table.from_batches([chunk]) if isinstance(chunk, pa.RecordBatch) else chunk
+                )
+                if limit is not None and position + table.num_rows > limit:
+                    table = table.slice(0, limit - position)
+                if table.num_rows:
+                    yield position, table
+                position += table.num_rows
                 if limit is not None and position >= limit:
                     return
         except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
             raise InputError(f"input {self.pattern}: {_first_line(exc)}") from None
 
-    def _chunks(self, size: int) -> Iterator[pl.DataFrame]:
+    def _chunks(self, size: int) -> Iterator[pa.RecordBatch | pa.Table]:
         for path in self.paths:
             if self.format == "parquet":
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
-                    frame = pl.from_arrow(batch)
-                    assert isinstance(frame, pl.DataFrame)
-                    yield frame
+                yield from pq.ParquetFile(path).iter_batches(batch_size=size)
             elif self.format == "csv":
-                yield from self._csv_chunks(path, size)
+                yield from self._csv_chunks(path)
             else:
                 yield from self._jsonl_chunks(path, size)
 
-    def _csv_chunks(self, path: Path, size: int) -> Iterator[pl.DataFrame]:
+    def _csv_chunks(self, path: Path) -> Iterator[pa.RecordBatch]:
         # Every column a string, an empty field null: what polars' infer_schema=False reads.
         convert = pacsv.ConvertOptions(
             column_types=dict.fromkeys(self.columns, pa.string()),
             null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False,
         )  # fmt: skip
-        reader = pacsv.open_csv(
+        yield from pacsv.open_csv(
             path, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=convert
         )
-        for batch in reader:
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            yield frame
 
-    def _jsonl_chunks(self, path: Path, size: int) -> Iterator[pl.DataFrame]:
+    def _jsonl_chunks(self, path: Path, size: int) -> Iterator[pa.Table]:
         # JSON Lines holds one object per line, so a run of lines is a valid smaller file.
         with path.open("rb") as f:
             while lines := list(itertools.islice(f, size)):
-                yield pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=self.schema)
+                yield pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=self.schema).to_arrow()
 
     def fingerprint(self) -> list[dict[str, Any]]:
         """Name, size and content hash of each file: a resumed job must read the same rows."""
@@ -133,8 +136,7 @@ def open_source(pattern: str, fmt: str | None = None) -> Source:
         raise InputError(
             f"input file {_culprit(paths, kind)} cannot be read as {kind}: {_first_line(exc)}"
         ) from None
-    arrow_schema = pq.read_schema(paths[0]).remove_metadata() if kind == "parquet" else None
-    return Source(pattern, paths, kind, schema, arrow_schema)
+    return Source(pattern, paths, kind, schema)
 
 
 def _expand(pattern: str) -> tuple[Path, ...]:
