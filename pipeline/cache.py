@@ -7,6 +7,7 @@ the same things) is answered from here: no request, no cost. Several jobs may sh
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,6 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.records import RESULT_FIELDS, Result
 
 _STORED = tuple(f for f in RESULT_FIELDS if f not in ("position", "key", "request_hash"))
+# Named for its columns: a cache written by a version that stored other fields is not misread.
+_TABLE = "responses_" + hashlib.blake2b(" ".join(_STORED).encode(), digest_size=4).hexdigest()
 
 
 class ResponseCache:
@@ -26,7 +29,7 @@ class ResponseCache:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
-                f"CREATE TABLE IF NOT EXISTS responses (request_hash TEXT PRIMARY KEY, {', '.join(_STORED)})"
+                f"CREATE TABLE IF NOT EXISTS {_TABLE} (request_hash TEXT PRIMARY KEY, {', '.join(_STORED)})"
             )
         except sqlite3.DatabaseError as exc:
             raise ConfigError(
@@ -39,7 +42,7 @@ class ResponseCache:
             for start in range(0, len(request_hashes), 500):
                 chunk = request_hashes[start : start + 500]
                 cursor = self._db.execute(
-                    f"SELECT request_hash, {', '.join(_STORED)} FROM responses WHERE request_hash IN ({', '.join('?' * len(chunk))})",
+                    f"SELECT request_hash, {', '.join(_STORED)} FROM {_TABLE} WHERE request_hash IN ({', '.join('?' * len(chunk))})",
                     chunk,
                 )
                 for request_hash, *values in cursor:
@@ -59,7 +62,7 @@ class ResponseCache:
         ]
         with self._guard, self._db:
             self._db.executemany(
-                f"INSERT OR IGNORE INTO responses (request_hash, {', '.join(_STORED)}) VALUES ({', '.join('?' * (len(_STORED) + 1))})",
+                f"INSERT OR IGNORE INTO {_TABLE} (request_hash, {', '.join(_STORED)}) VALUES ({', '.join('?' * (len(_STORED) + 1))})",
                 rows,
             )
 

@@ -4,11 +4,12 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 
 ```toml
 [input]    path, format, id_column
-[prompt]   column | template | messages_column, system, model_column
-[request]  model, base_url, temperature, top_p, max_tokens, seed, stop, response_format,
-           provider, models, referer, title, key_file, timeout, connect_timeout, extra, cache
+[prompt]   column | template | messages_column, system, model_column, param_columns
+[request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
+           max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
+           referer, title, key_file, timeout, connect_timeout, extra, cache
 [limits]   concurrency, rps | rpm, tpm
-[retry]    max_attempts, max_elapsed, backoff_base, backoff_max
+[retry]    max_attempts, max_elapsed, backoff_base, backoff_max, invalid_retries
 [output]   path, journal, result_prefix
 [cost]     max_cost, expected_output_tokens, prices_ttl, reconcile_timeout
 ```
@@ -55,6 +56,8 @@ class PromptConfig:
     messages_column: str | None = None
     system: str | None = None
     model_column: str | None = None
+    # Request parameters taken per row from columns: {"temperature": "temp_column"}.
+    param_columns: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +71,13 @@ class RequestConfig:
     stop: tuple[str, ...] | None = None
     response_format: Mapping[str, Any] | None = None
     provider: Mapping[str, Any] | None = None
+    # Every prompt through every one of these models (one output row each), instead of `model`.
     models: tuple[str, ...] | None = None
+    n: int = 1  # samples per prompt (and model): one output row each
+    labels: tuple[str, ...] | None = None  # answer with one of these: a `label` column
+    response_schema: Mapping[str, Any] | None = None  # JSON Schema: a typed column per property
+    reasoning: Mapping[str, Any] | None = None  # OpenRouter `reasoning`: effort, max_tokens, ...
+    fallback_models: tuple[str, ...] | None = None  # OpenRouter `models`: tried if `model` fails
     referer: str | None = None
     title: str = DEFAULT_TITLE
     key_file: str | None = None
@@ -83,16 +92,33 @@ class RequestConfig:
     def body_params(self) -> dict[str, Any]:
         """Everything besides `model` and `messages` that goes into each request body."""
         params: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "max_tokens", "seed", "response_format", "provider"):
+        for name in PASSED_THROUGH:
             value = getattr(self, name)
             if value is not None:
                 params[name] = value
         if self.stop is not None:
             params["stop"] = list(self.stop)
-        if self.models is not None:
-            params["models"] = list(self.models)
+        if self.fallback_models is not None:
+            params["models"] = list(self.fallback_models)
         params.update(self.extra)
         return params
+
+    @property
+    def variants(self) -> list[tuple[str | None, int]]:
+        """(model, sample index) of each output row one prompt becomes; model None: the row's
+        own (`model`, or the model column's)."""
+        return [(model, sample) for model in self.models or (None,) for sample in range(self.n)]
+
+
+PASSED_THROUGH = (
+    "temperature", "top_p", "max_tokens", "seed", "response_format", "reasoning", "provider",
+)  # fmt: skip
+# Parameters a column may set per row (prompt.param_columns), with their JSON types.
+ROW_PARAMS: dict[str, type | tuple[type, ...]] = {
+    "temperature": (int, float), "top_p": (int, float), "top_k": int, "max_tokens": int,
+    "seed": int, "frequency_penalty": (int, float), "presence_penalty": (int, float),
+    "repetition_penalty": (int, float), "min_p": (int, float),
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +141,8 @@ class RetryConfig:
     max_elapsed: float = DEFAULT_MAX_ELAPSED
     backoff_base: float = 1.0
     backoff_max: float = 60.0
+    # Answers that break the schema / name no label are asked again this many times (each paid).
+    invalid_retries: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +206,8 @@ FLAGS = {
     "input.path": "--input", "input.id_column": "--id-column", "input.format": "--input-format",
     "prompt.column": "--prompt-column", "prompt.template": "--template",
     "prompt.messages_column": "--messages-column", "prompt.system": "--system",
-    "prompt.model_column": "--model-column",
+    "prompt.model_column": "--model-column", "request.models": "--models", "request.n": "--n",
+    "request.labels": "--labels", "request.response_schema": "--schema",
     "request.model": "--model", "request.base_url": "--base-url", "request.timeout": "--timeout",
     "request.temperature": "--temperature", "request.max_tokens": "--max-tokens",
     "limits.concurrency": "--concurrency", "limits.rps": "--rps", "limits.rpm": "--rpm", "limits.tpm": "--tpm",
@@ -187,7 +216,10 @@ FLAGS = {
 }  # fmt: skip
 
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
-PATH_KEYS = ("input.path", "output.path", "output.journal", "request.key_file", "request.cache")
+PATH_KEYS = (
+    "input.path", "output.path", "output.journal", "request.key_file", "request.cache",
+    "request.response_schema",
+)  # fmt: skip
 
 
 def name(key: str) -> str:
@@ -278,6 +310,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         messages_column=v.string("prompt.messages_column"),
         system=v.string("prompt.system"),
         model_column=v.string("prompt.model_column"),
+        param_columns=v.param_columns("prompt.param_columns"),
     )
     sources = [
         k for k in ("column", "template", "messages_column") if getattr(prompt, k) is not None
@@ -304,6 +337,11 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         response_format=v.table("request.response_format"),
         provider=v.table("request.provider"),
         models=v.strings("request.models"),
+        n=v.integer("request.n", low=1) or 1,
+        labels=v.labels("request.labels"),
+        response_schema=v.schema("request.response_schema"),
+        reasoning=v.table("request.reasoning"),
+        fallback_models=v.strings("request.fallback_models"),
         referer=v.string("request.referer"),
         title=v.string("request.title") or DEFAULT_TITLE,
         key_file=v.string("request.key_file"),
@@ -314,6 +352,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         cache=v.string("request.cache"),
         simulate=bool(v.raw["request"].get("simulate")),
     )
+    _check_request(request, prompt)
     limits = LimitsConfig(
         concurrency=v.integer("limits.concurrency", low=1) or DEFAULT_CONCURRENCY,
         rps=v.number("limits.rps", low=0, low_open=True),
@@ -327,6 +366,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         max_elapsed=v.number("retry.max_elapsed", low=0, low_open=True) or DEFAULT_MAX_ELAPSED,
         backoff_base=_default(v.number("retry.backoff_base", low=0), 1.0),
         backoff_max=_default(v.number("retry.backoff_max", low=0), 60.0),
+        invalid_retries=_default_int(v.integer("retry.invalid_retries", low=0), 2),
     )
     output = OutputConfig(
         path=v.required("output.path"),
@@ -346,6 +386,27 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
 
 def _default(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _default_int(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _check_request(request: RequestConfig, prompt: PromptConfig) -> None:
+    """Keys that cannot be combined."""
+    pairs = (
+        ("request.labels", request.labels, "request.response_schema", request.response_schema),
+        ("request.labels", request.labels, "request.response_format", request.response_format),
+        ("request.response_schema", request.response_schema, "request.response_format", request.response_format),
+        ("request.models", request.models, "prompt.model_column", prompt.model_column),
+    )  # fmt: skip
+    for one, first, other, second in pairs:
+        if first is not None and second is not None:
+            raise ConfigError(f"set {name(one)} or {name(other)}, not both")
+    if request.models is not None and not request.models:
+        raise ConfigError(f"{name('request.models')} must name at least one model")
+    if request.models is not None and len(set(request.models)) != len(request.models):
+        raise ConfigError(f"{name('request.models')} names a model twice")
 
 
 class _Validator:
@@ -443,6 +504,54 @@ class _Validator:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise self._fail(key, "a list of strings", value)
         return tuple(value)
+
+    def labels(self, key: str) -> tuple[str, ...] | None:
+        labels = self.strings(key)
+        if labels is None:
+            return None
+        labels = tuple(label.strip() for label in labels)
+        if len(labels) < 2 or not all(labels):
+            raise self._fail(key, "at least two non-empty labels", self._get(key))
+        folded = [label.casefold() for label in labels]
+        if len(set(folded)) != len(folded):
+            raise self._fail(key, "labels that differ by more than case", self._get(key))
+        return labels
+
+    def schema(self, key: str) -> Mapping[str, Any] | None:
+        """A JSON Schema: an inline table, or the path of a JSON file holding one."""
+        from pipeline.answers import load_schema
+
+        value = self._get(key)
+        if value is None:
+            return None
+        what = name(key)
+        if isinstance(value, str):
+            try:
+                value = json.loads(Path(value).read_text())
+            except OSError as exc:
+                raise ConfigError(f"{what}: cannot read {value}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ConfigError(f"{what}: {value} is not JSON: {exc}") from None
+            what = f"{what} file {self._get(key)}"
+        try:
+            return load_schema(value, what)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def param_columns(self, key: str) -> Mapping[str, str] | None:
+        table = self.table(key)
+        if table is None:
+            return None
+        for param, column in table.items():
+            if param not in ROW_PARAMS:
+                raise ConfigError(
+                    f"{name(key)}: {param!r} cannot come from a column; choose from {', '.join(ROW_PARAMS)}"
+                )
+            if not isinstance(column, str) or not column:
+                raise self._fail(
+                    f"{key}", f"a table of parameter = column name ({param!r})", column
+                )
+        return table
 
     def stop(self, key: str) -> tuple[str, ...] | None:
         value = self._get(key)

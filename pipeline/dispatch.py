@@ -7,16 +7,23 @@ flight finish, and the failure is raised once the pool has drained.
 
 Identical requests are sent once: a row whose request is already in flight waits for that
 answer, and one whose request was answered recently reuses it.
+
+An answer is checked before it counts: empty because the length limit ran out is an error
+row, and with labels or a schema an answer that breaks them is asked again (each attempt's cost
+and tokens add up in the row) and, when retries run out, recorded as an error row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
+from pipeline.answers import AnswerSpec
 from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import JobStopped, PermanentError, RetryableError
 from pipeline.limits import Limits
@@ -44,6 +51,8 @@ class Dispatcher:
         catalogue: Catalogue | None = None,
         budget: Budget | None = None,
         fallback_models: tuple[str, ...] = (),
+        answers: AnswerSpec | None = None,
+        invalid_retries: int = 0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.client = client
@@ -53,6 +62,8 @@ class Dispatcher:
         self.catalogue = catalogue
         self.budget = budget
         self.fallback_models = fallback_models
+        self.answers = answers
+        self.invalid_retries = invalid_retries
         self._sleep = sleep
         self.stopping = asyncio.Event()
         self.stopped: JobStopped | None = None
@@ -155,6 +166,8 @@ class Dispatcher:
         clock = asyncio.get_running_loop().time
         started = clock()
         attempt = 0
+        rejected: Result | None = None  # the answers turned down so far, their spend summed
+        invalid = 0  # how many
         while True:
             attempt += 1
             reservation = self._reserve(row)
@@ -190,13 +203,52 @@ class Dispatcher:
                 )  # stopped or cancelled mid-request: assume it was billed
                 raise
             latency_ms = (time.perf_counter() - sent) * 1000
-            result = self._succeeded(row, completion, attempt, latency_ms)
-            self._settle(reservation, result.cost_usd)
+            fresh = self._succeeded(row, completion, attempt, latency_ms)
+            self._settle(reservation, fresh.cost_usd)
+            result = _spend_with(fresh, rejected)
             if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
                 await self.limits.charge_extra_tokens(
                     completion.total_tokens - row.estimated_tokens
                 )
-            return result
+            problem = self._judge(result)
+            if problem is None:
+                return result
+            kind, message, again = problem
+            if again and invalid < self.invalid_retries and not self.stopping.is_set():
+                rejected, invalid = result, invalid + 1
+                self.retries += 1
+                continue
+            return dataclasses.replace(
+                result, status=ERROR, error_type=kind, error_message=message, parsed=None
+            )
+
+    def _judge(self, result: Result) -> tuple[str, str, bool] | None:
+        """Why a delivered answer is not a good one: (error type, message, worth asking again);
+        None if it is good. A good structured answer gets its canonical JSON in `parsed`."""
+        empty = not (result.completion or "").strip()
+        if empty and result.finish_reason == "length":
+            reasoning = (
+                f" ({result.reasoning_tokens} of them reasoning)" if result.reasoning_tokens else ""
+            )
+            return (
+                "length",
+                f"no answer: the length limit ran out after {result.completion_tokens} completion tokens{reasoning}; "
+                "raise request.max_tokens (--max-tokens) or lower the reasoning budget (request.reasoning)",
+                False,
+            )
+        if self.answers is None:
+            return None
+        parsed, problem = self.answers.check(result.completion)
+        if problem is None:
+            result.parsed = parsed
+            return None
+        if result.finish_reason == "length":  # cut off mid-answer: asking again cuts it again
+            return (
+                "length",
+                f"{problem}; the answer was cut off at the length limit (request.max_tokens)",
+                False,
+            )
+        return "invalid_answer", problem, True
 
     def _reserve(self, row: Row) -> float:
         """Reserve the most this attempt could cost against the budget (0 without a budget)."""
@@ -300,6 +352,26 @@ class RowFeed:
         if self._ahead is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._ahead)
+
+
+def _spend_with(result: Result, earlier: Result | None) -> Result:
+    """`result` with the cost and tokens of the answers rejected before it added in: a row's
+    cost is everything it took."""
+    if earlier is None:
+        return result
+    summed: dict[str, Any] = {
+        name: (getattr(result, name) or 0) + (getattr(earlier, name) or 0)
+        if getattr(result, name) is not None or getattr(earlier, name) is not None
+        else None
+        for name in (
+            "cost_usd",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "reasoning_tokens",
+        )
+    }
+    return dataclasses.replace(result, **summed)
 
 
 def _failed(row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool) -> Result:

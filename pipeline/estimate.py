@@ -102,7 +102,7 @@ def _settled_rows(config: JobConfig, job: Prepared) -> int:
                 return 0
             (count,) = db.execute(
                 "SELECT COUNT(*) FROM results WHERE position < ? AND retry_on_resume = 0",
-                (job.total,),
+                (job.slots,),
             ).fetchone()
             return int(count)
     except sqlite3.Error:
@@ -143,7 +143,7 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
         )
 
     by_model: dict[str, ModelEstimate] = defaultdict(ModelEstimate)
-    unique: set[str] | None = set() if job.total - done <= UNIQUE_COUNT_LIMIT else None
+    unique: set[str] | None = set() if job.slots - done <= UNIQUE_COUNT_LIMIT else None
     todo = 0
     for row in (r for rows in pending_batches(job, _settled_reader(config, done)) for r in rows):
         if row.body is None:
@@ -176,7 +176,7 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
         + "; prices from /models; duplicates counted once"
     )
     return Estimate(
-        job.total,
+        job.slots,
         done,
         todo,
         len(unique) if unique is not None else None,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.cache import ResponseCache
@@ -31,11 +32,12 @@ from pipeline.limits import Limits
 from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
-from pipeline.records import CACHE, DUPLICATE, Result, Row
+from pipeline.records import CACHE, DUPLICATE, RESULT_COLUMNS, RESULT_FIELDS, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
 
+PARSED = RESULT_FIELDS.index("parsed")
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
 OUTPUT_BATCH_ROWS = 10_000  # rows per Parquet row group in the output
 OPEN_FILES_HEADROOM = (
@@ -70,19 +72,33 @@ class Prepared:
     config: JobConfig
     source: Source
     builder: RequestBuilder
-    names: list[str]
-    total: int
+    names: list[str]  # of the output columns after the input's
+    total: int  # input rows
     prompt_chars: int | None  # sum over rows, for the pre-flight cost check
     api_key: str
     fingerprint: dict[str, Any]
     limit: int | None
+
+    @property
+    def variants(self) -> int:
+        """Output rows per input row: models x samples."""
+        return len(self.builder.variants)
+
+    @property
+    def slots(self) -> int:
+        """Output rows (and journal entries) of the whole job."""
+        return self.total * self.variants
 
 
 def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
     """Every check that needs no network: input, columns, ids, output folder, API key."""
     source = open_source(config.input.path, config.input.format)
     builder = RequestBuilder(config, source.columns)
-    names = result_names(config.output.result_prefix, source.columns)
+    names = result_names(
+        config.output.result_prefix,
+        source.columns,
+        leading_columns(config, builder, source.columns),
+    )
     output = Path(config.output.path)
     if any(output.resolve() == p.resolve() for p in source.paths):
         raise InputError(
@@ -98,6 +114,21 @@ def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
     return Prepared(
         config, source, builder, names, total, prompt_chars, api_key, fingerprint, limit
     )
+
+
+def leading_columns(config: JobConfig, builder: RequestBuilder, inputs: list[str]) -> list[str]:
+    """The output columns between the input's and the results: the requested `model` of a
+    fan-out over models, `sample_index` with n > 1, then `label` or one per schema property
+    (`answer_<name>` when the name is taken)."""
+    names = (["model"] if config.request.models else []) + (
+        ["sample_index"] if config.request.n > 1 else []
+    )
+    taken = {*inputs, *RESULT_COLUMNS, *names}
+    if builder.answers is not None:
+        names += [
+            f"answer_{name}" if name in taken else name for name in builder.answers.column_types()
+        ]
+    return names
 
 
 def run_job(
@@ -200,15 +231,15 @@ async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool)
                 stack.callback(cache.close)
             report = JobReport(
                 output=Path(config.output.path),
-                total_rows=job.total,
-                skipped=journal.settled_count(below=job.total),
+                total_rows=job.slots,
+                skipped=journal.settled_count(below=job.slots),
             )
             budget = None
             if config.cost.max_cost is not None:
                 budget = Budget(
-                    config.cost.max_cost, journal.totals(below=job.total)["true_cost_usd"]
+                    config.cost.max_cost, journal.totals(below=job.slots)["true_cost_usd"]
                 )
-            progress = Progress(job.total, report.skipped, quiet=quiet, budget=budget)
+            progress = Progress(job.slots, report.skipped, quiet=quiet, budget=budget)
             warning = await _preflight(client, config, catalogue, job, report.skipped)
             if warning:
                 report.warnings.append(warning)
@@ -218,7 +249,7 @@ async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool)
             except CreditsError as exc:
                 raise CreditsError(f"{exc}{await _key_figures(client)}") from None
             await reconcile(client, journal, progress, patience=config.cost.reconcile_timeout)
-            report.job_totals = journal.totals(below=job.total)
+            report.job_totals = journal.totals(below=job.slots)
             if write_output:
                 _write_output(report.output, job, journal, report)
     return report
@@ -264,7 +295,8 @@ def _validate_rows(
 def _check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
     """Refuse a model the endpoint does not list (when it lists any), before anything is sent."""
     wanted = [("request.model (--model)", config.request.model)]
-    wanted += [("request.models", m) for m in config.request.models or ()]
+    wanted += [("request.models (--models)", m) for m in config.request.models or ()]
+    wanted += [("request.fallback_models", m) for m in config.request.fallback_models or ()]
     if catalogue is not None and catalogue.models:
         for key, model in wanted:
             if model not in catalogue:
@@ -287,8 +319,9 @@ async def _preflight(
     settled: int,
 ) -> str | None:
     """Warn when the job could cost more than the key has left (`GET /key` -> limit_remaining)."""
-    price = catalogue.get(config.request.model) if catalogue else None
-    if price is None or job.prompt_chars is None:
+    models = config.request.models or (config.request.model,)
+    prices = [catalogue.get(model) for model in models] if catalogue else [None]
+    if job.prompt_chars is None or any(price is None for price in prices):
         return None
     body = await client.get_json("/key")
     remaining = (
@@ -296,12 +329,18 @@ async def _preflight(
     )
     if not isinstance(remaining, int | float):
         return None
-    left = max(job.total - settled, 0) / job.total
-    prompt_tokens = (job.prompt_chars / 4 + MESSAGE_OVERHEAD_TOKENS * job.total) * left
+    left = max(job.slots - settled, 0) / job.slots
+    samples = config.request.n
+    prompt_tokens = (job.prompt_chars / 4 + MESSAGE_OVERHEAD_TOKENS * job.total) * left * samples
     output_tokens = (
-        (config.request.max_tokens or config.cost.expected_output_tokens or 256) * job.total * left
+        (config.request.max_tokens or config.cost.expected_output_tokens or 256)
+        * job.total
+        * left
+        * samples
     )
-    estimate = price.cost(int(prompt_tokens), int(output_tokens))
+    estimate = sum(
+        price.cost(int(prompt_tokens), int(output_tokens)) for price in prices if price is not None
+    )
     if estimate > remaining:
         return f"this job could cost up to ${estimate:.4f} but the key has ${remaining:.4f} left (GET /key limit_remaining); it will stop with exit 4 when the credit runs out"
     return None
@@ -334,7 +373,8 @@ async def _dispatch(
     limits = Limits(config.limits.requests_per_second, config.limits.tpm)
     dispatcher = Dispatcher(
         client, limits, RetryPolicy.from_config(config.retry), config.limits.concurrency,
-        catalogue=catalogue, budget=budget, fallback_models=config.request.models or (),
+        catalogue=catalogue, budget=budget, fallback_models=config.request.fallback_models or (),
+        answers=job.builder.answers, invalid_retries=config.retry.invalid_retries,
     )  # fmt: skip
     writer = JournalWriter(journal, cache)
     interrupted = _on_signals(dispatcher, progress)
@@ -367,13 +407,17 @@ async def _dispatch(
 
 def pending_batches(job: Prepared, settled: Callable[[int, int], set[int]]) -> Iterator[list[Row]]:
     """The rows still to do, a batch at a time, in input order; `settled(low, high)` names the
-    positions in [low, high) that an earlier run finished."""
+    slots in [low, high) that an earlier run finished."""
+    variants = job.variants
     for batch in job.source.batches(job.limit):
         positions = batch[POSITION]
-        done = settled(positions[0], positions[-1] + 1)
+        done = settled(positions[0] * variants, (positions[-1] + 1) * variants)
         if done:
-            batch = batch.filter(~pl.col(POSITION).is_in(list(done)))
-        yield job.builder.rows(batch)
+            finished = [
+                p for p in positions if all(p * variants + v in done for v in range(variants))
+            ]
+            batch = batch.filter(~pl.col(POSITION).is_in(finished))
+        yield job.builder.rows(batch, done)
 
 
 def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> Iterator[list[Row]]:
@@ -464,6 +508,21 @@ def _restore_signals() -> None:
         loop.remove_signal_handler(signum)
 
 
+def _leading_arrays(job: Prepared, rows: int, stored: list[tuple[Any, ...]]) -> list[pa.Array]:
+    """The values of `leading_columns` for `rows` output rows (whole input rows' variants)."""
+    request = job.config.request
+    variants = job.builder.variants
+    arrays = []
+    if request.models:
+        arrays.append(pa.array([model for model, _ in variants] * (rows // len(variants))))
+    if request.n > 1:
+        samples = [sample for _, sample in variants] * (rows // len(variants))
+        arrays.append(pa.array(samples, type=pa.int32()))
+    if job.builder.answers is not None:
+        arrays += job.builder.answers.columns([row[PARSED] for row in stored])
+    return arrays
+
+
 def _write_output(output: Path, job: Prepared, journal: Journal, report: JobReport) -> None:
     metadata = {
         "tool": "prompt-pipeline",
@@ -474,15 +533,19 @@ def _write_output(output: Path, job: Prepared, journal: Journal, report: JobRepo
     }
     sink = ParquetSink(output, job.names, metadata)
     started = time.monotonic()
+    variants = job.variants
     try:
-        for start, inputs in job.source.arrow_batches(job.limit, size=OUTPUT_BATCH_ROWS):
-            end = start + inputs.num_rows
-            stored = journal.results_between(start, end)
-            if [row[0] for row in stored] != list(range(start, end)):
+        batches = job.source.arrow_batches(job.limit, size=max(OUTPUT_BATCH_ROWS // variants, 1))
+        for start, inputs in batches:
+            low, high = start * variants, (start + inputs.num_rows) * variants
+            stored = journal.results_between(low, high)
+            if [row[0] for row in stored] != list(range(low, high)):
                 raise AssertionError(
-                    f"the journal lacks results for some of input rows {start}..{end - 1}"
+                    f"the journal lacks results for some of input rows {start}..{start + inputs.num_rows - 1}"
                 )
-            sink.write(inputs, stored)
+            if variants > 1:  # each input row once per variant
+                inputs = inputs.take([i for i in range(inputs.num_rows) for _ in range(variants)])
+            sink.write(inputs, _leading_arrays(job, inputs.num_rows, stored), stored)
         sink.commit()
     except BaseException:
         sink.discard()

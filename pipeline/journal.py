@@ -1,6 +1,7 @@
 """The durable checkpoint: a sqlite3 database in WAL mode beside the output.
 
-One row per settled input row, keyed by its input position, written in batches by a single
+One row per settled output row, keyed by its slot (the input position, times the variants of a
+fan-out over models and samples), written in batches by a single
 writer every 0.1 s. `meta` holds what the job was: the input's fingerprint and
 the request-shaping config, so a resume with a changed input or config is refused by name.
 A lock file next to the journal keeps two runs from sharing it.
@@ -26,6 +27,8 @@ from pipeline.records import API, OK, RESULT_FIELDS, Result
 # fsync, so committing often is cheap, and an answer that arrived but was not yet committed
 # when the process died is the one thing a resume pays for again.
 FLUSH_INTERVAL = 0.1
+# The layout of the tables; a journal of another layout is refused, never misread.
+JOURNAL_FORMAT = 2
 
 _COLUMN_TYPES = {
     "completion": "TEXT", "finish_reason": "TEXT", "response_model": "TEXT", "provider": "TEXT",
@@ -33,7 +36,7 @@ _COLUMN_TYPES = {
     "total_tokens": "INTEGER", "reasoning_tokens": "INTEGER", "cached_tokens": "INTEGER",
     "cost_usd": "REAL", "cost_source": "TEXT", "response_source": "TEXT", "latency_ms": "REAL",
     "attempts": "INTEGER", "status": "TEXT NOT NULL", "error_type": "TEXT", "error_message": "TEXT",
-    "retry_on_resume": "INTEGER NOT NULL", "request_hash": "TEXT",
+    "retry_on_resume": "INTEGER NOT NULL", "request_hash": "TEXT", "parsed": "TEXT",
 }  # fmt: skip
 _COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
 _SCHEMA = f"""
@@ -109,10 +112,20 @@ class Journal:
                     "INSERT INTO meta (name, value) VALUES (?, ?)",
                     [
                         (name, json.dumps(value))
-                        for name, value in {**fingerprint, "version": __version__}.items()
+                        for name, value in {
+                            **fingerprint,
+                            "version": __version__,
+                            "format": JOURNAL_FORMAT,
+                        }.items()
                     ],
                 )
             return
+        if stored.get("format") != JOURNAL_FORMAT:
+            raise JournalError(
+                f"journal {self.path} was written by prompt-pipeline {stored.get('version', '?')}, whose "
+                "journal layout this version cannot read; finish that job with that version, or re-run "
+                "with --restart to start over"
+            )
         changes = describe_changes(stored, fingerprint)
         if changes:
             raise JournalError(

@@ -1,18 +1,25 @@
 """Turning input rows into request bodies: template / column / messages column, system prompt,
-per-row model, and the request parameters. Prompts are built column-wise with polars; each body
-is serialised once, here, and never again.
+per-row model and parameters, and the request parameters. Prompts are built column-wise with
+polars; each body is serialised once, here, and never again.
+
+One input row becomes one request per variant: per model of `request.models` and per sample of
+`request.n`. Each variant has a slot, `position * variants + index`, which keys the journal and
+orders the output; with one variant the slot is the input position.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import string
+from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
 
-from pipeline.config import JobConfig
+from pipeline.answers import AnswerSpec
+from pipeline.config import ROW_PARAMS, JobConfig
 from pipeline.errors import InputError
 from pipeline.records import Row
 from pipeline.source import POSITION
@@ -52,21 +59,27 @@ class RequestBuilder:
         prompt = config.prompt
         self._check_columns(columns)
         self.default_model = config.request.model
-        params = config.request.body_params()
-        # Everything after "messages" is the same for every row: serialise it once. Keys are
-        # sorted so the same request is the same bytes in every job (the cache key).
-        self._tail = (
-            ("," + json.dumps(params, sort_keys=True, ensure_ascii=False)[1:]) if params else "}"
-        )
+        self.variants = config.request.variants
+        self.answers = answer_spec(config)
+        self._params = request_params(config, self.answers)
+        # Everything after "messages" is the same for every row of a sample: serialise it once.
+        self._tails = [self._tail({}, sample) for _, sample in self.variants[: config.request.n]]
         self._max_output = config.request.max_tokens or DEFAULT_OUTPUT_ESTIMATE
         # Answers from the simulator must never be served to a real job from a shared cache.
         endpoint = "(simulator)" if config.request.simulate else config.request.base_url
         self._hash_seed = endpoint.encode() + b"\n"
-        self._system = [{"role": "system", "content": prompt.system}] if prompt.system else []
-        self._system_tokens = (
-            _tokens(prompt.system or "") + MESSAGE_OVERHEAD_TOKENS if prompt.system else 0
-        )
+        instruction = self.answers.instruction if self.answers else None
+        system = "\n\n".join(text for text in (prompt.system, instruction) if text)
+        self._system = [{"role": "system", "content": system}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
+
+    def _tail(self, row_params: dict[str, Any], sample: int) -> str:
+        """The body after "messages". Keys are sorted so the same request is the same bytes in
+        every job (the cache key). With a seed, each sample asks with its own (seed + index)."""
+        params = {**self._params, **row_params}
+        if sample and "seed" in params:
+            params["seed"] += sample
+        return ("," + json.dumps(params, sort_keys=True, ensure_ascii=False)[1:]) if params else "}"
 
     def _check_columns(self, columns: list[str]) -> None:
         prompt, known = self.config.prompt, set(columns)
@@ -85,6 +98,10 @@ class RequestBuilder:
             ("prompt.messages_column (--messages-column)", prompt.messages_column),
             ("prompt.model_column (--model-column)", prompt.model_column),
             ("input.id_column (--id-column)", self.config.input.id_column),
+            *(
+                (f"prompt.param_columns.{param}", column)
+                for param, column in (prompt.param_columns or {}).items()
+            ),
         ):
             if value is not None:
                 wanted.append((key, value))
@@ -115,8 +132,9 @@ class RequestBuilder:
             return pl.col(prompt.column).cast(pl.String), None
         return None, None
 
-    def rows(self, batch: pl.DataFrame) -> list[Row]:
-        """One `Row` per input row of `batch`, in order."""
+    def rows(self, batch: pl.DataFrame, done: set[int] | frozenset[int] = frozenset()) -> list[Row]:
+        """One `Row` per variant of each input row of `batch`, in slot order, except the
+        slots in `done`."""
         cfg = self.config
         columns: list[pl.Expr] = [pl.col(POSITION)]
         if cfg.input.id_column:
@@ -129,23 +147,25 @@ class RequestBuilder:
             columns.append(self._null_expr.alias(_NULL_COLUMN))
         if cfg.prompt.model_column:
             columns.append(pl.col(cfg.prompt.model_column).cast(pl.String).alias("__model"))
+        param_columns = cfg.prompt.param_columns or {}
+        columns += [pl.col(column).alias(f"__param_{p}") for p, column in param_columns.items()]
         frame = batch.select(columns)
         positions = frame[POSITION].to_list()
         keys = frame["__key"].to_list() if "__key" in frame.columns else [str(p) for p in positions]
         prompts = frame[_PROMPT].to_list()
         nulls = frame[_NULL_COLUMN].to_list() if _NULL_COLUMN in frame.columns else None
         models = frame["__model"].to_list() if "__model" in frame.columns else None
+        params = {p: frame[f"__param_{p}"].to_list() for p in param_columns}
         messages_mode = cfg.prompt.messages_column is not None
 
-        rows = []
+        rows: list[Row] = []
         for i, position in enumerate(positions):
-            model = (models[i] if models else None) or self.default_model
+            key = keys[i] if keys[i] is not None else str(position)
+            row_model = (models[i] if models else None) or self.default_model
+            messages, problem = None, None
             if messages_mode:
                 messages, problem = _parse_messages(prompts[i], cfg.prompt.messages_column or "")
-                rows.append(self._row(position, keys[i], model, messages, problem))
-                continue
-            text = prompts[i]
-            if text is None or not text.strip():
+            elif (text := prompts[i]) is None or not text.strip():
                 if nulls and nulls[i]:
                     problem = f"column '{nulls[i]}' is null, so the template cannot be filled"
                 else:
@@ -154,31 +174,86 @@ class RequestBuilder:
                         if cfg.prompt.column
                         else "the prompt is empty"
                     )
-                rows.append(Row(position, keys[i] or str(position), None, model, error=problem))
-                continue
-            rows.append(
-                self._row(position, keys[i], model, [{"role": "user", "content": text}], None)
-            )
+            else:
+                messages = [{"role": "user", "content": text}]
+            row_params, bad = _row_params(params, i, param_columns)
+            problem = problem or bad
+            first = position * len(self.variants)
+            for index, (model, sample) in enumerate(self.variants):
+                slot = first + index
+                if slot in done:
+                    continue
+                if messages is None or problem is not None:
+                    rows.append(Row(slot, key, None, model or row_model, error=problem))
+                else:
+                    rows.append(
+                        self._row(slot, key, model or row_model, messages, row_params, sample)
+                    )
         return rows
 
     def _row(
         self,
-        position: int,
-        key: str | None,
+        slot: int,
+        key: str,
         model: str,
-        messages: list[dict[str, Any]] | None,
-        problem: str | None,
+        messages: list[dict[str, Any]],
+        row_params: dict[str, Any],
+        sample: int,
     ) -> Row:
-        key = key if key is not None else str(position)
-        if messages is None:
-            return Row(position, key, None, model, error=problem)
         if self._system and messages[0].get("role") != "system":
             messages = self._system + messages
         text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
         encoded = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-        body = f'{{"model":{json.dumps(model)},"messages":{encoded}{self._tail}'.encode()
-        request_hash = hashlib.blake2b(self._hash_seed + body, digest_size=16).hexdigest()
-        return Row(position, key, body, model, text_tokens, self._max_output, request_hash)
+        tail = self._tail(row_params, sample) if row_params else self._tails[sample]
+        body = f'{{"model":{json.dumps(model)},"messages":{encoded}{tail}'.encode()
+        # Samples of one request are separate answers: never deduplicated into one.
+        salt = b"#sample%d" % sample if sample else b""
+        request_hash = hashlib.blake2b(self._hash_seed + body + salt, digest_size=16).hexdigest()
+        max_output = row_params.get("max_tokens") or self._max_output
+        return Row(slot, key, body, model, text_tokens, max_output, request_hash)
+
+
+def answer_spec(config: JobConfig) -> AnswerSpec | None:
+    """What answers must look like, when the job asks for labels or a schema."""
+    if config.request.labels:
+        return AnswerSpec.for_labels(config.request.labels)
+    if config.request.response_schema is not None:
+        return AnswerSpec(config.request.response_schema)
+    return None
+
+
+def request_params(config: JobConfig, answers: AnswerSpec | None) -> dict[str, Any]:
+    """The body parameters every row shares. Asking for a schema also restricts routing to
+    providers that honour `response_format` (`provider.require_parameters`), unless the
+    config says otherwise."""
+    params = config.request.body_params()
+    if answers is not None:
+        params["response_format"] = answers.response_format
+        provider = dict(params.get("provider") or {})
+        provider.setdefault("require_parameters", True)
+        params["provider"] = provider
+    return params
+
+
+def _row_params(
+    params: dict[str, list[Any]], i: int, columns: Mapping[str, str]
+) -> tuple[dict[str, Any], str | None]:
+    """This row's parameters from their columns (a null cell keeps the job's value)."""
+    found: dict[str, Any] = {}
+    for param, values in params.items():
+        value = values[i]
+        if value is None:
+            continue
+        wanted = ROW_PARAMS[param]
+        if isinstance(value, str):  # CSV cells are text
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        if isinstance(value, float) and wanted is int and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            return {}, f"column '{columns[param]}' holds {value!r}, which is no valid {param}"
+        found[param] = value
+    return found, None
 
 
 def _tokens(content: Any) -> int:

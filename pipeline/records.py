@@ -57,6 +57,7 @@ class Result:
     # A row that failed only because its retries ran out is sent again by the next run.
     retry_on_resume: bool = False
     request_hash: str | None = None
+    parsed: str | None = None  # a structured answer, checked and canonical JSON (typed columns)
 
     def as_tuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in RESULT_FIELDS)
@@ -81,4 +82,4 @@ RESULT_COLUMNS = (
     "error_message",
 )  # fmt: skip
 
-RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume", "request_hash")
+RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume", "request_hash", "parsed")

@@ -1,6 +1,7 @@
-"""The final Parquet file: every input column unchanged and in input order, then the result
-columns with an explicit schema. Written batch by batch beside the target, then renamed into
-place, so the file is either complete or absent.
+"""The final Parquet file: every input column unchanged and in input order, then the columns
+of a fan-out and of a structured answer (`model`, `sample_index`, `label` or one per schema
+property), then the result columns, all with explicit types. Written batch by batch beside the
+target, then renamed into place, so the file is either complete or absent.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ RESULT_TYPES: dict[str, pa.DataType] = {
 _FIELD_INDEX = {name: RESULT_FIELDS.index(name) for name in RESULT_COLUMNS}
 
 
-def result_names(prefix: str, input_columns: Iterable[str]) -> list[str]:
-    """Result column names with `prefix`; a clash with an input column is an error naming both."""
-    names = [prefix + column for column in RESULT_COLUMNS]
+def result_names(
+    prefix: str, input_columns: Iterable[str], leading: Iterable[str] = ()
+) -> list[str]:
+    """Names of the `leading` and result columns with `prefix`; a clash with an input column is
+    an error naming both."""
+    names = [prefix + column for column in (*leading, *RESULT_COLUMNS)]
     clashes = sorted(set(names) & set(input_columns))
     if clashes:
         raise InputError(
@@ -64,10 +68,15 @@ class ParquetSink:
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
 
-    def write(self, inputs: pa.Table, results: list[tuple[Any, ...]]) -> None:
-        """Append a batch: `inputs` rows and their stored results, in the same order."""
+    def write(
+        self, inputs: pa.Table, leading: list[pa.Array], results: list[tuple[Any, ...]]
+    ) -> None:
+        """Append a batch: `inputs` rows, their `leading` columns and their stored results, in
+        the same order."""
         fields = list(zip(*results, strict=True))  # one tuple per field, transposed in C
-        columns = [pa.array(fields[_FIELD_INDEX[c]], type=RESULT_TYPES[c]) for c in RESULT_COLUMNS]
+        columns = leading + [
+            pa.array(fields[_FIELD_INDEX[c]], type=RESULT_TYPES[c]) for c in RESULT_COLUMNS
+        ]
         table = inputs
         for name, column in zip(self.names, columns, strict=True):
             table = table.append_column(pa.field(name, column.type), column)

@@ -249,7 +249,7 @@ def test_requests_carry_parameters_and_attribution_and_match_the_spec(
     reviews(3).write_csv(tmp_path / "in.csv")
     extra = (
         'temperature = 0.2\ntop_p = 0.9\nmax_tokens = 64\nseed = 7\nstop = ["###"]\nreferer = "https://example.org/labels"\n'
-        'title = "labeler"\nmodels = ["mistralai/mixtral-8x7b-instruct", "openai/gpt-4o-mini"]\n'
+        'title = "labeler"\nfallback_models = ["mistralai/mixtral-8x7b-instruct", "openai/gpt-4o-mini"]\n'
         'provider = { allow_fallbacks = true, data_collection = "deny" }\n'
         'extra = { user = "batch-7", repetition_penalty = 1.05 }\n'
     )
@@ -271,6 +271,7 @@ def test_requests_carry_parameters_and_attribution_and_match_the_spec(
             and body["stop"] == ["###"]
         )
         assert body["provider"] == {"allow_fallbacks": True, "data_collection": "deny"}
+        assert body["models"] == ["mistralai/mixtral-8x7b-instruct", "openai/gpt-4o-mini"]
         assert body["user"] == "batch-7" and body["repetition_penalty"] == 1.05
         assert headers["HTTP-Referer"] == "https://example.org/labels"
         assert headers["X-Title"] == headers["X-OpenRouter-Title"] == "labeler"
