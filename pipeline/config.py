@@ -182,7 +182,8 @@ class JobConfig:
             request.pop(item)
         if self.request.simulate:
             request["base_url"] = "(simulator)"  # its port changes every run; answers do not
-        return {"prompt": asdict(self.prompt), "request": request}
+        # As JSON would hold it (lists, not tuples), so a stored one compares equal.
+        return json.loads(json.dumps({"prompt": asdict(self.prompt), "request": request}))  # type: ignore[no-any-return]
 
     def fingerprint_hash(self) -> str:
         canonical = json.dumps(self.request_fingerprint(), sort_keys=True, default=list)

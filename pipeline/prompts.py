@@ -238,11 +238,11 @@ def request_params(config: JobConfig, answers: AnswerSpec | None) -> dict[str, A
 def _row_params(
     params: dict[str, list[Any]], i: int, columns: Mapping[str, str]
 ) -> tuple[dict[str, Any], str | None]:
-    """This row's parameters from their columns (a null cell keeps the job's value)."""
+    """This row's parameters from their columns (a null or empty cell keeps the job's value)."""
     found: dict[str, Any] = {}
     for param, values in params.items():
         value = values[i]
-        if value is None:
+        if value is None or (isinstance(value, str) and not value.strip()):
             continue
         wanted = ROW_PARAMS[param]
         if isinstance(value, str):  # CSV cells are text
