@@ -315,6 +315,20 @@ def test_a_reasoning_model_that_spends_the_whole_budget_thinking_is_reported_not
     assert "8 of them reasoning" in frame["error_message"][0]
 
 
+def test_the_readme_examples_run_as_written_and_give_the_columns_it_shows(tmp_path: Path) -> None:
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("example", "extract"):
+        done = run_cli(str(configs / f"{name}.toml"), "--simulate", "--limit", "20", "--output", str(tmp_path / f"{name}.parquet"))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    labeled = pl.read_parquet(tmp_path / "example.parquet")
+    assert set(labeled["label"]) <= {"positive", "negative", "neutral"} and labeled.height == 20
+    extracted = pl.read_parquet(tmp_path / "extract.parquet")
+    assert extracted.select("rating", "sentiment", "would_buy_again", "complaints", "aspects").dtypes == [
+        pl.Int64, pl.String, pl.Boolean, pl.List(pl.String),
+        pl.Struct({"quality": pl.Float64, "price": pl.Float64}),
+    ]  # fmt: skip
+
+
 def _toml(value: Any) -> str:
     """A JSON object as a TOML inline table."""
     if isinstance(value, dict):
