@@ -225,6 +225,7 @@ _JOB_OPTIONS: list[tuple[str, str, Any]] = [
     ("limits.concurrency", "concurrency", click.option("--concurrency", type=int, metavar="N", help="Requests in flight at most [default: 16].")),
     ("limits.rps", "rps", click.option("--rps", type=float, metavar="R", help="Requests per second at most.")),
     ("limits.rpm", "rpm", click.option("--rpm", type=float, metavar="R", help="Requests per minute at most.")),
+    ("limits.max_runtime", "max_runtime", click.option("--max-runtime", metavar="DURATION", help="Stop in time to save everything within this (90s, 55m, 2h); exit 6, resumable.")),
     ("limits.tpm", "tpm", click.option("--tpm", type=float, metavar="T", help="Tokens (prompt + max output) per minute at most.")),
     ("retry.max_attempts", "max_retries", click.option("--max-retries", type=int, metavar="N", help="Attempts per row at most, the first included [default: 6].")),
     ("request.timeout", "timeout", click.option("--timeout", type=float, metavar="SECONDS", help="Time one attempt may take [default: 300].")),
@@ -269,11 +270,29 @@ def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress bar: a plain progress line every 10 s."
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line (start, progress, rate_limited, row_failed, stopping, summary, error).",
+)
+@click.option(
+    "--log-file",
+    metavar="PATH",
+    help="Append progress and log lines here instead of stderr (errors still also go to stderr).",
+)
+@click.option(
+    "--log-prompts", is_flag=True, help="Put the prompt of each failed row in the log (off: never)."
+)
 def run(
     config_file: Path | None,
     limit: int | None,
     restart: bool,
     quiet: bool,
+    log_format: str,
+    log_file: str | None,
+    log_prompts: bool,
     simulate: bool,
     **flags: Any,
 ) -> None:
@@ -285,23 +304,48 @@ def run(
 
     Exit codes: 0 all rows ok; 1 the job could not run (nothing sent); 2 usage error;
     3 finished, some rows failed; 4 stopped early (bad key, out of credits, budget reached),
-    resumable; 5 another run of this job holds its lock (nothing touched); 130/143
-    interrupted (journal saved), resumable.
+    resumable; 5 another run of this job holds its lock (nothing touched); 6 --max-runtime
+    reached (journal saved), resumable; 130/143 interrupted (journal saved), resumable.
     """
-    from pipeline.errors import Interrupted, JobStopped, Locked, UserError
-    from pipeline.job import run_job
+    from pipeline.errors import Interrupted, JobStopped, Locked, OutOfTime, UserError
+    from pipeline.job import RunOptions, run_job
+    from pipeline.progress import LogSettings, json_line
 
+    logs = LogSettings(json=log_format == "json", file=log_file, prompts=log_prompts)
+    try:
+        stream = logs.open()
+    except OSError as exc:
+        _fail(f"--log-file {log_file} cannot be opened: {exc.strerror}", 1)
+
+    def fail(message: str, code: int) -> NoReturn:
+        if logs.json:
+            print(json_line("error", message=message, exit_code=code), file=stream, flush=True)
+        elif stream is not sys.stderr:
+            print(f"error: {message}", file=stream, flush=True)
+        if not logs.json or stream is not sys.stderr:
+            click.echo(f"error: {message}", err=True)
+        sys.exit(code)
+
+    options = RunOptions(limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream)
     try:
         config = _load_config(config_file, simulate, flags)
-        report = run_job(config, limit=limit, restart=restart, quiet=quiet)
-    except (UserError, JobStopped, Locked) as exc:
-        _fail(str(exc), exc.exit_code)
+        report = run_job(config, options)
+    except (UserError, JobStopped, Locked, OutOfTime) as exc:
+        fail(str(exc), exc.exit_code)
     except Interrupted as exc:
-        _fail(
+        fail(
             "interrupted; the journal is saved. Run the same command again to resume.",
             exc.exit_code,
         )
-    click.echo(_summary(report), err=True)
+    if logs.json:
+        summary = {
+            "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
+            "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
+            **report.job_totals,
+        }  # fmt: skip
+        print(json_line("summary", **summary), file=stream, flush=True)
+    else:
+        click.echo(_summary(report), file=stream)
     sys.exit(report.exit_code)
 
 

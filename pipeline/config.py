@@ -8,7 +8,7 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 [request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
            max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
            referer, title, key_file, timeout, connect_timeout, extra, cache
-[limits]   concurrency, rps | rpm, tpm
+[limits]   concurrency, rps | rpm, tpm, max_runtime
 [retry]    max_attempts, max_elapsed, backoff_base, backoff_max, invalid_retries
 [output]   path, journal, result_prefix
 [cost]     max_cost, expected_output_tokens, prices_ttl, reconcile_timeout
@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -127,6 +128,7 @@ class LimitsConfig:
     rps: float | None = None
     rpm: float | None = None
     tpm: float | None = None
+    max_runtime: float | None = None  # seconds a run may take; it stops in time to flush
 
     @property
     def requests_per_second(self) -> float | None:
@@ -211,7 +213,7 @@ FLAGS = {
     "request.labels": "--labels", "request.response_schema": "--schema",
     "request.model": "--model", "request.base_url": "--base-url", "request.timeout": "--timeout",
     "request.temperature": "--temperature", "request.max_tokens": "--max-tokens",
-    "limits.concurrency": "--concurrency", "limits.rps": "--rps", "limits.rpm": "--rpm", "limits.tpm": "--tpm",
+    "limits.concurrency": "--concurrency", "limits.max_runtime": "--max-runtime", "limits.rps": "--rps", "limits.rpm": "--rpm", "limits.tpm": "--tpm",
     "retry.max_attempts": "--max-retries", "output.path": "--output", "output.journal": "--journal",
     "output.result_prefix": "--result-prefix", "cost.max_cost": "--max-cost", "request.cache": "--cache",
 }  # fmt: skip
@@ -359,6 +361,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         rps=v.number("limits.rps", low=0, low_open=True),
         rpm=v.number("limits.rpm", low=0, low_open=True),
         tpm=v.number("limits.tpm", low=0, low_open=True),
+        max_runtime=v.duration("limits.max_runtime"),
     )
     if limits.rps is not None and limits.rpm is not None:
         raise ConfigError(f"set {name('limits.rps')} or {name('limits.rpm')}, not both")
@@ -505,6 +508,24 @@ class _Validator:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise self._fail(key, "a list of strings", value)
         return tuple(value)
+
+    def duration(self, key: str) -> float | None:
+        """Seconds, from a number or a string like `90`, `45s`, `55m`, `2h`, `1h30m`."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            parts = re.fullmatch(
+                r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                value,
+            )
+            if parts is None or not any(parts.groups()):
+                raise self._fail(key, "a duration like 90s, 55m or 2h", value)
+            hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+            value = hours * 3600 + minutes * 60 + seconds
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self._fail(key, "a duration like 90s, 55m or 2h", value)
+        return float(value)
 
     def labels(self, key: str) -> tuple[str, ...] | None:
         labels = self.strings(key)

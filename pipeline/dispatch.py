@@ -85,7 +85,9 @@ class Dispatcher:
         for worker in self._workers:
             worker.cancel()
 
-    async def run(self, batches: Iterator[list[Row]], on_result: Callable[[Result], None]) -> None:
+    async def run(
+        self, batches: Iterator[list[Row]], on_result: Callable[[Row, Result], None]
+    ) -> None:
         """Send every row; `on_result` gets each result as it finishes. Returns when all are
         done; raises the job-wide failure, if one stopped the pool, once it has drained."""
         feed = RowFeed(batches)
@@ -106,7 +108,7 @@ class Dispatcher:
         if self.stopped is not None:
             raise self.stopped
 
-    async def _worker(self, feed: RowFeed, on_result: Callable[[Result], None]) -> None:
+    async def _worker(self, feed: RowFeed, on_result: Callable[[Row, Result], None]) -> None:
         while not self.stopping.is_set():
             row = await feed.next()
             if row is None:
@@ -118,7 +120,7 @@ class Dispatcher:
                     self.stopped = exc
                 self.stopping.set()
                 return
-            on_result(result)
+            on_result(row, result)
 
     async def process(self, row: Row) -> Result:
         """The result of one row: from an identical request if there is one, else from the API."""

@@ -95,6 +95,13 @@ class Locked(PipelineError):
     exit_code = 5
 
 
+class OutOfTime(PipelineError):
+    """`--max-runtime` ran out: dispatching stopped in time to drain and flush; the next run
+    resumes. Its own exit code, so a scheduler can tell "not finished yet" from a failure."""
+
+    exit_code = 6
+
+
 class Interrupted(PipelineError):
     """SIGINT or SIGTERM: the journal was flushed; the next run resumes. Exit 128 + signal."""
 

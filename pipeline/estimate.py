@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.job import Prepared, connect, load_catalogue, pending_batches, prepare, run_job
+from pipeline.job import (
+    Prepared,
+    RunOptions,
+    connect,
+    load_catalogue,
+    pending_batches,
+    prepare,
+    run_job,
+)
 from pipeline.journal import describe_changes
 from pipeline.prompts import DEFAULT_OUTPUT_ESTIMATE
 
@@ -76,7 +84,9 @@ def estimate(config: JobConfig, *, limit: int | None = None, pilot: int | None =
     if pilot:
         done = _settled_rows(config, prepare(config, limit))
         pilot_limit = done + pilot if limit is None else min(limit, done + pilot)
-        pilot_report = run_job(config, limit=pilot_limit, quiet=True, write_output=False)
+        pilot_report = run_job(
+            config, RunOptions(limit=pilot_limit, quiet=True, write_output=False)
+        )
     job = prepare(config, limit)
     done = _settled_rows(config, job)
     result = asyncio.run(_estimate(job, done))

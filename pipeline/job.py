@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import resource
 import signal
 import tempfile
@@ -26,13 +28,20 @@ from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient
 from pipeline.config import KEY_ENV, JobConfig, read_api_key
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import ConfigError, CreditsError, InputError, Interrupted, JobStopped
+from pipeline.errors import (
+    ConfigError,
+    CreditsError,
+    InputError,
+    Interrupted,
+    JobStopped,
+    OutOfTime,
+)
 from pipeline.journal import JobLock, Journal, JournalWriter
 from pipeline.limits import Limits
 from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
-from pipeline.progress import Progress
+from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
-from pipeline.records import CACHE, DUPLICATE, RESULT_COLUMNS, RESULT_FIELDS, Result, Row
+from pipeline.records import CACHE, DUPLICATE, OK, RESULT_COLUMNS, RESULT_FIELDS, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, result_names
 from pipeline.source import POSITION, Source, open_source
@@ -131,21 +140,29 @@ def leading_columns(config: JobConfig, builder: RequestBuilder, inputs: list[str
     return names
 
 
-def run_job(
-    config: JobConfig,
-    *,
-    limit: int | None = None,
-    restart: bool = False,
-    quiet: bool = False,
-    write_output: bool = True,
-) -> JobReport:
-    """Run (or resume) the job; raise a `UserError`, `JobStopped` or `Interrupted` if it cannot finish."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class RunOptions:
+    """How one run behaves, beside what the job is."""
+
+    limit: int | None = None
+    restart: bool = False
+    quiet: bool = False
+    write_output: bool = True
+    logs: LogSettings = field(default_factory=LogSettings)
+    stream: Any = None  # where progress and log events go (default: stderr)
+    started: float = field(default_factory=time.monotonic)  # --max-runtime counts from here
+
+
+def run_job(config: JobConfig, options: RunOptions | None = None) -> JobReport:
+    """Run (or resume) the job; raise a `UserError`, `JobStopped`, `OutOfTime` or `Interrupted`
+    if it cannot finish."""
+    options = options or RunOptions()
+    started = options.started
     check_folders(config)
     with JobLock(config.output.journal_path):
         ensure_open_files(config.limits.concurrency)
-        job = prepare(config, limit)
-        report = asyncio.run(_run(job, restart=restart, quiet=quiet, write_output=write_output))
+        job = prepare(config, options.limit)
+        report = asyncio.run(_run(job, options))
     report.wall_seconds = time.monotonic() - started
     return report
 
@@ -217,14 +234,14 @@ async def load_catalogue(
     return Catalogue.from_response(body, time.time())
 
 
-async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool) -> JobReport:
+async def _run(job: Prepared, options: RunOptions) -> JobReport:
     config = job.config
     async with connect(config, job.api_key) as client:
         catalogue = await load_catalogue(client, config)
         _check_models(config, catalogue)
         with contextlib.ExitStack() as stack:
             journal = stack.enter_context(
-                Journal.open(config.output.journal_path, job.fingerprint, restart=restart)
+                Journal.open(config.output.journal_path, job.fingerprint, restart=options.restart)
             )
             cache = ResponseCache(Path(config.request.cache)) if config.request.cache else None
             if cache is not None:
@@ -239,18 +256,36 @@ async def _run(job: Prepared, *, restart: bool, quiet: bool, write_output: bool)
                 budget = Budget(
                     config.cost.max_cost, journal.totals(below=job.slots)["true_cost_usd"]
                 )
-            progress = Progress(job.slots, report.skipped, quiet=quiet, budget=budget)
+            progress = Progress(
+                job.slots, report.skipped, quiet=options.quiet, budget=budget,
+                stream=options.stream, logs=options.logs,
+            )  # fmt: skip
+            progress.event(
+                "start", rows=job.slots, already_done=report.skipped, output=str(report.output),
+                models=list(config.request.models or (config.request.model,)),
+                pid=os.getpid(), version=__version__,
+            )  # fmt: skip
             warning = await _preflight(client, config, catalogue, job, report.skipped)
             if warning:
                 report.warnings.append(warning)
-                progress.log(f"warning: {warning}")
+                progress.event("warning", message=f"warning: {warning}")
             try:
-                await _dispatch(job, client, catalogue, budget, journal, cache, report, progress)
+                await _dispatch(
+                    job,
+                    client,
+                    catalogue,
+                    budget,
+                    journal,
+                    cache,
+                    report,
+                    progress,
+                    options.started,
+                )
             except CreditsError as exc:
                 raise CreditsError(f"{exc}{await _key_figures(client)}") from None
             await reconcile(client, journal, progress, patience=config.cost.reconcile_timeout)
             report.job_totals = journal.totals(below=job.slots)
-            if write_output:
+            if options.write_output:
                 _write_output(report.output, job, journal, report)
     return report
 
@@ -368,6 +403,7 @@ async def _dispatch(
     cache: ResponseCache | None,
     report: JobReport,
     progress: Progress,
+    started: float,
 ) -> None:
     config = job.config
     limits = Limits(config.limits.requests_per_second, config.limits.tpm)
@@ -378,19 +414,24 @@ async def _dispatch(
     )  # fmt: skip
     writer = JournalWriter(journal, cache)
     interrupted = _on_signals(dispatcher, progress)
+    out_of_time = _on_deadline(dispatcher, progress, started, config.limits.max_runtime)
     flusher = asyncio.create_task(writer.run())
+    log_prompts = progress.logs.prompts
     try:
 
-        def finished(result: Result) -> None:
+        def finished(row: Row, result: Result) -> None:
             writer.add(result)
             if dispatcher.lost:
                 writer.add_lost(dispatcher.lost)
                 dispatcher.lost = []
-            progress.update(result, dispatcher.retries)
+            prompt = _prompt_text(row) if log_prompts and result.status != OK else None
+            progress.update(result, dispatcher.retries, limits.rate_limited, prompt)
 
         await dispatcher.run(_pending(job, journal, cache), finished)
-    except JobStopped:
-        progress.log("stopping: no more requests will be sent")
+    except JobStopped as exc:
+        progress.event(
+            "stopping", reason=type(exc).__name__, message="stopping: no more requests will be sent"
+        )
         raise
     finally:
         flusher.cancel()
@@ -403,6 +444,45 @@ async def _dispatch(
         _restore_signals()
     if interrupted:
         raise Interrupted(interrupted[0])
+    if out_of_time and journal.settled_count(below=job.slots) < job.slots:
+        raise OutOfTime(
+            f"--max-runtime reached: stopped sending and saved the journal, {job.slots - journal.settled_count(below=job.slots):,} "
+            "row(s) left; the next run resumes"
+        )
+
+
+def _on_deadline(
+    dispatcher: Dispatcher, progress: Progress, started: float, max_runtime: float | None
+) -> list[bool]:
+    """With a runtime limit: stop taking rows a grace period before it (10% of the limit, at
+    most a minute), abandon what is still in flight halfway through the grace (those rows are
+    sent again next run), and leave the rest of it to flush the journal and exit."""
+    fired: list[bool] = []
+    if max_runtime is None:
+        return fired
+    loop = asyncio.get_running_loop()
+    grace = min(60.0, 0.1 * max_runtime)
+    stop_at = started + max_runtime - grace  # time.monotonic() is the loop's clock
+
+    def stop() -> None:
+        fired.append(True)
+        progress.event(
+            "stopping", reason="max_runtime",
+            message=f"--max-runtime: {grace:.0f}s left, finishing in-flight requests, then saving the journal",
+        )  # fmt: skip
+        dispatcher.stop()
+        loop.call_later(grace / 2, dispatcher.abort)
+
+    loop.call_at(stop_at, stop)
+    return fired
+
+
+def _prompt_text(row: Row) -> str | None:
+    """The last message of a row's request, for `--log-prompts`."""
+    if row.body is None:
+        return None
+    content = json.loads(row.body)["messages"][-1].get("content")
+    return content if isinstance(content, str) else json.dumps(content)
 
 
 def pending_batches(job: Prepared, settled: Callable[[int, int], set[int]]) -> Iterator[list[Row]]:
@@ -491,9 +571,10 @@ def _on_signals(dispatcher: Dispatcher, progress: Progress) -> list[int]:
         if received:
             return  # a second Ctrl-C while stopping changes nothing: the flush must finish
         received.append(signum)
-        progress.log(
-            f"received {signal.Signals(signum).name}: finishing in-flight requests, then saving the journal"
-        )
+        progress.event(
+            "stopping", reason=signal.Signals(signum).name,
+            message=f"received {signal.Signals(signum).name}: finishing in-flight requests, then saving the journal",
+        )  # fmt: skip
         dispatcher.stop()
         loop.call_later(SHUTDOWN_GRACE, dispatcher.abort)
 

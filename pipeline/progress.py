@@ -1,19 +1,43 @@
 """Progress at the edge: a tqdm bar on a terminal, a plain line every few seconds otherwise
-(cron, `--quiet`), and the closing summary.
+(cron, `--quiet`), or with `--log-format json` one JSON object per line: `start`, `progress`,
+`rate_limited`, `row_failed`, `stopping`, then `summary` or `error` (written by the CLI).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from pipeline.pricing import Budget
 from pipeline.records import API, OK, Result
 
 LOG_INTERVAL = 10.0  # seconds between progress lines when there is no terminal
+FAILURES_LOGGED = 20  # row_failed events per run; the summary counts the rest
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Where and how a run reports: `--log-format`, `--log-file`, `--log-prompts`."""
+
+    json: bool = False
+    file: str | None = None
+    prompts: bool = False
+
+    def open(self) -> IO[str]:
+        if self.file is None:
+            return sys.stderr
+        return open(self.file, "a", buffering=1, encoding="utf-8")  # the CLI closes it
+
+
+def json_line(event: str, **fields: Any) -> str:
+    """One log event as a line of JSON, with a UTC timestamp."""
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return json.dumps({"ts": stamp, "event": event, **fields}, ensure_ascii=False, default=str)
 
 
 @dataclass
@@ -64,16 +88,20 @@ class Progress:
         quiet: bool,
         budget: Budget | None = None,
         stream: IO[str] | None = None,
+        logs: LogSettings = LogSettings(),
     ) -> None:
         self.budget = budget
         self.stream = stream or sys.stderr
+        self.logs = logs
+        self._failures_logged = 0
+        self._rate_limited = 0
         self.tally = Tally()
         self.total = total
         self.retries = 0
         self._bar: Any = None
         self._next_log = time.monotonic() + LOG_INTERVAL
         self._already = already_done
-        if not quiet and self.stream.isatty():
+        if not quiet and not logs.json and self.stream.isatty():
             from tqdm import tqdm
 
             # A terminal that reports no size (script, bare ptys) would get an empty, hidden bar.
@@ -89,16 +117,58 @@ class Progress:
                 smoothing=0.05,
             )
 
-    def update(self, result: Result, retries: int) -> None:
+    def update(
+        self, result: Result, retries: int, rate_limited: int = 0, prompt: str | None = None
+    ) -> None:
         self.tally.add(result)
         self.retries = retries
+        if self.logs.json and result.status != OK and self._failures_logged < FAILURES_LOGGED:
+            self._failures_logged += 1
+            fields = {
+                "key": result.key,
+                "error_type": result.error_type,
+                "message": result.error_message,
+            }
+            if self.logs.prompts and prompt is not None:
+                fields["prompt"] = prompt
+            self.event("row_failed", **fields)
         if self._bar is not None:
             self._bar.update(1)
             if self.tally.done % 50 == 1:
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
         elif time.monotonic() >= self._next_log:
             self._next_log = time.monotonic() + LOG_INTERVAL
-            self.log(self.line())
+            if rate_limited > self._rate_limited:
+                self.event(
+                    "rate_limited",
+                    responses_429=rate_limited,
+                    since_last=rate_limited - self._rate_limited,
+                )
+                self._rate_limited = rate_limited
+            if self.logs.json:
+                self.event("progress", **self.figures())
+            else:
+                self.log(self.line())
+
+    def figures(self) -> dict[str, Any]:
+        t = self.tally
+        done = self._already + t.done
+        elapsed = time.monotonic() - t.started
+        rate = t.done / elapsed if elapsed > 0 else 0.0
+        return {
+            "done": done, "total": self.total, "ok": t.ok, "failed": t.failed,
+            "rows_per_s": round(rate, 2),
+            "eta_s": round((self.total - done) / rate, 1) if rate > 0 else None,
+            "cost_usd": round(t.cost, 8), "tokens": t.prompt_tokens + t.completion_tokens,
+            "retries": self.retries,
+        }  # fmt: skip
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A log event: a JSON line with `--log-format json`, else a plain line (if it has one)."""
+        if self.logs.json:
+            print(json_line(name, **fields), file=self.stream, flush=True)
+        elif "message" in fields:
+            self.log(str(fields["message"]))
 
     def _postfix(self) -> str:
         t = self.tally
