@@ -206,6 +206,8 @@ def _fail(message: str, code: int) -> NoReturn:
 _JOB_OPTIONS: list[tuple[str, str, Any]] = [
     ("input.path", "input_path", click.option("--input", "input_path", metavar="PATH", help="Input file or glob (CSV, Parquet, JSONL).")),
     ("input.format", "input_format", click.option("--input-format", type=click.Choice(["csv", "parquet", "jsonl"]), help="Input format, when the extension does not say.")),
+    ("input.incremental", "incremental", click.option("--incremental", is_flag=True, default=None, help="The input grows between runs: send only rows not done before.")),
+    ("input.reprocess_changed", "reprocess_changed", click.option("--reprocess-changed", is_flag=True, default=None, help="With --incremental: send rows that changed since they were done again.")),
     ("output.path", "output_path", click.option("--output", "output_path", metavar="PATH", help="Output Parquet file.")),
     ("prompt.column", "prompt_column", click.option("--prompt-column", metavar="COL", help="Column holding the whole prompt.")),
     ("prompt.template", "template", click.option("--template", metavar="TEXT", help="Prompt template over columns, e.g. 'Label: {review}'.")),
@@ -341,6 +343,7 @@ def run(
         summary = {
             "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
             "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
+            "changed_rows": report.changed,
             **report.job_totals,
         }  # fmt: skip
         print(json_line("summary", **summary), file=stream, flush=True)
@@ -370,6 +373,13 @@ def _summary(report: Any) -> str:
                 else ""
             )
         )
+    if report.changed:
+        again = (
+            "sent again"
+            if report.config_reprocess
+            else "kept their earlier answers; --reprocess-changed sends them again"
+        )
+        lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")
     if t.get("rows_cost_unknown"):
         lines.append(
             f"  {t['rows_cost_unknown']:,} row(s) have no cost: the endpoint reported none and lists no price"
@@ -381,6 +391,38 @@ def _summary(report: Any) -> str:
                 f"  {model}: {m['rows']:,} rows, {m['prompt_tokens']:,} + {m['completion_tokens']:,} tokens, ${m['cost_usd']:.6f}"
             )
     return "\n".join(lines)
+
+
+@cli.command(context_settings=CONTEXT)
+@job_options
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object, for scripts and monitoring."
+)
+def status(
+    config_file: Path | None, limit: int | None, simulate: bool, as_json: bool, **flags: Any
+) -> None:
+    """How far a job is: rows done, failed and left, spend, recent rate, and whether a run holds
+    its lock. Reads the journal without the lock, so it works while the job runs."""
+    import json
+
+    from pipeline.errors import UserError
+    from pipeline.status import job_status
+
+    try:
+        figures = job_status(_load_config(config_file, simulate, flags), limit)
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    running = f"running (pid {figures['lock_holder']})" if figures["running"] else "not running"
+    click.echo(
+        f"{figures['rows']:,} rows: {figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed), "
+        f"{figures['remaining']:,} to do; {running}\n"
+        f"spent ${figures['cost_usd']:.6f} (true ${figures['true_cost_usd']:.6f}); "
+        f"{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute\n"
+        f"output {figures['output']}: {'written' if figures['output_exists'] else 'not written yet'}"
+    )
 
 
 @cli.command(context_settings=CONTEXT)

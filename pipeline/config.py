@@ -3,7 +3,7 @@ environment. Flags override the file. Every message names the key (and its flag)
 be valid. Relative paths in a file are relative to that file, so a cron job can run from anywhere.
 
 ```toml
-[input]    path, format, id_column
+[input]    path, format, id_column, incremental, reprocess_changed
 [prompt]   column | template | messages_column, system, model_column, param_columns
 [request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
            max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
@@ -48,6 +48,10 @@ class InputConfig:
     path: str
     format: str | None = None  # csv | parquet | jsonl; by extension when unset
     id_column: str | None = None
+    # The input grows between runs (rows appended, new files in a glob): only new rows are sent.
+    incremental: bool = False
+    # ... and rows that changed since they were done are sent again, not just reported.
+    reprocess_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +211,7 @@ SECTIONS: dict[str, Any] = {
 # The flag that sets each key, for messages: "limits.concurrency (--concurrency)".
 FLAGS = {
     "input.path": "--input", "input.id_column": "--id-column", "input.format": "--input-format",
+    "input.incremental": "--incremental", "input.reprocess_changed": "--reprocess-changed",
     "prompt.column": "--prompt-column", "prompt.template": "--template",
     "prompt.messages_column": "--messages-column", "prompt.system": "--system",
     "prompt.model_column": "--model-column", "request.models": "--models", "request.n": "--n",
@@ -306,6 +311,8 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         path=v.required("input.path"),
         format=v.choice("input.format", ("csv", "parquet", "jsonl")),
         id_column=v.string("input.id_column"),
+        incremental=v.flag("input.incremental"),
+        reprocess_changed=v.flag("input.reprocess_changed"),
     )
     prompt = PromptConfig(
         column=v.string("prompt.column"),
@@ -508,6 +515,14 @@ class _Validator:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise self._fail(key, "a list of strings", value)
         return tuple(value)
+
+    def flag(self, key: str) -> bool:
+        value = self._get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise self._fail(key, "true or false", value)
+        return value
 
     def duration(self, key: str) -> float | None:
         """Seconds, from a number or a string like `90`, `45s`, `55m`, `2h`, `1h30m`."""

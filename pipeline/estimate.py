@@ -13,7 +13,6 @@ import asyncio
 import json
 import sqlite3
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from pipeline.config import JobConfig
 from pipeline.job import (
     Prepared,
     RunOptions,
+    Settled,
     connect,
     load_catalogue,
     pending_batches,
@@ -119,16 +119,16 @@ def _settled_rows(config: JobConfig, job: Prepared) -> int:
         return 0
 
 
-def _settled_reader(config: JobConfig, done: int) -> Callable[[int, int], set[int]]:
-    """Settled positions from the journal, read-only; none when it holds no rows of this job."""
+def _settled_reader(config: JobConfig, done: int) -> Settled:
+    """Settled slots from the journal, read-only; none when it holds no rows of this job."""
     if not done:
-        return lambda low, high: set()
+        return lambda low, high: {}
     path = config.output.journal_path
 
-    def settled(low: int, high: int) -> set[int]:
+    def settled(low: int, high: int) -> dict[int, tuple[str, str | None]]:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            query = "SELECT position FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0"
-            return {p for (p,) in db.execute(query, (low, high))}
+            query = "SELECT position, key, request_hash FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0"
+            return {p: (k, h) for p, k, h in db.execute(query, (low, high))}
 
     return settled
 

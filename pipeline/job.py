@@ -67,6 +67,8 @@ class JobReport:
     retries: int = 0
     written: bool = False
     write_seconds: float = 0.0  # spent writing the output file
+    changed: int = 0  # rows done earlier whose input changed (incremental jobs)
+    config_reprocess: bool = False  # ... and were sent again
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -87,6 +89,7 @@ class Prepared:
     api_key: str
     fingerprint: dict[str, Any]
     limit: int | None
+    changed: int = 0  # settled rows of an incremental job whose input changed since
 
     @property
     def variants(self) -> int:
@@ -241,7 +244,12 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
         _check_models(config, catalogue)
         with contextlib.ExitStack() as stack:
             journal = stack.enter_context(
-                Journal.open(config.output.journal_path, job.fingerprint, restart=options.restart)
+                Journal.open(
+                    config.output.journal_path,
+                    job.fingerprint,
+                    restart=options.restart,
+                    incremental=config.input.incremental,
+                )
             )
             cache = ResponseCache(Path(config.request.cache)) if config.request.cache else None
             if cache is not None:
@@ -285,6 +293,8 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
                 raise CreditsError(f"{exc}{await _key_figures(client)}") from None
             await reconcile(client, journal, progress, patience=config.cost.reconcile_timeout)
             report.job_totals = journal.totals(below=job.slots)
+            report.changed = job.changed
+            report.config_reprocess = config.input.reprocess_changed
             if options.write_output:
                 _write_output(report.output, job, journal, report)
     return report
@@ -485,25 +495,53 @@ def _prompt_text(row: Row) -> str | None:
     return content if isinstance(content, str) else json.dumps(content)
 
 
-def pending_batches(job: Prepared, settled: Callable[[int, int], set[int]]) -> Iterator[list[Row]]:
-    """The rows still to do, a batch at a time, in input order; `settled(low, high)` names the
-    slots in [low, high) that an earlier run finished."""
+Settled = Callable[[int, int], dict[int, tuple[str, str | None]]]
+
+
+def pending_batches(job: Prepared, settled: Settled) -> Iterator[list[Row]]:
+    """The rows still to do, a batch at a time, in input order; `settled(low, high)` gives the
+    slots in [low, high) that an earlier run finished, with the id and request they were for."""
     variants = job.variants
     for batch in job.source.batches(job.limit):
         positions = batch[POSITION]
         done = settled(positions[0] * variants, (positions[-1] + 1) * variants)
+        if job.config.input.incremental:
+            yield _new_or_changed(job, job.builder.rows(batch), done)
+            continue
         if done:
             finished = [
                 p for p in positions if all(p * variants + v in done for v in range(variants))
             ]
             batch = batch.filter(~pl.col(POSITION).is_in(finished))
-        yield job.builder.rows(batch, done)
+        yield job.builder.rows(batch, set(done))
+
+
+def _new_or_changed(
+    job: Prepared, rows: list[Row], done: dict[int, tuple[str, str | None]]
+) -> list[Row]:
+    """An incremental job's rows to send: those not done, and (with `reprocess_changed`) those
+    done for another id or another request than they would be now; the others are counted."""
+    todo = []
+    for row in rows:
+        earlier = done.get(row.position)
+        if earlier is None:
+            todo.append(row)
+            continue
+        key, request_hash = earlier
+        if key == row.key and (
+            request_hash is None or row.body is None or request_hash == row.request_hash
+        ):
+            continue
+        job.changed += 1
+        if job.config.input.reprocess_changed:
+            todo.append(row)
+    return todo
 
 
 def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> Iterator[list[Row]]:
     """Rows still to do, a batch at a time. Those whose request was already answered (earlier in
     this job, or in the shared cache) carry that answer. Runs in a thread (see RowFeed)."""
-    for rows in pending_batches(job, journal.settled_positions):
+    for rows in pending_batches(job, journal.settled_requests):
         hashes = list({row.request_hash for row in rows if row.body is not None})
         answered = journal.answers(hashes)
         cached = cache.lookup([h for h in hashes if h not in answered]) if cache else {}

@@ -28,7 +28,7 @@ from pipeline.records import API, OK, RESULT_FIELDS, Result
 # when the process died is the one thing a resume pays for again.
 FLUSH_INTERVAL = 0.1
 # The layout of the tables; a journal of another layout is refused, never misread.
-JOURNAL_FORMAT = 2
+JOURNAL_FORMAT = 3
 
 _COLUMN_TYPES = {
     "completion": "TEXT", "finish_reason": "TEXT", "response_model": "TEXT", "provider": "TEXT",
@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     position INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
-    {_COLUMNS_SQL}
+    {_COLUMNS_SQL},
+    -- Unix time, for the rate `pipeline status` shows (julianday: older sqlite has no unixepoch).
+    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 );
 CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
 -- Attempts whose answer never arrived although the server had accepted them (it may have billed).
@@ -75,8 +77,16 @@ class Journal:
         self._guard = threading.Lock()  # the writer thread and the reader never overlap
 
     @classmethod
-    def open(cls, path: Path, fingerprint: dict[str, Any], *, restart: bool = False) -> Journal:
-        """Open (or create) the journal at `path` and check it against this job's fingerprint.
+    def open(
+        cls,
+        path: Path,
+        fingerprint: dict[str, Any],
+        *,
+        restart: bool = False,
+        incremental: bool = False,
+    ) -> Journal:
+        """Open (or create) the journal at `path` and check it against this job's fingerprint
+        (an incremental job's input may grow: its files are not compared).
 
         The caller holds the job's `JobLock`."""
         if restart:
@@ -85,7 +95,7 @@ class Journal:
         db = _connect(path)
         journal = cls(path, db)
         try:
-            journal._check(fingerprint)
+            journal._check(fingerprint, incremental)
         except BaseException:
             db.close()
             raise
@@ -101,7 +111,7 @@ class Journal:
         with self._guard:
             self._db.close()
 
-    def _check(self, fingerprint: dict[str, Any]) -> None:
+    def _check(self, fingerprint: dict[str, Any], incremental: bool) -> None:
         stored = {
             name: json.loads(value)
             for name, value in self._db.execute("SELECT name, value FROM meta")
@@ -126,7 +136,7 @@ class Journal:
                 "journal layout this version cannot read; finish that job with that version, or re-run "
                 "with --restart to start over"
             )
-        changes = describe_changes(stored, fingerprint)
+        changes = describe_changes(stored, fingerprint, compare_input=not incremental)
         if changes:
             raise JournalError(
                 f"journal {self.path} belongs to a different job: {'; '.join(changes)}. "
@@ -135,15 +145,6 @@ class Journal:
             )
 
     # ------------------------------------------------------------------------------ reads
-
-    def settled_positions(self, low: int, high: int) -> set[int]:
-        """Positions in [low, high) that need no request: done, or failed for good."""
-        with self._guard:
-            cursor = self._db.execute(
-                "SELECT position FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0",
-                (low, high),
-            )
-            return {position for (position,) in cursor}
 
     def settled_count(self, below: int) -> int:
         """How many of the first `below` rows an earlier run settled."""
@@ -178,28 +179,18 @@ class Journal:
                     found.setdefault(result.request_hash or "", result)
         return found
 
-    def totals(self, below: int | None = None) -> dict[str, Any]:
-        """Counts, tokens and cost over the journal (rows under position `below` only, if given).
-
-        Tokens count answers from the API only: a reused answer was not generated again.
-        """
-        where = "position < ?" if below is not None else "1"
-        args = (below,) if below is not None else ()
+    def settled_requests(self, low: int, high: int) -> dict[int, tuple[str, str | None]]:
+        """(id, request hash) of each settled slot in [low, high): what it was done for."""
         with self._guard:
-            row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
-            by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
-            lost = self._db.execute(_LOST).fetchone()
-        cost = row[5] or 0.0
-        return {
-            "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
-            "cost_usd": cost, "duplicates_reused": row[6], "cache_hits": row[7], "rows_cost_unknown": row[8],
-            "by_model": {
-                model or "(unknown)": {"rows": n, "prompt_tokens": p or 0, "completion_tokens": c or 0, "cost_usd": usd or 0.0}
-                for model, n, p, c, usd in by_model
-            },
-            "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
-            "lost_attempts_unreconciled": lost[3], "true_cost_usd": cost + lost[2],
-        }  # fmt: skip
+            cursor = self._db.execute(
+                "SELECT position, key, request_hash FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0",
+                (low, high),
+            )
+            return {position: (key, request_hash) for position, key, request_hash in cursor}
+
+    def totals(self, below: int | None = None) -> dict[str, Any]:
+        with self._guard:
+            return read_totals(self._db, below)
 
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
@@ -276,11 +267,38 @@ class JournalWriter:
             await self.flush()
 
 
-def describe_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def read_totals(db: sqlite3.Connection, below: int | None = None) -> dict[str, Any]:
+    """Counts, tokens and cost over a journal (slots under `below` only, if given).
+
+    Tokens count answers from the API only: a reused answer was not generated again.
+    """
+    where = "position < ?" if below is not None else "1"
+    args = (below,) if below is not None else ()
+    row = db.execute(_TOTALS.format(where=where), args).fetchone()
+    by_model = db.execute(_BY_MODEL.format(where=where), args).fetchall()
+    lost = db.execute(_LOST).fetchone()
+    cost = row[5] or 0.0
+    return {
+        "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
+        "cost_usd": cost, "duplicates_reused": row[6], "cache_hits": row[7], "rows_cost_unknown": row[8],
+        "by_model": {
+            model or "(unknown)": {"rows": n, "prompt_tokens": p or 0, "completion_tokens": c or 0, "cost_usd": usd or 0.0}
+            for model, n, p, c, usd in by_model
+        },
+        "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
+        "lost_attempts_unreconciled": lost[3], "true_cost_usd": cost + lost[2],
+    }  # fmt: skip
+
+
+def describe_changes(
+    stored: dict[str, Any], current: dict[str, Any], *, compare_input: bool = True
+) -> list[str]:
     """Human-readable differences between two job fingerprints."""
     changes = []
     # Files are compared by content, in order: the same bytes under another path are the same input.
-    old_files, new_files = stored.get("input", []), current.get("input", [])
+    old_files, new_files = (
+        (stored.get("input", []), current.get("input", [])) if compare_input else ([], [])
+    )
     if len(old_files) != len(new_files):
         changes.append(f"the input was {len(old_files)} file(s) and is now {len(new_files)}")
     for old, new in zip(old_files, new_files, strict=False):
@@ -334,6 +352,23 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         raise
     db.isolation_level = "DEFERRED"
     return db
+
+
+def lock_holder(journal: Path) -> str | None:
+    """The pid of the run holding this job's lock, or None when no run does (checked by
+    trying the lock, never by trusting the pid file)."""
+    path = Path(f"{journal}.lock")
+    try:
+        handle = path.open("r")
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 class JobLock:
