@@ -168,8 +168,8 @@ class Dispatcher:
         clock = asyncio.get_running_loop().time
         started = clock()
         attempt = 0
-        rejected: Result | None = None  # the answers turned down so far, their spend summed
-        invalid = 0  # how many
+        rejected: Result | None = None  # the last answer turned down, with the spend of all so far
+        invalid = 0  # answers turned down
         while True:
             attempt += 1
             reservation = self._reserve(row)

@@ -63,7 +63,7 @@ class RequestBuilder:
         self.answers = answer_spec(config)
         self._params = request_params(config, self.answers)
         # Everything after "messages" is the same for every row of a sample: serialise it once.
-        self._tails = [self._tail({}, sample) for _, sample in self.variants[: config.request.n]]
+        self._tails = [self._tail({}, sample) for sample in range(config.request.n)]
         self._max_output = config.request.max_tokens or DEFAULT_OUTPUT_ESTIMATE
         # Answers from the simulator must never be served to a real job from a shared cache.
         endpoint = "(simulator)" if config.request.simulate else config.request.base_url
