@@ -348,11 +348,11 @@ def run(
         }  # fmt: skip
         print(json_line("summary", **summary), file=stream, flush=True)
     else:
-        click.echo(_summary(report), file=stream)
+        click.echo(_summary(report, config.input.reprocess_changed), file=stream)
     sys.exit(report.exit_code)
 
 
-def _summary(report: Any) -> str:
+def _summary(report: Any, reprocess_changed: bool) -> str:
     t = report.job_totals
     lines = [
         f"done: {report.total_rows:,} rows: {t.get('ok', 0):,} ok, {t.get('failed', 0):,} failed "
@@ -376,7 +376,7 @@ def _summary(report: Any) -> str:
     if report.changed:
         again = (
             "sent again"
-            if report.config_reprocess
+            if reprocess_changed
             else "kept their earlier answers; --reprocess-changed sends them again"
         )
         lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")

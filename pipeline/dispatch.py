@@ -34,6 +34,13 @@ from pipeline.retry import RetryPolicy
 # Failures after the server accepted the request: it may have generated, and billed, an answer
 # that never reached us. Their generation ids are kept for reconciliation.
 LOST_ANSWER_KINDS = frozenset({"timeout", "connection_dropped", "invalid_json"})
+SPEND_FIELDS = (
+    "cost_usd",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+)
 RECENT_ANSWERS = 10_000  # answers remembered for duplicates not yet visible in the journal
 PROMPT_ESTIMATE_MARGIN = 1.25  # the prompt-token estimate can be this far under (see estimate)
 
@@ -227,8 +234,8 @@ class Dispatcher:
     def _judge(self, result: Result) -> tuple[str, str, bool] | None:
         """Why a delivered answer is not a good one: (error type, message, worth asking again);
         None if it is good. A good structured answer gets its canonical JSON in `parsed`."""
-        empty = not (result.completion or "").strip()
-        if empty and result.finish_reason == "length":
+        cut_off = result.finish_reason == "length"
+        if cut_off and not (result.completion or "").strip():
             reasoning = (
                 f" ({result.reasoning_tokens} of them reasoning)" if result.reasoning_tokens else ""
             )
@@ -244,7 +251,7 @@ class Dispatcher:
         if problem is None:
             result.parsed = parsed
             return None
-        if result.finish_reason == "length":  # cut off mid-answer: asking again cuts it again
+        if cut_off:  # mid-answer: asking again cuts it off again
             return (
                 "length",
                 f"{problem}; the answer was cut off at the length limit (request.max_tokens)",
@@ -362,18 +369,14 @@ def _spend_with(result: Result, earlier: Result | None) -> Result:
     if earlier is None:
         return result
     summed: dict[str, Any] = {
-        name: (getattr(result, name) or 0) + (getattr(earlier, name) or 0)
-        if getattr(result, name) is not None or getattr(earlier, name) is not None
-        else None
-        for name in (
-            "cost_usd",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "reasoning_tokens",
-        )
+        name: _plus(getattr(result, name), getattr(earlier, name)) for name in SPEND_FIELDS
     }
     return dataclasses.replace(result, **summed)
+
+
+def _plus(a: float | None, b: float | None) -> float | None:
+    """A sum where unknown plus unknown stays unknown."""
+    return None if a is None and b is None else (a or 0) + (b or 0)
 
 
 def _failed(row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool) -> Result:

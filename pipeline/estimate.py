@@ -10,7 +10,6 @@ runs N rows for real (journaled, so never paid again) and extrapolates from what
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,14 +19,13 @@ from pipeline.config import JobConfig
 from pipeline.job import (
     Prepared,
     RunOptions,
-    Settled,
     connect,
     load_catalogue,
     pending_batches,
     prepare,
     run_job,
 )
-from pipeline.journal import describe_changes
+from pipeline.journal import Journal, describe_changes
 from pipeline.prompts import DEFAULT_OUTPUT_ESTIMATE
 
 PROMPT_LOW, PROMPT_HIGH = 0.75, 1.25
@@ -99,38 +97,16 @@ def _settled_rows(config: JobConfig, job: Prepared) -> int:
     """Rows an earlier run of this same job settled (0 if there is no journal, or it is another job's).
 
     Read without the lock, so an estimate works while the job runs."""
-    path = config.output.journal_path
-    if not path.exists():
+    journal = Journal.read_only(config.output.journal_path)
+    if journal is None:
         return 0
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            stored = {
-                name: json.loads(value)
-                for name, value in db.execute("SELECT name, value FROM meta")
-            }
-            if describe_changes(stored, job.fingerprint):
+        with journal:
+            if describe_changes(journal.meta(), job.fingerprint):
                 return 0
-            (count,) = db.execute(
-                "SELECT COUNT(*) FROM results WHERE position < ? AND retry_on_resume = 0",
-                (job.slots,),
-            ).fetchone()
-            return int(count)
+            return journal.settled_count(below=job.slots)
     except sqlite3.Error:
         return 0
-
-
-def _settled_reader(config: JobConfig, done: int) -> Settled:
-    """Settled slots from the journal, read-only; none when it holds no rows of this job."""
-    if not done:
-        return lambda low, high: {}
-    path = config.output.journal_path
-
-    def settled(low: int, high: int) -> dict[int, tuple[str, str | None]]:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            query = "SELECT position, key, request_hash FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0"
-            return {p: (k, h) for p, k, h in db.execute(query, (low, high))}
-
-    return settled
 
 
 async def _estimate(job: Prepared, done: int) -> Estimate:
@@ -155,19 +131,25 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
     by_model: dict[str, ModelEstimate] = defaultdict(ModelEstimate)
     unique: set[str] | None = set() if job.slots - done <= UNIQUE_COUNT_LIMIT else None
     todo = 0
-    for row in (r for rows in pending_batches(job, _settled_reader(config, done)) for r in rows):
-        if row.body is None:
-            continue
-        todo += 1
-        if unique is not None:
-            if row.request_hash in unique:
+    journal = Journal.read_only(config.output.journal_path) if done else None
+    settled = journal.settled_requests if journal is not None else lambda low, high: {}
+    try:
+        for row in (r for rows in pending_batches(job, settled) for r in rows):
+            if row.body is None:
                 continue
-            unique.add(row.request_hash)
-        model = by_model[row.model]
-        model.rows += 1
-        model.prompt_tokens += row.prompt_tokens
-        model.output_low += out_low
-        model.output_high += out_high
+            todo += 1
+            if unique is not None:
+                if row.request_hash in unique:
+                    continue
+                unique.add(row.request_hash)
+            model = by_model[row.model]
+            model.rows += 1
+            model.prompt_tokens += row.prompt_tokens
+            model.output_low += out_low
+            model.output_high += out_high
+    finally:
+        if journal is not None:
+            journal.close()
     for model_id, m in by_model.items():
         price = catalogue.get(model_id) if catalogue else None
         if price is None:

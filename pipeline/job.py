@@ -15,6 +15,7 @@ import resource
 import signal
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,6 @@ class JobReport:
     written: bool = False
     write_seconds: float = 0.0  # spent writing the output file
     changed: int = 0  # rows done earlier whose input changed (incremental jobs)
-    config_reprocess: bool = False  # ... and were sent again
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -116,7 +116,7 @@ def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
         raise InputError(
             f"output.path (--output) {output} is the input file; choose another output path"
         )
-    total, prompt_chars = _validate_rows(source, config, builder, limit)
+    total, prompt_chars = validate_rows(source, config, builder, limit)
     api_key = SIMULATOR_KEY if config.request.simulate else read_api_key(config)
     if api_key is None:
         raise ConfigError(
@@ -294,13 +294,12 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
             await reconcile(client, journal, progress, patience=config.cost.reconcile_timeout)
             report.job_totals = journal.totals(below=job.slots)
             report.changed = job.changed
-            report.config_reprocess = config.input.reprocess_changed
             if options.write_output:
                 _write_output(report.output, job, journal, report)
     return report
 
 
-def _validate_rows(
+def validate_rows(
     source: Source, config: JobConfig, builder: RequestBuilder, limit: int | None
 ) -> tuple[int, int | None]:
     """Count the rows (checking every one can be read), refuse duplicate ids, and sum the prompt
@@ -454,10 +453,10 @@ async def _dispatch(
         _restore_signals()
     if interrupted:
         raise Interrupted(interrupted[0])
-    if out_of_time and journal.settled_count(below=job.slots) < job.slots:
+    left = job.slots - journal.settled_count(below=job.slots) if out_of_time else 0
+    if left:
         raise OutOfTime(
-            f"--max-runtime reached: stopped sending and saved the journal, {job.slots - journal.settled_count(below=job.slots):,} "
-            "row(s) left; the next run resumes"
+            f"--max-runtime reached: stopped sending and saved the journal, {left:,} row(s) left; the next run resumes"
         )
 
 
@@ -508,10 +507,9 @@ def pending_batches(job: Prepared, settled: Settled) -> Iterator[list[Row]]:
         if job.config.input.incremental:
             yield _new_or_changed(job, job.builder.rows(batch), done)
             continue
-        if done:
-            finished = [
-                p for p in positions if all(p * variants + v in done for v in range(variants))
-            ]
+        if done:  # drop the input rows whose every variant is done
+            per_row = Counter(slot // variants for slot in done)
+            finished = [p for p, count in per_row.items() if count == variants]
             batch = batch.filter(~pl.col(POSITION).is_in(finished))
         yield job.builder.rows(batch, set(done))
 

@@ -101,6 +101,14 @@ class Journal:
             raise
         return journal
 
+    @classmethod
+    def read_only(cls, path: Path) -> Journal | None:
+        """The journal at `path` for reading while a run may be writing it (no lock taken,
+        nothing checked); None when there is none yet."""
+        if not path.exists():
+            return None
+        return cls(path, sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False))
+
     def __enter__(self) -> Journal:
         return self
 
@@ -111,11 +119,16 @@ class Journal:
         with self._guard:
             self._db.close()
 
+    def meta(self) -> dict[str, Any]:
+        """What the job was (input and config fingerprints), the version and the format."""
+        with self._guard:
+            return {
+                name: json.loads(value)
+                for name, value in self._db.execute("SELECT name, value FROM meta")
+            }
+
     def _check(self, fingerprint: dict[str, Any], incremental: bool) -> None:
-        stored = {
-            name: json.loads(value)
-            for name, value in self._db.execute("SELECT name, value FROM meta")
-        }
+        stored = self.meta()
         if not stored:
             with self._db:
                 self._db.executemany(
@@ -188,9 +201,36 @@ class Journal:
             )
             return {position: (key, request_hash) for position, key, request_hash in cursor}
 
-    def totals(self, below: int | None = None) -> dict[str, Any]:
+    def done_since(self, since: float) -> int:
+        """Results written after Unix time `since`."""
         with self._guard:
-            return read_totals(self._db, below)
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM results WHERE done_at > ?", (since,)
+            ).fetchone()
+        return int(count)
+
+    def totals(self, below: int | None = None) -> dict[str, Any]:
+        """Counts, tokens and cost over the journal (slots under `below` only, if given).
+
+        Tokens count answers from the API only: a reused answer was not generated again.
+        """
+        where = "position < ?" if below is not None else "1"
+        args = (below,) if below is not None else ()
+        with self._guard:
+            row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
+            by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
+            lost = self._db.execute(_LOST).fetchone()
+        cost = row[5] or 0.0
+        return {
+            "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
+            "cost_usd": cost, "duplicates_reused": row[6], "cache_hits": row[7], "rows_cost_unknown": row[8],
+            "by_model": {
+                model or "(unknown)": {"rows": n, "prompt_tokens": p or 0, "completion_tokens": c or 0, "cost_usd": usd or 0.0}
+                for model, n, p, c, usd in by_model
+            },
+            "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
+            "lost_attempts_unreconciled": lost[3], "true_cost_usd": cost + lost[2],
+        }  # fmt: skip
 
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
@@ -265,29 +305,6 @@ class JournalWriter:
         while True:
             await asyncio.sleep(self.interval)
             await self.flush()
-
-
-def read_totals(db: sqlite3.Connection, below: int | None = None) -> dict[str, Any]:
-    """Counts, tokens and cost over a journal (slots under `below` only, if given).
-
-    Tokens count answers from the API only: a reused answer was not generated again.
-    """
-    where = "position < ?" if below is not None else "1"
-    args = (below,) if below is not None else ()
-    row = db.execute(_TOTALS.format(where=where), args).fetchone()
-    by_model = db.execute(_BY_MODEL.format(where=where), args).fetchall()
-    lost = db.execute(_LOST).fetchone()
-    cost = row[5] or 0.0
-    return {
-        "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
-        "cost_usd": cost, "duplicates_reused": row[6], "cache_hits": row[7], "rows_cost_unknown": row[8],
-        "by_model": {
-            model or "(unknown)": {"rows": n, "prompt_tokens": p or 0, "completion_tokens": c or 0, "cost_usd": usd or 0.0}
-            for model, n, p, c, usd in by_model
-        },
-        "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
-        "lost_attempts_unreconciled": lost[3], "true_cost_usd": cost + lost[2],
-    }  # fmt: skip
 
 
 def describe_changes(

@@ -31,7 +31,8 @@ class LogSettings:
     def open(self) -> IO[str]:
         if self.file is None:
             return sys.stderr
-        return open(self.file, "a", buffering=1, encoding="utf-8")  # the CLI closes it
+        # Line-buffered: each line reaches the file as it is written, whatever ends the run.
+        return open(self.file, "a", buffering=1, encoding="utf-8")
 
 
 def json_line(event: str, **fields: Any) -> str:

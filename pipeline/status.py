@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.errors import JournalError
-from pipeline.journal import lock_holder, read_totals
+from pipeline.journal import Journal, lock_holder
 from pipeline.prompts import RequestBuilder
 from pipeline.source import open_source
 
@@ -19,29 +19,24 @@ RATE_WINDOW = 60.0  # seconds the recent rate is measured over
 
 def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
     """Rows, done / failed / remaining, spend, the recent rate and the lock, as one dict."""
-    from pipeline.job import _validate_rows
+    from pipeline.job import validate_rows
 
     source = open_source(config.input.path, config.input.format)
     builder = RequestBuilder(config, source.columns)
-    total, _ = _validate_rows(source, config, builder, limit)
+    total, _ = validate_rows(source, config, builder, limit)
     slots = total * len(builder.variants)
-    journal = config.output.journal_path
+    path = config.output.journal_path
     totals: dict[str, Any] = {}
     settled = recent = 0
-    if journal.exists():
+    if (journal := Journal.read_only(path)) is not None:
         try:
-            with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
-                totals = read_totals(db, slots)
-                (settled,) = db.execute(
-                    "SELECT COUNT(*) FROM results WHERE position < ? AND retry_on_resume = 0",
-                    (slots,),
-                ).fetchone()
-                (recent,) = db.execute(
-                    "SELECT COUNT(*) FROM results WHERE done_at > ?", (time.time() - RATE_WINDOW,)
-                ).fetchone()
+            with journal:
+                totals = journal.totals(below=slots)
+                settled = journal.settled_count(below=slots)
+                recent = journal.done_since(time.time() - RATE_WINDOW)
         except sqlite3.Error as exc:
-            raise JournalError(f"journal {journal} cannot be read: {exc}") from None
-    holder = lock_holder(journal)
+            raise JournalError(f"journal {path} cannot be read: {exc}") from None
+    holder = lock_holder(path)
     output = Path(config.output.path)
     return {
         "rows": slots,
@@ -57,7 +52,7 @@ def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
         "rows_per_s_last_minute": recent / RATE_WINDOW,
         "running": holder is not None,
         "lock_holder": holder,
-        "journal": str(journal),
+        "journal": str(path),
         "output": str(output),
         "output_exists": output.exists(),
     }
