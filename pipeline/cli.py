@@ -132,6 +132,11 @@ def cli() -> None:
 @click.option(
     "--omit-cost", is_flag=True, help="Leave usage.cost out, like a plain OpenAI-compatible server."
 )
+@click.option(
+    "--native-n",
+    is_flag=True,
+    help="Honour `n` (several choices per answer) like an OpenAI-compatible server; OpenRouter has no `n`.",
+)
 def simulate(
     host: str,
     port: int,
@@ -149,6 +154,7 @@ def simulate(
     down_models: tuple[str, ...],
     flagged_terms: tuple[str, ...],
     omit_cost: bool,
+    native_n: bool,
 ) -> None:
     """Serve a local OpenRouter simulator until Ctrl-C.
 
@@ -176,6 +182,7 @@ def simulate(
             down_models=frozenset(down_models),
             flagged_terms=flagged_terms,
             omit_cost=omit_cost,
+            native_n=native_n,
         )
     except FaultSpecError as exc:
         raise click.BadParameter(str(exc)) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -43,6 +43,9 @@ class Completion:
     reasoning_tokens: int | None
     cached_tokens: int | None
     cost: float | None
+    # (content, finish_reason) of every choice, the first included: a request with `n` has
+    # several; usage and cost above cover them all.
+    choices: list[tuple[str | None, str | None]] = field(default_factory=list)
 
 
 class OpenRouterClient:
@@ -189,20 +192,24 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         raise RetryableError(
             "no_choices", "HTTP 200 without any choice", status=200, generation_id=generation_id
         )
-    choice = choices[0]
-    message = _dict(choice.get("message"))
-    finish = choice.get("finish_reason")
-    if choice.get("error") or finish == "error":
-        detail = _dict(choice.get("error"))
-        raise RetryableError(
-            "choice_error",
-            f"the provider failed mid-answer: {_message(detail) or 'finish_reason error'}",
-            status=200,
-            generation_id=data.get("id") or generation_id,
-        )
+    answers = []
+    for choice in map(_dict, choices):
+        finish = choice.get("finish_reason")
+        if choice.get("error") or finish == "error":
+            detail = _dict(choice.get("error"))
+            raise RetryableError(
+                "choice_error",
+                f"the provider failed mid-answer: {_message(detail) or 'finish_reason error'}",
+                status=200,
+                generation_id=data.get("id") or generation_id,
+            )
+        content = _dict(choice.get("message")).get("content")
+        if content is not None and not isinstance(content, str):
+            content = json.dumps(content)
+        answers.append((content, finish))
+    content, finish = answers[0]
     usage = _dict(data.get("usage"))
     completion_tokens = usage.get("completion_tokens")
-    content = message.get("content")
     if not content and finish is None and not completion_tokens:
         # A cold start: nothing generated and (by zero-completion insurance) nothing charged.
         raise RetryableError(
@@ -215,9 +222,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
     completion_details = _dict(usage.get("completion_tokens_details"))
     cost = usage.get("cost")
     return Completion(
-        content=content
-        if isinstance(content, str)
-        else (json.dumps(content) if content is not None else None),
+        content=content,
         finish_reason=finish,
         model=data.get("model"),
         provider=data.get("provider"),
@@ -228,6 +233,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         reasoning_tokens=completion_details.get("reasoning_tokens"),
         cached_tokens=prompt_details.get("cached_tokens"),
         cost=float(cost) if isinstance(cost, int | float) else None,
+        choices=answers,
     )
 
 

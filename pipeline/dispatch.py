@@ -28,7 +28,7 @@ from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import JobStopped, PermanentError, RetryableError
 from pipeline.limits import Limits
 from pipeline.pricing import DEFAULT_MAX_OUTPUT, Budget, BudgetReached, Catalogue
-from pipeline.records import API, DUPLICATE, ERROR, OK, Result, Row
+from pipeline.records import API, DUPLICATE, ERROR, OK, SHARED, Result, Row
 from pipeline.retry import RetryPolicy
 
 # Failures after the server accepted the request: it may have generated, and billed, an answer
@@ -121,20 +121,26 @@ class Dispatcher:
             if row is None:
                 return
             try:
-                result = await self.process(row)
+                results = await self.process(row)
             except JobStopped as exc:
                 if self.stopped is None:
                     self.stopped = exc
                 self.stopping.set()
                 return
-            on_result(row, result)
+            for result in results:
+                on_result(row, result)
 
-    async def process(self, row: Row) -> Result:
-        """The result of one row: from an identical request if there is one, else from the API."""
+    async def process(self, row: Row) -> list[Result]:
+        """The results of one row, one per slot it answers for: from an identical request if
+        there is one, else from the API."""
         if row.body is None:
-            return Result(row.position, row.key, ERROR, error_type="input", error_message=row.error)
+            return [
+                Result(row.position, row.key, ERROR, error_type="input", error_message=row.error)
+            ]
         if row.reuse is not None:
-            return row.reuse
+            return [row.reuse]
+        if row.samples > 1:
+            return await self._send(row)  # several answers at once: shared with no other row
         key = row.request_hash
         while key in self._inflight:
             # An identical request is in flight: wait for its answer (a future is made only now,
@@ -148,13 +154,13 @@ class Dispatcher:
                 if not pending.cancelled():
                     raise  # this worker itself is being cancelled
                 continue  # the original was abandoned: send this one ourselves
-            return original.reused_for(row, DUPLICATE)
+            return [original.reused_for(row, DUPLICATE)]
         if (earlier := self._recent.get(key)) is not None:
-            return earlier.reused_for(row, DUPLICATE)
+            return [earlier.reused_for(row, DUPLICATE)]
 
         self._inflight[key] = None
         try:
-            result = await self._send(row)
+            (result,) = await self._send(row)
         except BaseException:
             waiting = self._inflight.pop(key, None)
             if waiting is not None:
@@ -167,10 +173,11 @@ class Dispatcher:
             self._recent[key] = result
             if len(self._recent) > RECENT_ANSWERS:
                 self._recent.popitem(last=False)
-        return result
+        return [result]
 
-    async def _send(self, row: Row) -> Result:
-        """Send one row, retrying transient failures; never raises for a row-level failure."""
+    async def _send(self, row: Row) -> list[Result]:
+        """Send one row, retrying transient failures; never raises for a row-level failure.
+        One result per slot of the row."""
         assert row.body is not None
         clock = asyncio.get_running_loop().time
         started = clock()
@@ -212,24 +219,34 @@ class Dispatcher:
                 )  # stopped or cancelled mid-request: assume it was billed
                 raise
             latency_ms = (time.perf_counter() - sent) * 1000
-            fresh = self._succeeded(row, completion, attempt, latency_ms)
-            self._settle(reservation, fresh.cost_usd)
-            result = _spend_with(fresh, rejected)
+            first, *others = self._succeeded(row, completion, attempt, latency_ms)
+            self._settle(reservation, first.cost_usd)
+            results = [_spend_with(first, rejected), *others]
             if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
                 await self.limits.charge_extra_tokens(
                     completion.total_tokens - row.estimated_tokens
                 )
-            problem = self._judge(result)
-            if problem is None:
-                return result
-            kind, message, again = problem
+            problems = [self._judge(result) for result in results]
+            if not any(problems):
+                return results
+            # One bad answer of several asks for them all again: they came as one request.
+            again = any(problem[2] for problem in problems if problem)
             if again and invalid < self.invalid_retries and not self.stopping.is_set():
-                rejected, invalid = result, invalid + 1
+                rejected, invalid = results[0], invalid + 1
                 self.retries += 1
                 continue
-            return dataclasses.replace(
-                result, status=ERROR, error_type=kind, error_message=message, parsed=None
-            )
+            return [
+                dataclasses.replace(
+                    result,
+                    status=ERROR,
+                    error_type=problem[0],
+                    error_message=problem[1],
+                    parsed=None,
+                )
+                if problem
+                else result
+                for result, problem in zip(results, problems, strict=True)
+            ]
 
     def _judge(self, result: Result) -> tuple[str, str, bool] | None:
         """Why a delivered answer is not a good one: (error type, message, worth asking again);
@@ -239,9 +256,14 @@ class Dispatcher:
             reasoning = (
                 f" ({result.reasoning_tokens} of them reasoning)" if result.reasoning_tokens else ""
             )
+            spent = (
+                f" after {result.completion_tokens} completion tokens"
+                if result.completion_tokens is not None
+                else ""
+            )
             return (
                 "length",
-                f"no answer: the length limit ran out after {result.completion_tokens} completion tokens{reasoning}; "
+                f"no answer: the length limit ran out{spent}{reasoning}; "
                 "raise request.max_tokens (--max-tokens) or lower the reasoning budget (request.reasoning)",
                 False,
             )
@@ -285,7 +307,9 @@ class Dispatcher:
         if self.budget is not None:
             self.budget.settle(reservation, actual)
 
-    def _succeeded(self, row: Row, c: Completion, attempts: int, latency_ms: float) -> Result:
+    def _succeeded(self, row: Row, c: Completion, attempts: int, latency_ms: float) -> list[Result]:
+        """One result per slot of the row. With several answers in one request, the first
+        carries the request's usage and cost; the others are marked as paid for there."""
         cost: float | None = c.cost
         source: str | None = "reported"
         if cost is None:
@@ -301,7 +325,7 @@ class Dispatcher:
                 )
             else:
                 source = None  # unknown, never 0
-        return Result(
+        first = Result(
             row.position,
             row.key,
             OK,
@@ -322,6 +346,26 @@ class Dispatcher:
             attempts=attempts,
             request_hash=row.request_hash,
         )
+        others = [
+            dataclasses.replace(
+                first,
+                position=row.position + i,
+                completion=content,
+                finish_reason=finish,
+                prompt_tokens=None,
+                completion_tokens=None,
+                total_tokens=None,
+                reasoning_tokens=None,
+                cached_tokens=None,
+                cost_usd=0.0,
+                cost_source=SHARED,
+            )
+            for i, (content, finish) in enumerate(c.choices[1 : row.samples], start=1)
+        ]
+        # Fewer choices than asked for: the slots left over fail, to be asked again next run.
+        short = f"the answer held {len(c.choices)} of {row.samples} choices"
+        missing = _failed(row, "no_choices", short, attempts, retry_on_resume=True)
+        return [first, *others, *missing[1 + len(others) :]]
 
 
 class RowFeed:
@@ -379,8 +423,21 @@ def _plus(a: float | None, b: float | None) -> float | None:
     return None if a is None and b is None else (a or 0) + (b or 0)
 
 
-def _failed(row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool) -> Result:
-    return Result(
-        row.position, row.key, ERROR, response_source=API, attempts=attempts, error_type=kind,
-        error_message=message, retry_on_resume=retry_on_resume, request_hash=row.request_hash,
-    )  # fmt: skip
+def _failed(
+    row: Row, kind: str, message: str, attempts: int, *, retry_on_resume: bool
+) -> list[Result]:
+    """The same failure for every slot of the row."""
+    return [
+        Result(
+            row.position + i,
+            row.key,
+            ERROR,
+            response_source=API,
+            attempts=attempts,
+            error_type=kind,
+            error_message=message,
+            retry_on_resume=retry_on_resume,
+            request_hash=row.request_hash,
+        )
+        for i in range(row.samples)
+    ]

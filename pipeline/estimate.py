@@ -113,6 +113,7 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
     config = job.config
     async with connect(config, job.api_key) as client:
         catalogue = await load_catalogue(client, config)
+    job.builder.use_native_n(catalogue)
     max_tokens = config.request.max_tokens
     expected = config.cost.expected_output_tokens
     notes = []
@@ -137,16 +138,16 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
         for row in (r for rows in pending_batches(job, settled) for r in rows):
             if row.body is None:
                 continue
-            todo += 1
+            todo += row.samples
             if unique is not None:
                 if row.request_hash in unique:
                     continue
                 unique.add(row.request_hash)
             model = by_model[row.model]
-            model.rows += 1
+            model.rows += row.samples  # a request with `n` answers several rows
             model.prompt_tokens += row.prompt_tokens
-            model.output_low += out_low
-            model.output_high += out_high
+            model.output_low += out_low * row.samples
+            model.output_high += out_high * row.samples
     finally:
         if journal is not None:
             journal.close()

@@ -50,6 +50,7 @@ from pipeline.source import POSITION, Source, open_source
 PARSED = RESULT_FIELDS.index("parsed")
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
 OUTPUT_BATCH_ROWS = 10_000  # rows per Parquet row group in the output
+VALIDATION_BATCH_ROWS = 50_000  # rows per batch of the validation pass
 OPEN_FILES_HEADROOM = (
     64  # descriptors beyond one per request: journal, input files, stdio, the loop
 )
@@ -242,6 +243,7 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
     async with connect(config, job.api_key) as client:
         catalogue = await load_catalogue(client, config)
         _check_models(config, catalogue)
+        job.builder.use_native_n(catalogue)
         with contextlib.ExitStack() as stack:
             journal = stack.enter_context(
                 Journal.open(
@@ -302,38 +304,46 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
 def validate_rows(
     source: Source, config: JobConfig, builder: RequestBuilder, limit: int | None
 ) -> tuple[int, int | None]:
-    """Count the rows (checking every one can be read), refuse duplicate ids, and sum the prompt
-    lengths for estimates, in one streaming pass before anything is sent."""
-    frame = source.lazy(limit)
+    """Count the rows (checking every one can be read), refuse duplicate or null ids, and sum
+    the prompt lengths for estimates, in one pass before anything is sent.
+
+    The pass reads the input a batch at a time, so memory stays flat with the row count: ids
+    are kept only as 64-bit hashes (8 bytes a row), and only when two hashes meet is the input
+    searched for the actual duplicate."""
     id_column = config.input.id_column
     aggregates = [pl.len().alias("rows")]
     if builder.prompt_expr is not None:
         aggregates.append(builder.prompt_expr.str.len_chars().sum().alias("chars"))
     if id_column:
-        ids = pl.col(id_column)
-        aggregates += [
-            ids.is_duplicated().any().alias("dup"),
-            ids.filter(ids.is_duplicated()).first().alias("example"),
-            ids.null_count().alias("nulls"),
-        ]
+        aggregates.append(pl.col(id_column).null_count().alias("nulls"))
+    rows = chars = nulls = 0
+    id_hashes = []
     try:
-        stats = frame.select(aggregates).collect(engine="streaming").row(0, named=True)
+        for batch in source.batches(limit, size=VALIDATION_BATCH_ROWS):
+            stats = batch.select(aggregates).row(0, named=True)
+            rows += stats["rows"]
+            chars += stats.get("chars") or 0
+            if id_column:
+                nulls += stats["nulls"]
+                id_hashes.append(batch[id_column].drop_nulls().hash())
     except pl.exceptions.PolarsError as exc:
         raise InputError(
             f"input {source.pattern} cannot be read: {str(exc).strip().splitlines()[0]}"
         ) from None
-    if stats["rows"] == 0:
+    if rows == 0:
         raise InputError(f"input {source.pattern} has no rows")
-    if id_column and stats["dup"]:
+    if id_column and id_hashes and pl.concat(id_hashes).n_unique() < rows - nulls:
+        ids = pl.col(id_column)
+        example = source.lazy(limit).select(ids.filter(ids.is_duplicated()).first()).collect()
+        if example.height and example.item() is not None:  # not just two hashes colliding
+            raise InputError(
+                f"input.id_column (--id-column) '{id_column}' has duplicate values (e.g. {example.item()!r}); ids must be unique"
+            )
+    if nulls:
         raise InputError(
-            f"input.id_column (--id-column) '{id_column}' has duplicate values (e.g. {stats['example']!r}); ids must be unique"
+            f"input.id_column (--id-column) '{id_column}' is null in {nulls} row(s); ids must be present"
         )
-    if id_column and stats["nulls"]:
-        raise InputError(
-            f"input.id_column (--id-column) '{id_column}' is null in {stats['nulls']} row(s); ids must be present"
-        )
-    chars = stats.get("chars")
-    return int(stats["rows"]), int(chars) if chars is not None else None
+    return rows, chars if builder.prompt_expr is not None else None
 
 
 def _check_models(config: JobConfig, catalogue: Catalogue | None) -> None:

@@ -34,6 +34,7 @@ class ModelPrice:
     completion: Decimal
     request: Decimal = Decimal(0)
     cache_read: Decimal | None = None
+    supported_parameters: frozenset[str] = frozenset()
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """USD for a request: tokens x prices (cached prompt tokens at the cache-read price)."""
@@ -78,6 +79,9 @@ class ModelPrice:
             completion=completion,
             request=request,
             cache_read=cache_read,
+            supported_parameters=frozenset(
+                p for p in entry.get("supported_parameters") or () if isinstance(p, str)
+            ),
         )
 
 

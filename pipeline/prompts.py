@@ -2,9 +2,11 @@
 per-row model and parameters, and the request parameters. Prompts are built column-wise with
 polars; each body is serialised once, here, and never again.
 
-One input row becomes one request per variant: per model of `request.models` and per sample of
-`request.n`. Each variant has a slot, `position * variants + index`, which keys the journal and
-orders the output; with one variant the slot is the input position.
+One input row becomes one output row per variant: per model of `request.models` and per sample
+of `request.n`. Each variant has a slot, `position * variants + index`, which keys the journal
+and orders the output; with one variant the slot is the input position. The samples of a model
+whose listing supports `n` are asked for in one request (`n` = samples); otherwise each sample
+is a request of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import polars as pl
 from pipeline.answers import AnswerSpec
 from pipeline.config import ROW_PARAMS, JobConfig
 from pipeline.errors import InputError
+from pipeline.pricing import Catalogue
 from pipeline.records import Row
 from pipeline.source import POSITION
 
@@ -60,6 +63,7 @@ class RequestBuilder:
         self._check_columns(columns)
         self.default_model = config.request.model
         self.variants = config.request.variants
+        self.native_n: frozenset[str] = frozenset()  # models asked for all samples at once
         self.answers = answer_spec(config)
         self._params = request_params(config, self.answers)
         # Everything after "messages" is the same for every row of a sample: serialise it once.
@@ -72,6 +76,15 @@ class RequestBuilder:
         system = "\n\n".join(text for text in (prompt.system, instruction) if text)
         self._system = [{"role": "system", "content": system}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
+
+    def use_native_n(self, catalogue: Catalogue | None) -> None:
+        """Ask for all samples in one request (`n`) from the models whose listing supports it."""
+        if self.config.request.n > 1 and catalogue is not None:
+            self.native_n = frozenset(
+                model_id
+                for model_id, listing in catalogue.models.items()
+                if "n" in listing.supported_parameters
+            )
 
     def _tail(self, row_params: dict[str, Any], sample: int) -> str:
         """The body after "messages". Keys are sorted so the same request is the same bytes in
@@ -178,17 +191,19 @@ class RequestBuilder:
                 messages = [{"role": "user", "content": text}]
             row_params, bad = _row_params(params, i, param_columns)
             problem = problem or bad
-            first = position * len(self.variants)
-            for index, (model, sample) in enumerate(self.variants):
-                slot = first + index
-                if slot in done:
-                    continue
+            samples = cfg.request.n
+            for index, model in enumerate(cfg.request.models or (row_model,)):
+                first = position * len(self.variants) + index * samples  # of this model's samples
+                slots = [first + s for s in range(samples) if first + s not in done]
                 if messages is None or problem is not None:
-                    rows.append(Row(slot, key, None, model or row_model, error=problem))
+                    rows += [Row(slot, key, None, model, error=problem) for slot in slots]
+                elif samples > 1 and len(slots) == samples and model in self.native_n:
+                    rows.append(self._row(first, key, model, messages, row_params, 0, samples))
                 else:
-                    rows.append(
-                        self._row(slot, key, model or row_model, messages, row_params, sample)
-                    )
+                    rows += [
+                        self._row(slot, key, model, messages, row_params, slot - first)
+                        for slot in slots
+                    ]
         return rows
 
     def _row(
@@ -199,18 +214,23 @@ class RequestBuilder:
         messages: list[dict[str, Any]],
         row_params: dict[str, Any],
         sample: int,
+        samples: int = 1,
     ) -> Row:
+        """The request of one sample, or (`samples` > 1) of that many samples at once."""
         if self._system and messages[0].get("role") != "system":
             messages = self._system + messages
         text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
         encoded = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-        tail = self._tail(row_params, sample) if row_params else self._tails[sample]
+        if samples > 1:
+            tail = self._tail({**row_params, "n": samples}, 0)
+        else:
+            tail = self._tail(row_params, sample) if row_params else self._tails[sample]
         body = f'{{"model":{json.dumps(model)},"messages":{encoded}{tail}'.encode()
         # Samples of one request are separate answers: never deduplicated into one.
         salt = b"#sample%d" % sample if sample else b""
         request_hash = hashlib.blake2b(self._hash_seed + body + salt, digest_size=16).hexdigest()
-        max_output = row_params.get("max_tokens") or self._max_output
-        return Row(slot, key, body, model, text_tokens, max_output, request_hash)
+        max_output = (row_params.get("max_tokens") or self._max_output) * samples
+        return Row(slot, key, body, model, text_tokens, max_output, request_hash, samples=samples)
 
 
 def answer_spec(config: JobConfig) -> AnswerSpec | None:

@@ -9,6 +9,7 @@ from typing import Any
 OK = "ok"
 ERROR = "error"
 API, DUPLICATE, CACHE = "api", "duplicate", "cache"  # where an answer came from
+SHARED = "shared"  # cost_source of the 2nd.. answers of a request with `n`: paid in the 1st
 
 
 @dataclass(slots=True)
@@ -24,6 +25,8 @@ class Row:
     request_hash: str = ""  # of the endpoint and the body: identical requests share it
     error: str | None = None  # why the row cannot be sent (null prompt, bad messages JSON)
     reuse: Result | None = None  # an earlier answer to the same request (journal or cache)
+    # Answers for slots position .. position + samples - 1 at once (a request with `n`).
+    samples: int = 1
 
     @property
     def estimated_tokens(self) -> int:
@@ -48,7 +51,8 @@ class Result:
     reasoning_tokens: int | None = None
     cached_tokens: int | None = None
     cost_usd: float | None = None
-    cost_source: str | None = None  # "reported" (usage.cost) | "computed" (tokens x prices) | None
+    # "reported" (usage.cost) | "computed" (tokens x prices) | "reused" | "shared" | None
+    cost_source: str | None = None
     response_source: str | None = None  # "api" | "duplicate" (of a row in this job) | "cache"
     latency_ms: float | None = None
     attempts: int = 0

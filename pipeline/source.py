@@ -81,7 +81,7 @@ class Source:
                 if limit is not None and position >= limit:
                     return
         except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-            raise InputError(f"input {self.pattern}: {_first_line(exc)}") from None
+            raise InputError(f"input {self.pattern} cannot be read: {_first_line(exc)}") from None
 
     def _chunks(self, size: int) -> Iterator[pa.RecordBatch | pa.Table]:
         for path in self.paths:

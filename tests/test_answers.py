@@ -251,6 +251,42 @@ def test_samples_without_a_seed_are_separate_requests_not_deduplicated(
     assert frame["response_source"].to_list() == ["api", "api", "duplicate", "duplicate"]
 
 
+def test_where_the_endpoint_lists_n_the_samples_come_from_one_request(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    write_input(tmp_path, [f"Name a colour {i}" for i in range(5)])
+    with sim_thread(native_n=True) as sim:
+        done = run_cli(str(job(tmp_path, sim, "")), "--n", "3", "--temperature", "1")
+        entries = ledger(sim)
+        bodies = [e["body"] for e in sim_get(sim, "requests")["data"]]
+    assert done.returncode == 0, done.stderr
+    assert len(entries) == 5 and all(body["n"] == 3 for body in bodies)  # one request a prompt
+    frame = output(tmp_path)
+    assert frame.height == 15 and frame["sample_index"].to_list() == [0, 1, 2] * 5
+    for first in range(0, 15, 3):
+        samples = frame.slice(first, 3)
+        assert samples["completion"].n_unique() == 3  # three answers, not one copied
+        assert samples["cost_source"].to_list() == ["reported", "shared", "shared"]
+        assert samples["cost_usd"].to_list()[1:] == [0.0, 0.0]
+    assert frame["cost_usd"].sum() == pytest.approx(sum(e["cost"] for e in entries), rel=1e-12)
+    assert frame["completion_tokens"].sum() == sum(e["completion_tokens"] for e in entries)
+
+
+def test_one_invalid_answer_among_n_asks_for_all_again_and_every_attempt_is_counted(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    write_input(tmp_path, ["steady", "shaky [[sim:schema_invalid*1]]"])
+    with sim_thread(native_n=True) as sim:
+        done = run_cli(str(job(tmp_path, sim, "")), "--n", "2", "--labels", "yes,no")
+        entries = ledger(sim)
+    assert done.returncode == 0, done.stderr
+    frame = output(tmp_path)
+    assert frame["attempts"].to_list() == [1, 1, 2, 2]
+    assert set(frame["label"]) <= {"yes", "no"} and frame["label"].null_count() == 0
+    assert len(entries) == 3
+    assert frame["cost_usd"].sum() == pytest.approx(sum(e["cost"] for e in entries), rel=1e-12)
+
+
 # ------------------------------------------------------------- per-row and pass-through
 
 

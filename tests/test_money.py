@@ -94,7 +94,7 @@ async def test_cost_is_null_not_zero_when_nothing_can_tell_it() -> None:
 
     dispatcher = Dispatcher(None, None, None, 1, catalogue=None)  # type: ignore[arg-type]
     completion = Completion("hi", "stop", "x/unpriced", "P", "gen-1", 10, 2, 12, 0, 0, None)
-    result = dispatcher._succeeded(Row(0, "0", b"{}", "x/unpriced"), completion, 1, 5.0)
+    (result,) = dispatcher._succeeded(Row(0, "0", b"{}", "x/unpriced"), completion, 1, 5.0)
     assert result.cost_usd is None and result.cost_source is None
 
 

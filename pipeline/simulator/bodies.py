@@ -132,11 +132,8 @@ class Generation:
         }
 
 
-def completion(gen: Generation, answer: Answer) -> dict[str, Any]:
-    """A non-streaming `chat.completion` body."""
-    message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
-    if answer.reasoning is not None:
-        message["reasoning"] = answer.reasoning
+def completion(gen: Generation, answers: list[Answer]) -> dict[str, Any]:
+    """A non-streaming `chat.completion` body, with one choice per answer."""
     return {
         "id": gen.id,
         "provider": gen.provider,
@@ -146,15 +143,23 @@ def completion(gen: Generation, answer: Answer) -> dict[str, Any]:
         "system_fingerprint": None,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "logprobs": None,
                 "finish_reason": answer.finish_reason,
                 "native_finish_reason": answer.native_finish_reason,
-                "message": message,
+                "message": _message(answer),
             }
+            for index, answer in enumerate(answers)
         ],
         "usage": gen.usage(),
     }
+
+
+def _message(answer: Answer) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
+    if answer.reasoning is not None:
+        message["reasoning"] = answer.reasoning
+    return message
 
 
 def chunk(gen: Generation, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

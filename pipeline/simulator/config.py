@@ -93,6 +93,10 @@ class SimConfig:
     request_log_size: int = 10_000
     # Answer like a plain OpenAI-compatible server: `usage` without `cost` or `cost_details`.
     omit_cost: bool = False
+    # Honour `n` (several choices in one answer) and list it among every model's supported
+    # parameters, as OpenAI-compatible servers such as vLLM do. OpenRouter does neither: its
+    # chat API has no `n`, so by default the simulator ignores it like any unknown parameter.
+    native_n: bool = False
 
     def updated(self, changes: Mapping[str, Any]) -> SimConfig:
         """A copy with `changes` applied; JSON-friendly values (lists, strings) are converted."""

@@ -189,6 +189,9 @@ class Simulator:
 
     async def models(self, request: web.Request) -> web.Response:
         data = [model.to_json(_CATALOGUE_CREATED) for model in CATALOGUE]
+        if self.config.native_n:
+            for entry in data:
+                entry["supported_parameters"].append("n")
         return web.json_response({"data": data, "links": {"next": None}, "total_count": len(data)})
 
     async def key(self, request: web.Request) -> web.Response:
@@ -503,11 +506,13 @@ class Simulator:
     async def _answer(self, request: web.Request, req: _Request, now: float) -> web.StreamResponse:
         body, model, fault = req.body, req.model, req.fault
         rng = random.Random(_content_seed(model.id, req.digest, body))
-        answer = self._compose(req, rng)
+        # With `native_n`, one answer per choice, each drawn on from the same generator.
+        answers = [self._compose(req, rng) for _ in range(self._choices(body))]
+        answer = answers[0]
         cached = self._cached_tokens(req)
         empty = fault is Fault.EMPTY
         errored = fault in (Fault.CHOICE_ERROR, Fault.ERROR_BODY)
-        completion_tokens = 0 if empty else answer.completion_tokens
+        completion_tokens = 0 if empty else sum(a.completion_tokens for a in answers)
         total, prompt_part, completion_part = model.charges(
             req.prompt_tokens, completion_tokens, cached
         )
@@ -523,7 +528,7 @@ class Simulator:
             provider=model.provider,
             prompt_tokens=req.prompt_tokens,
             completion_tokens=completion_tokens,
-            reasoning_tokens=0 if empty else answer.reasoning_tokens,
+            reasoning_tokens=0 if empty else sum(a.reasoning_tokens for a in answers),
             cached_tokens=cached,
             cost=total,
             prompt_cost=prompt_part,
@@ -542,14 +547,21 @@ class Simulator:
             self.ledger.append(gen)
             self.key_usage[req.key] += total
         if empty:
-            answer = Answer("", None, 0, 0, None, None)
+            answers = [Answer("", None, 0, 0, None, None)] * len(answers)
         if fault is Fault.SCHEMA_INVALID:
-            answer = Answer(
+            answers[0] = Answer(
                 '{"oops": ' + answer.content[:12], None, answer.completion_tokens, 0, "stop", "stop"
             )
         if gen.streamed:
-            return await self._stream(request, gen, answer, fault, delay)
-        return await self._respond(request, gen, answer, fault, delay)
+            return await self._stream(request, gen, answers[0], fault, delay)
+        return await self._respond(request, gen, answers, fault, delay)
+
+    def _choices(self, body: dict[str, Any]) -> int:
+        """How many choices to answer with: `n` when the simulator honours it, else one."""
+        n = body.get("n")
+        if not self.config.native_n or isinstance(n, bool) or not isinstance(n, int):
+            return 1
+        return max(1, min(n, 128))
 
     def _compose(self, req: _Request, rng: random.Random) -> Answer:
         body, model = req.body, req.model
@@ -593,11 +605,12 @@ class Simulator:
         self,
         request: web.Request,
         gen: Generation,
-        answer: Answer,
+        answers: list[Answer],
         fault: Fault | None,
         delay: float,
     ) -> web.StreamResponse:
         headers = {"X-Generation-Id": gen.id}
+        answer = answers[0]
         if fault is Fault.ERROR_BODY:
             code = random.Random(gen.id).choice((429, 502, 500))
             payload = bodies.error(
@@ -606,7 +619,7 @@ class Simulator:
                 {"provider_name": gen.provider, "raw": "error code: 1015"},
             )
         else:
-            payload = bodies.completion(gen, answer)
+            payload = bodies.completion(gen, answers)
             if self.config.omit_cost:
                 for name in ("cost", "cost_details", "is_byok"):
                     payload["usage"].pop(name)
