@@ -95,7 +95,8 @@ class Progress:
         self.stream = stream or sys.stderr
         self.logs = logs
         self._failures_logged = 0
-        self._rate_limited = 0
+        self._rate_limited = 0  # 429s already told
+        self._next_storm_log = 0.0
         self.tally = Tally()
         self.total = total
         self.retries = 0
@@ -133,19 +134,21 @@ class Progress:
             if self.logs.prompts and prompt is not None:
                 fields["prompt"] = prompt
             self.event("row_failed", **fields)
+        now = time.monotonic()
+        if rate_limited > self._rate_limited and now >= self._next_storm_log:
+            # A 429 storm is told as it starts, then at most once per LOG_INTERVAL.
+            self._next_storm_log = now + LOG_INTERVAL
+            self.event(
+                "rate_limited", responses_429=rate_limited,
+                since_last=rate_limited - self._rate_limited,
+            )  # fmt: skip
+            self._rate_limited = rate_limited
         if self._bar is not None:
             self._bar.update(1)
             if self.tally.done % 50 == 1:
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
-        elif time.monotonic() >= self._next_log:
-            self._next_log = time.monotonic() + LOG_INTERVAL
-            if rate_limited > self._rate_limited:
-                self.event(
-                    "rate_limited",
-                    responses_429=rate_limited,
-                    since_last=rate_limited - self._rate_limited,
-                )
-                self._rate_limited = rate_limited
+        elif now >= self._next_log:
+            self._next_log = now + LOG_INTERVAL
             if self.logs.json:
                 self.event("progress", **self.figures())
             else:

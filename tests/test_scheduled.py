@@ -184,6 +184,17 @@ def test_json_logs_parse_carry_the_summary_and_keep_prompts_out_unless_asked(
     )
 
 
+def test_a_429_storm_is_logged_as_it_starts(tmp_path: Path, sim_thread: Any) -> None:
+    rows(0, 8).with_columns(pl.col("text") + " [[sim:429*2]]").write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        done = run_cli(str(write_job(tmp_path, sim)), "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    storm = next(e for e in events if e["event"] == "rate_limited")
+    assert storm["responses_429"] >= 1 and storm["since_last"] == storm["responses_429"]
+    assert events.index(storm) < len(events) - 1 and events[-1]["event"] == "summary"
+
+
 def test_status_agrees_with_the_output_and_sees_a_running_job(
     tmp_path: Path, sim_thread: Any
 ) -> None:
