@@ -30,6 +30,7 @@ FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
+POOL = pa.default_memory_pool()
 BATCH_ROWS = 2_000  # small: a batch is prepared on the event loop, between requests
 
 
@@ -75,9 +76,15 @@ class Source:
                 )
                 if limit is not None and position + table.num_rows > limit:
                     table = table.slice(0, limit - position)
-                if table.num_rows:
+                rows = table.num_rows
+                if rows:
                     yield position, table
-                position += table.num_rows
+                # Arrow's allocator (mimalloc) keeps freed pages for a while; over a long
+                # input that grew RSS with the row count though Arrow never held more than
+                # ~30 MB. Handing them back each batch keeps memory flat (benchmarks/run.py).
+                del table, chunk
+                POOL.release_unused()
+                position += rows
                 if limit is not None and position >= limit:
                     return
         except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
