@@ -346,6 +346,8 @@ class Dispatcher:
             attempts=attempts,
             request_hash=row.request_hash,
         )
+        if row.samples == 1:
+            return [first]
         others = [
             dataclasses.replace(
                 first,

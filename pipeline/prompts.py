@@ -189,7 +189,7 @@ class RequestBuilder:
                     )
             else:
                 messages = [{"role": "user", "content": text}]
-            row_params, bad = _row_params(params, i, param_columns)
+            row_params, bad = _row_params(params, i, param_columns) if params else ({}, None)
             problem = problem or bad
             samples = cfg.request.n
             for index, model in enumerate(cfg.request.models or (row_model,)):
