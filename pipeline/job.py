@@ -458,9 +458,8 @@ async def _dispatch(
         )
         raise
     finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        writer.stop()
+        await flusher
         writer.add_lost(dispatcher.lost)
         await writer.flush()
         progress.close()

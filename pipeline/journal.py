@@ -10,6 +10,7 @@ A lock file next to the journal keeps two runs from sharing it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -280,6 +281,7 @@ class JournalWriter:
         self._pending: list[Result] = []
         self._lost: list[tuple[str, int, str]] = []
         self._flushing = asyncio.Lock()
+        self._stopped = asyncio.Event()
 
     def add(self, result: Result) -> None:
         self._pending.append(result)
@@ -301,10 +303,16 @@ class JournalWriter:
             self.cache.store([r for r in batch if r.status == OK and r.response_source == API])
 
     async def run(self) -> None:
-        """Flush periodically until cancelled; the owner calls `flush()` once more at the end."""
-        while True:
-            await asyncio.sleep(self.interval)
+        """Flush every `interval` until `stop()`, then return; the owner calls `flush()` once
+        more at the end. Never cancelled: a cancelled flush would leave its commit running in
+        the thread while the final flush, finding nothing pending, returns before it lands."""
+        while not self._stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.interval)
             await self.flush()
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def describe_changes(

@@ -97,3 +97,33 @@ def test_a_second_ctrl_c_during_the_flush_changes_nothing(tmp_path: Path, sim_th
         rerun = run_cli(config)
         assert rerun.returncode == 0, rerun.stderr
         assert_every_row_once_and_no_settled_row_repaid(tmp_path, sim, texts, settled, answered)
+
+
+async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) -> None:
+    """The end of a run must not read the journal while the last periodic commit is still in
+    its thread: that left the output write without the last rows ("journal lacks results")."""
+    import asyncio
+    import threading
+
+    from pipeline.journal import Journal, JournalWriter
+    from pipeline.records import OK, Result
+
+    with Journal.open(tmp_path / "j", {}) as journal:
+        write, started, release = journal.write, threading.Event(), threading.Event()
+
+        def slow_write(results: list[Result]) -> None:
+            started.set()
+            release.wait(10)
+            write(results)
+
+        journal.write = slow_write  # type: ignore[method-assign]
+        writer = JournalWriter(journal, interval=0.001)
+        flusher = asyncio.create_task(writer.run())
+        writer.add(Result(0, "a", OK, completion="x"))
+        await asyncio.to_thread(started.wait, 10)  # a periodic commit is now in its thread
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        writer.stop()
+        await flusher
+        await writer.flush()
+        assert journal.results_between(0, 1) != []  # landed before the run moves on
+        release.set()
