@@ -12,6 +12,16 @@ from pipeline.simulator import RunningSimulator, SimConfig, serve
 from tests.helpers import FAST, TEST_KEY, SimFactory
 
 
+@pytest.fixture(autouse=True)
+def private_price_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test (and every CLI it starts) caches `/models` in a folder of its own: simulators
+    reuse ports, and a listing cached by an earlier test's simulator must not stand in for this
+    one's (one with `native_n` lists other parameters)."""
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path_factory.mktemp("price-cache")))
+
+
 @pytest.fixture
 async def make_sim() -> AsyncIterator[SimFactory]:
     """`sim = await make_sim(rate_limit=5)` starts a simulator that stops after the test."""
