@@ -4,10 +4,10 @@
     python benchmarks/run.py --quick         # tiny sizes: checks the suite itself works
 
 The simulator runs in its own process. For each scenario the two clients run interleaved,
-`--repeat` times each, and the median is reported. Client CPU is user+sys of the client process
-from `os.wait4`; server CPU is read from /proc so readers see the two share the machine. Ratios
-(ours / baseline) are what to compare across machines; absolute times drift on shared hosts.
-Prints one table and writes every figure to `--out` (JSON).
+`--repeat` times each, and the median is reported. Client CPU and peak RSS are user+sys and
+`ru_maxrss` of the client process from `os.wait4`, taken in a small launcher (see `measure`);
+server CPU is read from /proc so readers see the two share the machine. Ratios (ours / baseline)
+are what to compare across machines; absolute times drift on shared hosts. Prints one table and writes every figure to `--out` (JSON).
 """
 
 from __future__ import annotations
@@ -96,18 +96,41 @@ class Simulator:
         self.proc.wait(timeout=30)
 
 
+# Runs one client and reports its wall time, CPU and peak RSS. The harness cannot wait for the
+# client itself: Linux carries the old address space's high-water mark across exec, and Python
+# spawns children with vfork, so a client started from this (large) process would report this
+# process's peak RSS as its own. A bare interpreter in between (-S: no site) keeps that floor
+# at about 10 MB.
+LAUNCHER = """
+import json, os, sys, time
+started = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    json.dump({"wall": time.perf_counter() - started, "code": os.waitstatus_to_exitcode(status),
+               "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024}, report)
+"""
+
+
 def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run a client to completion: wall seconds, CPU seconds (user+sys), peak RSS (MB), output."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    stdout, stderr = _drain(proc)  # to the end before reaping, so the child never blocks on a pipe
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "usage.json"
+        proc = subprocess.Popen(
+            [PYTHON, "-S", "-c", LAUNCHER, str(report), *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        stdout, stderr = _drain(proc)  # to the end before reaping: the child never blocks on a pipe
+        if proc.wait() != 0:
+            raise SystemExit(f"the launcher failed:\n{stderr.decode(errors='replace')[-2000:]}")
+        usage = json.loads(report.read_text())
     return {
-        "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
-        "code": proc.returncode, "stdout": stdout.decode(errors="replace"), "stderr": stderr.decode(errors="replace"),
-    }  # fmt: skip
+        **usage,
+        "stdout": stdout.decode(errors="replace"),
+        "stderr": stderr.decode(errors="replace"),
+    }
 
 
 def _drain(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
