@@ -76,9 +76,9 @@ class OpenRouterClient:
             headers["X-OpenRouter-Title"] = title
         self._headers = headers
         self._concurrency = concurrency
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeout, connect=connect_timeout, sock_read=timeout
-        )
+        # No `sock_read`: equal to `total` it could never fire first, yet aiohttp would arm and
+        # re-arm a timer for it on every request (benchmarks/run.py, client CPU per row).
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> OpenRouterClient:

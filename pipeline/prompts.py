@@ -68,6 +68,7 @@ class RequestBuilder:
         self._params = request_params(config, self.answers)
         # Everything after "messages" is the same for every row of a sample: serialise it once.
         self._tails = [self._tail({}, sample) for sample in range(config.request.n)]
+        self._heads: dict[str, str] = {}  # the body up to "messages", per model
         self._max_output = config.request.max_tokens or DEFAULT_OUTPUT_ESTIMATE
         # Answers from the simulator must never be served to a real job from a shared cache.
         endpoint = "(simulator)" if config.request.simulate else config.request.base_url
@@ -220,12 +221,15 @@ class RequestBuilder:
         if self._system and messages[0].get("role") != "system":
             messages = self._system + messages
         text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
-        encoded = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        encoded = _encode(messages)
         if samples > 1:
             tail = self._tail({**row_params, "n": samples}, 0)
         else:
             tail = self._tail(row_params, sample) if row_params else self._tails[sample]
-        body = f'{{"model":{json.dumps(model)},"messages":{encoded}{tail}'.encode()
+        head = self._heads.get(model) or self._heads.setdefault(
+            model, f'{{"model":{json.dumps(model)},"messages":'
+        )
+        body = f"{head}{encoded}{tail}".encode()
         # Samples of one request are separate answers: never deduplicated into one.
         salt = b"#sample%d" % sample if sample else b""
         request_hash = hashlib.blake2b(self._hash_seed + body + salt, digest_size=16).hexdigest()
@@ -274,6 +278,11 @@ def _row_params(
             return {}, f"column '{columns[param]}' holds {value!r}, which is no valid {param}"
         found[param] = value
     return found, None
+
+
+# The messages of a body, keys sorted so the same request is the same bytes in every job (the
+# cache key); one encoder for all rows, which `json.dumps` with options would build for each.
+_encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 
 def _tokens(content: Any) -> int:
