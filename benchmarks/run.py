@@ -13,6 +13,7 @@ are what to compare across machines; absolute times drift on shared hosts. Print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,10 +42,12 @@ class Sizes:
     rate_rows: int
     memory_rows: tuple[int, int]
     repeat: int
+    # The CPU figure is the noisiest (±20% between runs here) and a run takes seconds: more.
+    overhead_repeat: int
 
 
-FULL = Sizes(20_000, (5_000, 50_000), 3_000, (100_000, 1_000_000), 3)
-QUICK = Sizes(400, (200,), 60, (500, 1_000), 1)
+FULL = Sizes(20_000, (5_000, 50_000), 3_000, (100_000, 1_000_000), 3, 7)
+QUICK = Sizes(400, (200,), 60, (500, 1_000), 1, 1)
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -60,6 +63,17 @@ def write_rows(folder: Path, n: int) -> Path:
         )
         frame.write_parquet(path)
     return path
+
+
+def compile_bytecode() -> None:
+    """Compile the package's modules once, as `pip install` does. Without this, an editable
+    install under PYTHONDONTWRITEBYTECODE (set on this project's machines) compiles every module
+    from source in every run: 0.1 s that no installed copy ever spends."""
+    import pipeline
+
+    subprocess.run(
+        [PYTHON, "-m", "compileall", "-q", str(Path(pipeline.__file__).parent)], check=True
+    )
 
 
 class Simulator:
@@ -220,7 +234,7 @@ def overhead(sizes: Sizes, work: Path) -> dict[str, Any]:
     rows = write_rows(work, n)
     with Simulator("--latency", "0") as sim:
         runs = interleaved(
-            sizes.repeat,
+            max(sizes.repeat, sizes.overhead_repeat),
             sim,
             {
                 "ours": lambda: ours(sim, rows, work, 256),
@@ -370,10 +384,9 @@ def main() -> None:
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.repeat:
-        sizes = Sizes(
-            sizes.overhead_rows, sizes.latency_rows, sizes.rate_rows, sizes.memory_rows, args.repeat
-        )
+        sizes = dataclasses.replace(sizes, repeat=args.repeat)
     wanted = args.only or ["overhead", "latency_bound", "rate_precision", "memory", "startup"]
+    compile_bytecode()
     results: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
