@@ -223,7 +223,7 @@ def interleaved(
 
 
 def median(results: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in results)
+    return float(statistics.median(r[key] for r in results))
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -241,7 +241,7 @@ def overhead(sizes: Sizes, work: Path) -> dict[str, Any]:
                 "baseline": lambda: baseline(sim, rows, 256),
             },
         )
-    figures = {}
+    figures: dict[str, Any] = {}
     for name, results in runs.items():
         figures[name] = {
             "cpu_us_per_row": median(results, "cpu") / n * 1e6,

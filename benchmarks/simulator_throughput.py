@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import aiohttp
 
@@ -27,7 +28,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def load(base_url: str, requests: int, concurrency: int) -> float:
-    body = {
+    body: dict[str, Any] = {
         "model": "mistralai/mixtral-8x7b-instruct",
         "messages": [{"role": "user", "content": "x" * 200}],
     }
