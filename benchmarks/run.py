@@ -1,6 +1,6 @@
 """The benchmark suite: `pipeline run` against a bare aiohttp loop, on the same simulator.
 
-    python benchmarks/run.py                 # the full suite (about 15 minutes on 2 cores)
+    python benchmarks/run.py                 # the full suite (about 25 minutes on 2 cores)
     python benchmarks/run.py --quick         # tiny sizes: checks the suite itself works
 
 The simulator runs in its own process. For each scenario the two clients run interleaved,
