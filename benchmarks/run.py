@@ -7,7 +7,8 @@ The simulator runs in its own process. For each scenario the two clients run int
 `--repeat` times each, and the median is reported. Client CPU and peak RSS are user+sys and
 `ru_maxrss` of the client process from `os.wait4`, taken in a small launcher (see `measure`);
 server CPU is read from /proc so readers see the two share the machine. Ratios (ours / baseline)
-are what to compare across machines; absolute times drift on shared hosts. Prints one table and writes every figure to `--out` (JSON).
+are what to compare across machines; absolute times drift on shared hosts. Prints one table and
+writes every figure to `--out` (JSON).
 """
 
 from __future__ import annotations

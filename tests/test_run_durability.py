@@ -127,3 +127,47 @@ async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) 
         await writer.flush()
         assert journal.results_between(0, 1) != []  # landed before the run moves on
         release.set()
+
+
+# Request hashes made by earlier versions (before the shared JSON encoder): journals and response
+# caches look answers up by them, so a change in how bodies are encoded would silently re-bill
+# every resumed or cached row.
+EARLIER_HASHES = {
+    "plain": ["c6bcacb930b940f40b74e866e71aec3e", "e7784341b8e3d691a54617f0eeb0f705"],
+    "labels, system, seed, n = 2, two models": [
+        "16ac8382f9a8949d94586af7fe513c24", "3715beed9e461ec66fa6a284a366612c",
+        "888f7a2ed85e0292618309fc1e1353c5", "1d249e5d3c0eeb72e43e963f5290f157",
+        "7391ea670da767a8f716df6ebb8eca37", "2abedd38598c9560b88493bff80edbde",
+        "1629d4bc4d172047af62ebcf43f40e1b", "54955241f375a2fc2e606d1512b91f12",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("plain", {"prompt.template": "{text}"}),
+        (
+            "labels, system, seed, n = 2, two models",
+            {
+                "prompt.template": 'Say {text} ü "q"',
+                "prompt.system": "sys",
+                "request.labels": ["a", "b"],
+                "request.n": 2,
+                "request.seed": 3,
+                "request.models": ["m/a", "m/b"],
+            },
+        ),
+    ],
+)
+def test_request_bodies_hash_as_earlier_versions_did(name: str, overrides: dict[str, Any]) -> None:
+    from pipeline import config
+    from pipeline.prompts import RequestBuilder
+    from pipeline.source import POSITION
+
+    job = config.load(None, {"input.path": "in.parquet", "output.path": "out.parquet", **overrides})
+    batch = pl.DataFrame({POSITION: [0, 1], "text": ['héllo\n"x"', "b"]}).with_columns(
+        pl.col(POSITION).cast(pl.Int64)
+    )
+    rows = RequestBuilder(job, batch.columns).rows(batch)
+    assert [row.request_hash for row in rows] == EARLIER_HASHES[name]
