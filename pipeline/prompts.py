@@ -93,7 +93,7 @@ class RequestBuilder:
         params = {**self._params, **row_params}
         if sample and "seed" in params:
             params["seed"] += sample
-        return ("," + json.dumps(params, sort_keys=True, ensure_ascii=False)[1:]) if params else "}"
+        return ("," + _encode(params)[1:]) if params else "}"
 
     def _check_columns(self, columns: list[str]) -> None:
         prompt, known = self.config.prompt, set(columns)
@@ -226,9 +226,9 @@ class RequestBuilder:
             tail = self._tail({**row_params, "n": samples}, 0)
         else:
             tail = self._tail(row_params, sample) if row_params else self._tails[sample]
-        head = self._heads.get(model) or self._heads.setdefault(
-            model, f'{{"model":{json.dumps(model)},"messages":'
-        )
+        head = self._heads.get(model)
+        if head is None:
+            head = self._heads[model] = f'{{"model":{json.dumps(model)},"messages":'
         body = f"{head}{encoded}{tail}".encode()
         # Samples of one request are separate answers: never deduplicated into one.
         salt = b"#sample%d" % sample if sample else b""
@@ -280,8 +280,9 @@ def _row_params(
     return found, None
 
 
-# The messages of a body, keys sorted so the same request is the same bytes in every job (the
-# cache key); one encoder for all rows, which `json.dumps` with options would build for each.
+# The messages and parameters of a body, keys sorted so the same request is the same bytes in
+# every job (the cache key); one encoder for all rows, which `json.dumps` with options would build
+# for each.
 _encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 

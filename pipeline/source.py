@@ -31,7 +31,7 @@ FORMATS = {
     ".ndjson": "jsonl",
 }
 POOL = pa.default_memory_pool()
-BATCH_ROWS = 2_000  # small: a batch is prepared on the event loop, between requests
+BATCH_ROWS = 2_000  # small: the first requests wait for only one batch (the next is prepared ahead)
 
 
 @dataclass(frozen=True)
