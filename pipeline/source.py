@@ -63,7 +63,8 @@ class Source:
     def arrow_batches(
         self, limit: int | None = None, size: int = BATCH_ROWS
     ) -> Iterator[tuple[int, pa.Table]]:
-        """The rows in input order as Arrow, with the position of each batch's first row.
+        """The rows in input order as Arrow, at most `size` at a time, with the position of
+        each batch's first row.
 
         Pull-based: a batch is read only when asked for (polars' `collect_batches` runs the
         whole query ahead of a slow consumer, buffering a million-row file in memory). Parquet
@@ -76,15 +77,14 @@ class Source:
                 )
                 if limit is not None and position + table.num_rows > limit:
                     table = table.slice(0, limit - position)
-                rows = table.num_rows
-                if rows:
-                    yield position, table
+                for offset in range(0, table.num_rows, size):  # CSV comes in blocks of bytes
+                    yield position + offset, table.slice(offset, size)
+                position += table.num_rows
                 # Arrow's allocator (mimalloc) keeps freed pages for a while; over a long
                 # input that grew RSS with the row count though Arrow never held more than
                 # ~30 MB. Handing them back each batch keeps memory flat (benchmarks/run.py).
                 del table, chunk
                 POOL.release_unused()
-                position += rows
                 if limit is not None and position >= limit:
                     return
         except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
