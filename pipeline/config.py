@@ -10,7 +10,7 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
            referer, title, key_file, timeout, connect_timeout, extra, cache
 [limits]   concurrency, rps | rpm, tpm, max_runtime
 [retry]    max_attempts, max_elapsed, backoff_base, backoff_max, invalid_retries
-[output]   path, journal, result_prefix
+[output]   path, journal, result_prefix, row_group_size
 [cost]     max_cost, expected_output_tokens, prices_ttl, reconcile_timeout
 ```
 """
@@ -40,6 +40,7 @@ DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_MAX_ELAPSED = 900.0  # seconds one row may spend retrying
 DEFAULT_TITLE = "prompt-pipeline"
 DEFAULT_RECONCILE_TIMEOUT = 60.0
+DEFAULT_ROW_GROUP_SIZE = 10_000  # output rows per Parquet row group
 KEY_ENV = "OPENROUTER_API_KEY"
 
 
@@ -156,6 +157,8 @@ class OutputConfig:
     path: str
     journal: str | None = None  # default: <output>.journal next to the output
     result_prefix: str = ""
+    # Output rows per Parquet row group; each group is written as soon as all its rows are done.
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
 
     @property
     def journal_path(self) -> Path:
@@ -383,6 +386,9 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         path=v.required("output.path"),
         journal=v.string("output.journal"),
         result_prefix=v.string("output.result_prefix") or "",
+        row_group_size=_default_int(
+            v.integer("output.row_group_size", low=1), DEFAULT_ROW_GROUP_SIZE
+        ),
     )
     cost = CostConfig(
         max_cost=v.number("cost.max_cost", low=0),

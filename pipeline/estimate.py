@@ -135,7 +135,7 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
     journal = Journal.read_only(config.output.journal_path) if done else None
     settled = journal.settled_requests if journal is not None else lambda low, high: {}
     try:
-        for row in (r for rows in pending_batches(job, settled) for r in rows):
+        for row in (r for rows, _ in pending_batches(job, settled) for r in rows):
             if row.body is None:
                 continue
             todo += row.samples

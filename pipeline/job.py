@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.cache import ResponseCache
@@ -41,17 +40,16 @@ from pipeline.errors import (
 )
 from pipeline.journal import JobLock, Journal, JournalWriter
 from pipeline.limits import Limits
+from pipeline.output import FinalSlots, OutputWriter, leading_columns
 from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
-from pipeline.records import CACHE, DUPLICATE, OK, RESULT_COLUMNS, RESULT_FIELDS, Result, Row
+from pipeline.records import CACHE, DUPLICATE, OK, Result, Row
 from pipeline.retry import RetryPolicy
-from pipeline.sink import ParquetSink, result_names
+from pipeline.sink import result_names
 from pipeline.source import POSITION, Source, open_source
 
-PARSED = RESULT_FIELDS.index("parsed")
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
-OUTPUT_BATCH_ROWS = 10_000  # rows per Parquet row group in the output
 VALIDATION_BATCH_ROWS = 50_000  # rows per batch of the validation pass
 OPEN_FILES_HEADROOM = (
     64  # descriptors beyond one per request: journal, input files, stdio, the loop
@@ -129,21 +127,6 @@ def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
     return Prepared(
         config, source, builder, names, total, prompt_chars, api_key, fingerprint, limit
     )
-
-
-def leading_columns(config: JobConfig, builder: RequestBuilder, inputs: list[str]) -> list[str]:
-    """The output columns between the input's and the results: the requested `model` of a
-    fan-out over models, `sample_index` with n > 1, then `label` or one per schema property
-    (`answer_<name>` when the name is taken)."""
-    names = (["model"] if config.request.models else []) + (
-        ["sample_index"] if config.request.n > 1 else []
-    )
-    taken = {*inputs, *RESULT_COLUMNS, *names}
-    if builder.answers is not None:
-        names += [
-            f"answer_{name}" if name in taken else name for name in builder.answers.column_types()
-        ]
-    return names
 
 
 @dataclass(frozen=True)
@@ -258,6 +241,10 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
             cache = ResponseCache(Path(config.request.cache)) if config.request.cache else None
             if cache is not None:
                 stack.callback(cache.close)
+            output = None
+            if options.write_output:
+                output = OutputWriter(job, journal, Path(config.output.path))
+                stack.callback(output.discard)  # the unfinished file, if the run stops
             report = JobReport(
                 output=Path(config.output.path),
                 total_rows=job.slots,
@@ -284,16 +271,24 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
             try:
                 with _event_loop_first():
                     await _dispatch(
-                        job, client, catalogue, budget, journal, cache, report, progress,
-                        options.started,
+                        job, client, catalogue, budget, journal, cache, output, report,
+                        progress, options.started,
                     )  # fmt: skip
             except CreditsError as exc:
                 raise CreditsError(f"{exc}{await _key_figures(client)}") from None
             await reconcile(client, journal, progress, patience=config.cost.reconcile_timeout)
             report.job_totals = journal.totals(below=job.slots)
             report.changed = job.changed
-            if options.write_output:
-                _write_output(report.output, job, journal, report)
+            if output is not None:
+                output.finish(
+                    {
+                        "tool": "prompt-pipeline", "version": __version__,
+                        "config_fingerprint": config.fingerprint_hash(),
+                        "model": config.request.model, **report.job_totals,
+                    }
+                )  # fmt: skip
+                report.written = True
+                report.write_seconds = output.seconds
     return report
 
 
@@ -436,6 +431,7 @@ async def _dispatch(
     budget: Budget | None,
     journal: Journal,
     cache: ResponseCache | None,
+    output: OutputWriter | None,
     report: JobReport,
     progress: Progress,
     started: float,
@@ -447,10 +443,13 @@ async def _dispatch(
         catalogue=catalogue, budget=budget, fallback_models=config.request.fallback_models or (),
         answers=job.builder.answers, invalid_retries=config.retry.invalid_retries,
     )  # fmt: skip
-    writer = JournalWriter(journal, cache)
+    final = FinalSlots()
+    writer = JournalWriter(journal, cache, on_commit=final.committed)
     interrupted = _on_signals(dispatcher, progress)
     out_of_time = _on_deadline(dispatcher, progress, started, config.limits.max_runtime)
     flusher = asyncio.create_task(writer.run())
+    writing_done = asyncio.Event()
+    writing = asyncio.create_task(output.write_ahead(final, writing_done)) if output else None
     log_prompts = progress.logs.prompts
     try:
 
@@ -462,7 +461,7 @@ async def _dispatch(
             prompt = _prompt_text(row) if log_prompts and result.status != OK else None
             progress.update(result, dispatcher.retries, limits.rate_limited, prompt)
 
-        await dispatcher.run(_pending(job, journal, cache), finished)
+        await dispatcher.run(_pending(job, journal, cache, final), finished)
     except JobStopped as exc:
         progress.event(
             "stopping", reason=type(exc).__name__, message="stopping: no more requests will be sent"
@@ -473,6 +472,9 @@ async def _dispatch(
         await flusher
         writer.add_lost(dispatcher.lost)
         await writer.flush()
+        writing_done.set()
+        if writing is not None:
+            await writing
         progress.close()
         report.retries = dispatcher.retries
         _restore_signals()
@@ -522,21 +524,23 @@ def _prompt_text(row: Row) -> str | None:
 Settled = Callable[[int, int], dict[int, tuple[str, str | None]]]
 
 
-def pending_batches(job: Prepared, settled: Settled) -> Iterator[list[Row]]:
-    """The rows still to do, a batch at a time, in input order; `settled(low, high)` gives the
-    slots in [low, high) that an earlier run finished, with the id and request they were for."""
+def pending_batches(job: Prepared, settled: Settled) -> Iterator[tuple[list[Row], int]]:
+    """The rows still to do, a batch at a time, in input order, each with the slot the batch
+    ends before; `settled(low, high)` gives the slots in [low, high) that an earlier run
+    finished, with the id and request they were for."""
     variants = job.variants
     for batch in job.source.batches(job.limit):
         positions = batch[POSITION]
-        done = settled(positions[0] * variants, (positions[-1] + 1) * variants)
+        low, high = positions[0] * variants, (positions[-1] + 1) * variants
+        done = settled(low, high)
         if job.config.input.incremental:
-            yield _new_or_changed(job, job.builder.rows(batch), done)
+            yield _new_or_changed(job, job.builder.rows(batch), done), high
             continue
         if done:  # drop the input rows whose every variant is done
             per_row = Counter(slot // variants for slot in done)
             finished = [p for p, count in per_row.items() if count == variants]
             batch = batch.filter(~pl.col(POSITION).is_in(finished))
-        yield job.builder.rows(batch, set(done))
+        yield job.builder.rows(batch, set(done)), high
 
 
 def _new_or_changed(
@@ -561,10 +565,12 @@ def _new_or_changed(
     return todo
 
 
-def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> Iterator[list[Row]]:
+def _pending(
+    job: Prepared, journal: Journal, cache: ResponseCache | None, final: FinalSlots
+) -> Iterator[list[Row]]:
     """Rows still to do, a batch at a time. Those whose request was already answered (earlier in
     this job, or in the shared cache) carry that answer. Runs in a thread (see RowFeed)."""
-    for rows in pending_batches(job, journal.settled_requests):
+    for rows, passed in pending_batches(job, journal.settled_requests):
         hashes = list({row.request_hash for row in rows if row.body is not None})
         answered = journal.answers(hashes)
         cached = cache.lookup([h for h in hashes if h not in answered]) if cache else {}
@@ -573,6 +579,7 @@ def _pending(job: Prepared, journal: Journal, cache: ResponseCache | None) -> It
                 row.reuse = earlier.reused_for(row, DUPLICATE)
             elif (stored := cached.get(row.request_hash)) is not None:
                 row.reuse = stored.reused_for(row, CACHE)
+        final.fed(rows, passed)
         yield rows
 
 
@@ -648,49 +655,3 @@ def _restore_signals() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(signum)
-
-
-def _leading_arrays(job: Prepared, rows: int, stored: list[tuple[Any, ...]]) -> list[pa.Array]:
-    """The values of `leading_columns` for `rows` output rows (whole input rows' variants)."""
-    request = job.config.request
-    variants = job.builder.variants
-    arrays = []
-    if request.models:
-        arrays.append(pa.array([model for model, _ in variants] * (rows // len(variants))))
-    if request.n > 1:
-        samples = [sample for _, sample in variants] * (rows // len(variants))
-        arrays.append(pa.array(samples, type=pa.int32()))
-    if job.builder.answers is not None:
-        arrays += job.builder.answers.columns([row[PARSED] for row in stored])
-    return arrays
-
-
-def _write_output(output: Path, job: Prepared, journal: Journal, report: JobReport) -> None:
-    metadata = {
-        "tool": "prompt-pipeline",
-        "version": __version__,
-        "config_fingerprint": job.config.fingerprint_hash(),
-        "model": job.config.request.model,
-        **report.job_totals,
-    }
-    sink = ParquetSink(output, job.names, metadata)
-    started = time.monotonic()
-    variants = job.variants
-    try:
-        batches = job.source.arrow_batches(job.limit, size=max(OUTPUT_BATCH_ROWS // variants, 1))
-        for start, inputs in batches:
-            low, high = start * variants, (start + inputs.num_rows) * variants
-            stored = journal.results_between(low, high)
-            if [row[0] for row in stored] != list(range(low, high)):
-                raise AssertionError(
-                    f"the journal lacks results for some of input rows {start}..{start + inputs.num_rows - 1}"
-                )
-            if variants > 1:  # each input row once per variant
-                inputs = inputs.take([i for i in range(inputs.num_rows) for _ in range(variants)])
-            sink.write(inputs, _leading_arrays(job, inputs.num_rows, stored), stored)
-        sink.commit()
-    except BaseException:
-        sink.discard()
-        raise
-    report.written = True
-    report.write_seconds = time.monotonic() - started

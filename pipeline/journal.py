@@ -16,6 +16,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,11 +274,16 @@ class JournalWriter:
     lost attempts and, when a response cache is in use, the new answers for it."""
 
     def __init__(
-        self, journal: Journal, cache: ResponseCache | None = None, interval: float = FLUSH_INTERVAL
+        self,
+        journal: Journal,
+        cache: ResponseCache | None = None,
+        interval: float = FLUSH_INTERVAL,
+        on_commit: Callable[[list[Result]], None] | None = None,
     ) -> None:
         self.journal = journal
         self.cache = cache
         self.interval = interval
+        self.on_commit = on_commit  # told each batch once it is durable (in the writer's thread)
         self._pending: list[Result] = []
         self._lost: list[tuple[str, int, str]] = []
         self._flushing = asyncio.Lock()
@@ -299,6 +305,8 @@ class JournalWriter:
     def _write(self, batch: list[Result], lost: list[tuple[str, int, str]]) -> None:
         self.journal.record_lost(lost)  # before the rows: a row's lost attempts are never missed
         self.journal.write(batch)
+        if self.on_commit is not None:
+            self.on_commit(batch)
         if self.cache is not None:
             self.cache.store([r for r in batch if r.status == OK and r.response_source == API])
 

@@ -1,7 +1,8 @@
 """The final Parquet file: every input column unchanged and in input order, then the columns
 of a fan-out and of a structured answer (`model`, `sample_index`, `label` or one per schema
 property), then the result columns, all with explicit types. Written batch by batch beside the
-target, then renamed into place, so the file is either complete or absent.
+target, then renamed into place, so the file is either complete or absent. The job's totals
+go into the file's key-value metadata under `pipeline` at the end, once they are known.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ def result_names(
 class ParquetSink:
     """Writes the output file aside and renames it into place on `commit()`."""
 
-    def __init__(self, path: Path, names: list[str], metadata: dict[str, Any]) -> None:
+    def __init__(self, path: Path, names: list[str]) -> None:
         self.path = path
         self.names = names
-        self._metadata = {b"pipeline": json.dumps(metadata, sort_keys=True).encode()}
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
+        _remove_dead_parts(path)
 
     def write(
         self, inputs: pa.Table, leading: list[pa.Array], results: list[tuple[Any, ...]]
@@ -81,19 +82,17 @@ class ParquetSink:
         for name, column in zip(self.names, columns, strict=True):
             table = table.append_column(pa.field(name, column.type), column)
         if self._writer is None:
-            self._schema = table.schema.with_metadata(
-                {**(table.schema.metadata or {}), **self._metadata}
-            )
-            table = table.replace_schema_metadata(self._schema.metadata)
+            self._schema = table.schema
             self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
         elif table.schema != self._schema:
             table = table.cast(self._schema)
         self._writer.write_table(table)
 
-    def commit(self) -> None:
-        """Finish the file, make it durable, then move it into place."""
+    def commit(self, metadata: dict[str, Any]) -> None:
+        """Finish the file with `metadata`, make it durable, then move it into place."""
         if self._writer is None:
             raise InputError("the input has no rows to write")
+        self._writer.add_key_value_metadata({"pipeline": json.dumps(metadata, sort_keys=True)})
         self._writer.close()
         self._writer = None
         with open(self.tmp, "rb") as f:
@@ -107,7 +106,25 @@ class ParquetSink:
         self.tmp.unlink(missing_ok=True)
 
 
+def _remove_dead_parts(path: Path) -> None:
+    """Delete unfinished files a killed run left beside `path` (named for its process id)."""
+    for part in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = part.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, and someone else's
+    return True
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The `pipeline` metadata of an output file written by this tool."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = pq.read_metadata(path).metadata or {}
     return json.loads(meta.get(b"pipeline", b"{}"))  # type: ignore[no-any-return]

@@ -93,14 +93,16 @@ def write_job(
     extra: str = "",
     prompt: str = 'template = "{text}"',
     id_column: str | None = "id",
+    output: str = "",
 ) -> Path:
-    """A job config in `folder` reading `input_name` and writing `out.parquet`, aimed at `sim`."""
+    """A job config in `folder` reading `input_name` and writing `out.parquet`, aimed at `sim`;
+    `output` adds keys to its [output] table."""
     id_line = f'id_column = "{id_column}"' if id_column else ""
     base = f'base_url = "{sim.base_url}"' if sim else ""
     config = folder / "job.toml"
     config.write_text(
         f'[input]\npath = "{input_name}"\n{id_line}\n\n[prompt]\n{prompt}\n\n[request]\n{base}\n\n'
-        f'[output]\npath = "out.parquet"\n\n{extra if "[retry]" in extra else FAST_RETRY + extra}\n'
+        f'[output]\npath = "out.parquet"\n{output}\n\n{extra if "[retry]" in extra else FAST_RETRY + extra}\n'
     )
     return config
 

@@ -289,11 +289,12 @@ def test_concurrency_beyond_the_open_file_limit_is_refused_up_front(
     assert "needs about 1064 open files" in done.stderr and "at most 256" in done.stderr
 
 
-def test_metadata_is_json(tmp_path: Path, sim_thread: Any) -> None:
+def test_metadata_is_json_where_the_readme_says(tmp_path: Path, sim_thread: Any) -> None:
     write_input(tmp_path, 3)
     with sim_thread() as sim:
         assert run_cli(str(write_job(tmp_path, sim))).returncode == 0
     import pyarrow.parquet as pq
 
-    meta = pq.read_schema(tmp_path / "out.parquet").metadata[b"pipeline"]
-    assert json.loads(meta)["rows"] == 3
+    path = tmp_path / "out.parquet"
+    assert json.loads(pq.read_metadata(path).metadata[b"pipeline"])["rows"] == 3
+    assert json.loads(pl.read_parquet_metadata(path)["pipeline"])["ok"] == 3

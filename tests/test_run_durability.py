@@ -3,12 +3,14 @@ nothing paid twice except what was in flight at the kill."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.simulator import messages_digest
@@ -16,12 +18,17 @@ from tests.helpers import journaled_positions, run_cli, sim_get, start_cli, wait
 
 ROWS = 240
 CONCURRENCY = 8
+ROW_GROUP = 50  # the output is written a group at a time as groups finish, on resume too
 
 
 def setup_job(folder: Path, sim: Any) -> tuple[str, list[str]]:
     texts = [f"row {i}: the kettle boils fast" for i in range(ROWS)]
     pl.DataFrame({"id": [f"k{i}" for i in range(ROWS)], "text": texts}).write_csv(folder / "in.csv")
-    return str(write_job(folder, sim, extra=f"[limits]\nconcurrency = {CONCURRENCY}\n")), texts
+    config = write_job(
+        folder, sim, extra=f"[limits]\nconcurrency = {CONCURRENCY}\n",
+        output=f"row_group_size = {ROW_GROUP}",
+    )  # fmt: skip
+    return str(config), texts
 
 
 def assert_every_row_once_and_no_settled_row_repaid(
@@ -30,6 +37,8 @@ def assert_every_row_once_and_no_settled_row_repaid(
     out = pl.read_parquet(folder / "out.parquet")
     assert out["id"].to_list() == [f"k{i}" for i in range(ROWS)]  # every row, once, in order
     assert out["status"].to_list() == ["ok"] * ROWS
+    assert pq.ParquetFile(folder / "out.parquet").num_row_groups == -(-ROWS // ROW_GROUP)
+    assert not list(folder.glob(".out.parquet.tmp-*"))  # no unfinished file left behind
     billed = Counter(e["messages_digest"] for e in sim_get(sim, "ledger")["data"])
     by_digest = {messages_digest([{"role": "user", "content": t}]): i for i, t in enumerate(texts)}
     paid_twice = {by_digest[d] for d, n in billed.items() if n > 1}
@@ -74,6 +83,7 @@ def test_sigterm_and_sigint_flush_the_journal_and_exit_with_their_code(
         _, stderr = proc.communicate(timeout=10)
         assert proc.returncode == code, stderr
         assert "Run the same command again to resume" in stderr and "Traceback" not in stderr
+        assert not [*tmp_path.glob("out.parquet"), *tmp_path.glob(".out.parquet.tmp-*")]
         settled = journaled_positions(tmp_path)
         answered = len(sim_get(sim, "ledger")["data"])
         # Everything answered before the stop was flushed, except at most what the grace period cut off.
@@ -97,6 +107,37 @@ def test_a_second_ctrl_c_during_the_flush_changes_nothing(tmp_path: Path, sim_th
         rerun = run_cli(config)
         assert rerun.returncode == 0, rerun.stderr
         assert_every_row_once_and_no_settled_row_repaid(tmp_path, sim, texts, settled, answered)
+
+
+def test_finished_row_groups_are_written_while_a_row_is_still_awaited(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    """The output grows group by group while the job runs, so the end of a long job is not
+    spent writing it; a run that stops removes its unfinished file."""
+    texts = [f"row {i}" for i in range(45)]
+    texts[-1] = "[[sim:hang*1]] the last row, unanswered at first"
+    pl.DataFrame({"id": [f"k{i}" for i in range(45)], "text": texts}).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = str(write_job(tmp_path, sim, output="row_group_size = 10"))
+        proc = start_cli(config)
+        try:
+            wait_for(lambda: len(journaled_positions(tmp_path)) == 44, what="all rows but one")
+            wait_for(
+                lambda: any(p.stat().st_size for p in tmp_path.glob(".out.parquet.tmp-*")),
+                what="row groups on disk",
+            )
+            assert proc.poll() is None  # still waiting for the last row
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 143, stderr
+        assert not [*tmp_path.glob("out.parquet"), *tmp_path.glob(".out.parquet.tmp-*")]
+        rerun = run_cli(config)  # the last row is answered this time
+    assert rerun.returncode == 0, rerun.stderr
+    out = tmp_path / "out.parquet"
+    assert pl.read_parquet(out)["id"].to_list() == [f"k{i}" for i in range(45)]
+    assert pq.ParquetFile(out).metadata.num_row_groups == 5
+    assert json.loads(pq.read_metadata(out).metadata[b"pipeline"])["ok"] == 45
 
 
 async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from pipeline.simulator import messages_digest
 from pipeline.sink import read_metadata
 from tests.helpers import cli_env, run_cli, sim_get, start_cli, wait_for, write_job
 
@@ -94,26 +95,31 @@ def test_a_changed_row_is_reported_not_rebilled_unless_asked(
 ) -> None:
     source = tmp_path / "in.csv"
     rows(0, 6).write_csv(source)
+    # The edited row's first attempt times out: meanwhile its row group must not be written
+    # with the answer it had before.
+    edited = "[[sim:hang*1]] item 2, edited"
     with sim_thread() as sim:
-        config = write_job(tmp_path, sim)
+        config = write_job(tmp_path, sim, output="row_group_size = 2")
         assert run_cli(str(config), "--incremental").returncode == 0
         changed = rows(0, 6).with_columns(
             pl.when(pl.col("id") == "r2")
-            .then(pl.lit("item 2, edited"))
+            .then(pl.lit(edited))
             .otherwise(pl.col("text"))
             .alias("text")
         )
         changed.write_csv(source)
         kept = run_cli(str(config), "--incremental")
         after_kept = billed(sim)
-        redone = run_cli(str(config), "--incremental", "--reprocess-changed")
+        redone = run_cli(str(config), "--incremental", "--reprocess-changed", "--timeout", "1")
         after_redone = billed(sim)
     assert kept.returncode == 0 and "1 row(s) changed since they were done: kept" in kept.stderr
     assert sum(after_kept.values()) == 6  # nothing sent
     assert redone.returncode == 0 and "sent again" in redone.stderr
     assert sum(after_redone.values()) == 7  # only the edited row
-    frame = pl.read_parquet(tmp_path / "out.parquet")
-    assert frame.filter(pl.col("id") == "r2")["text"].item() == "item 2, edited"
+    frame = pl.read_parquet(tmp_path / "out.parquet").filter(pl.col("id") == "r2")
+    assert frame["text"].item() == edited
+    digest = messages_digest([{"role": "user", "content": edited}])
+    assert frame["completion"].item().startswith(f"sim:{digest}")
 
 
 # ------------------------------------------------------------------------ max runtime

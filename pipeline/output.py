@@ -1,0 +1,161 @@
+"""The output file: each input row (once per variant) with its leading columns and the result
+the journal holds for it, a row group at a time, in input order.
+
+A group is written while the job still runs, as soon as every slot in it is final, so that when
+the last answer arrives only the last group is left to write (on a million rows, ~14 s less
+after the last answer). A slot is final once the row feed has passed it and, if this run sends
+it, its result is committed: a slot settled by an earlier run may still be sent again (a failed
+row retried, a changed row reprocessed), so "in the journal" is not enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, Result, Row
+from pipeline.sink import ParquetSink
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+    from pipeline.job import Prepared
+    from pipeline.journal import Journal
+    from pipeline.prompts import RequestBuilder
+
+WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become final
+PARSED = RESULT_FIELDS.index("parsed")
+
+
+class FinalSlots:
+    """Which slots can no longer change in this run: all below `upto()`. Told by the row feed
+    (in its thread) what it hands out, and by the journal writer (in its thread) what it
+    committed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._passed = 0  # every slot below this was handed out, or needs no sending
+        self._open: set[int] = set()  # handed out, result not committed yet
+
+    def fed(self, rows: list[Row], passed: int) -> None:
+        """`rows` are to be sent; with them, the feed has passed every slot below `passed`."""
+        with self._lock:
+            self._open.update(
+                s for row in rows for s in range(row.position, row.position + row.samples)
+            )
+            self._passed = passed
+
+    def committed(self, results: Iterable[Result]) -> None:
+        with self._lock:
+            self._open.difference_update(r.position for r in results)
+
+    def upto(self) -> int:
+        with self._lock:
+            return min(self._open, default=self._passed)
+
+
+class OutputWriter:
+    """Writes the output aside, group by group, and moves it into place on `finish()`."""
+
+    def __init__(self, job: Prepared, journal: Journal, path: Path) -> None:
+        self.job = job
+        self.journal = journal
+        self.sink = ParquetSink(path, job.names)
+        self.seconds = 0.0  # spent writing, in all
+        self._groups = job.source.arrow_batches(
+            job.limit, size=max(job.config.output.row_group_size // job.variants, 1)
+        )
+        self._next: tuple[int, pa.Table] | None = None  # the group to write next, once final
+        self._failed: Exception | None = None
+
+    async def write_ahead(self, final: FinalSlots, stopped: asyncio.Event) -> None:
+        """Until `stopped`, write (in a thread) each group as soon as it is final. A failure
+        (a full disk) stops only this: the job goes on, and `finish()` raises it."""
+        written_upto = 0
+        while not stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), WRITE_AHEAD_INTERVAL)
+            upto = final.upto()
+            if upto > written_upto:
+                try:
+                    await asyncio.to_thread(self.write_until, upto)
+                except Exception as exc:
+                    self._failed = exc
+                    return
+                written_upto = upto
+
+    def write_until(self, final: int) -> None:
+        """Write each group, in order, whose slots all lie below `final`."""
+        variants = self.job.variants
+        while True:
+            if self._next is None:
+                self._next = next(self._groups, None)
+                if self._next is None:
+                    return
+            start, inputs = self._next
+            if (start + inputs.num_rows) * variants > final:
+                return
+            self._write(start, inputs)
+            self._next = None
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        """Write what is left, then the job's `metadata`, and move the file into place."""
+        if self._failed is not None:
+            raise self._failed
+        self.write_until(self.job.slots)
+        started = time.monotonic()
+        self.sink.commit(metadata)
+        self.seconds += time.monotonic() - started
+
+    def discard(self) -> None:
+        self.sink.discard()
+
+    def _write(self, start: int, inputs: pa.Table) -> None:
+        started = time.monotonic()
+        variants = self.job.variants
+        low, high = start * variants, (start + inputs.num_rows) * variants
+        stored = self.journal.results_between(low, high)
+        if [row[0] for row in stored] != list(range(low, high)):
+            raise AssertionError(
+                f"the journal lacks results for some of input rows {start}..{start + inputs.num_rows - 1}"
+            )
+        if variants > 1:  # each input row once per variant
+            inputs = inputs.take([i for i in range(inputs.num_rows) for _ in range(variants)])
+        self.sink.write(inputs, leading_arrays(self.job, inputs.num_rows, stored), stored)
+        self.seconds += time.monotonic() - started
+
+
+def leading_columns(config: JobConfig, builder: RequestBuilder, inputs: list[str]) -> list[str]:
+    """The output columns between the input's and the results: the requested `model` of a
+    fan-out over models, `sample_index` with n > 1, then `label` or one per schema property
+    (`answer_<name>` when the name is taken)."""
+    names = (["model"] if config.request.models else []) + (
+        ["sample_index"] if config.request.n > 1 else []
+    )
+    taken = {*inputs, *RESULT_COLUMNS, *names}
+    if builder.answers is not None:
+        names += [
+            f"answer_{name}" if name in taken else name for name in builder.answers.column_types()
+        ]
+    return names
+
+
+def leading_arrays(job: Prepared, rows: int, stored: list[tuple[Any, ...]]) -> list[pa.Array]:
+    """The values of `leading_columns` for `rows` output rows (whole input rows' variants)."""
+    request = job.config.request
+    variants = job.builder.variants
+    arrays = []
+    if request.models:
+        arrays.append(pa.array([model for model, _ in variants] * (rows // len(variants))))
+    if request.n > 1:
+        samples = [sample for _, sample in variants] * (rows // len(variants))
+        arrays.append(pa.array(samples, type=pa.int32()))
+    if job.builder.answers is not None:
+        arrays += job.builder.answers.columns([row[PARSED] for row in stored])
+    return arrays
