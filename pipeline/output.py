@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, Result, Row
+from pipeline.records import OUTPUT_FIELDS, RESULT_COLUMNS, Result, Row
 from pipeline.sink import ParquetSink
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pipeline.prompts import RequestBuilder
 
 WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become final
-PARSED = RESULT_FIELDS.index("parsed")
+PARSED = OUTPUT_FIELDS.index("parsed")
 
 
 class FinalSlots:

@@ -89,3 +89,5 @@ RESULT_COLUMNS = (
 
 RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume", "request_hash", "parsed")
 _result_values = operator.attrgetter(*RESULT_FIELDS)  # one C call for the journal's row of values
+# What the output reads back from the journal for each row, in this order.
+OUTPUT_FIELDS = ("position", *RESULT_COLUMNS, "parsed")
