@@ -181,8 +181,12 @@ def ours(
     result = measure(command, env)
     if result["code"] != 0:
         raise SystemExit(f"pipeline run failed ({result['code']}):\n{result['stderr'][-2000:]}")
-    match = re.search(r"in ([0-9.]+)s\n", result["stderr"])
-    result["write_seconds"] = float(match.group(1)) if match else None
+    # The output is written a row group at a time while the job runs; the summary gives the
+    # part left for the end (which adds to the wall time) and the CPU of all of it.
+    match = re.search(r"\(([0-9.]+)s at the end, ([0-9.]+)s CPU in all\)", result["stderr"])
+    result["write_seconds"], result["write_cpu_seconds"] = (
+        (float(match.group(1)), float(match.group(2))) if match else (None, None)
+    )
     return result
 
 
@@ -314,6 +318,7 @@ def memory(sizes: Sizes, work: Path) -> dict[str, Any]:
                 "peak_rss_mb": result["rss_mb"],
                 "wall_s": result["wall"],
                 "parquet_write_s": result["write_seconds"],
+                "parquet_write_cpu_s": result["write_cpu_seconds"],
             }
     small, large = (figures[str(n)] for n in sizes.memory_rows)
     figures["ratio_rss"] = large["peak_rss_mb"] / small["peak_rss_mb"]
@@ -360,7 +365,7 @@ def verdicts(r: dict[str, Any], sizes: Sizes) -> list[tuple[str, str, bool]]:
         ("rate: zero 429s", str(rate["http_429"]), rate["http_429"] == 0),
         ("memory: RSS at large <= 1.25x small", f"{r['memory']['ratio_rss']:.2f}x", r["memory"]["ratio_rss"] <= 1.25),
         ("memory: RSS at large < 500 MB", f"{r['memory'][str(sizes.memory_rows[1])]['peak_rss_mb']:.0f} MB", r["memory"][str(sizes.memory_rows[1])]["peak_rss_mb"] < 500),
-        ("memory: Parquet write <= 10% of wall", f"{(r['memory']['write_share'] or 0) * 100:.1f}%", (r["memory"]["write_share"] or 0) <= 0.10),
+        ("memory: final Parquet write <= 10% of wall", f"{(r['memory']['write_share'] or 0) * 100:.1f}%", (r["memory"]["write_share"] or 0) <= 0.10),
         ("start-up: pipeline --help < 0.25 s", f"{r['startup']['pipeline --help']:.3f} s", r["startup"]["pipeline --help"] < 0.25),
     ]  # fmt: skip
     return checks
@@ -447,7 +452,7 @@ def print_table(r: dict[str, Any]) -> None:
         for n, f in r["memory"].items():
             if isinstance(f, dict):
                 print(
-                    f"  {int(n):>9,} rows: peak RSS {f['peak_rss_mb']:6.0f} MB, wall {f['wall_s']:7.1f} s, Parquet write {f['parquet_write_s']:.2f} s"
+                    f"  {int(n):>9,} rows: peak RSS {f['peak_rss_mb']:6.0f} MB, wall {f['wall_s']:7.1f} s, Parquet write at the end {f['parquet_write_s']:.2f} s ({f['parquet_write_cpu_s']:.2f} s CPU in all)"
                 )
     if "startup" in r:
         print("\nstart-up (median wall)")

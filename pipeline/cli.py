@@ -363,7 +363,7 @@ def _summary(report: Any, reprocess_changed: bool) -> str:
     t = report.job_totals
     lines = [
         f"done: {report.total_rows:,} rows: {t.get('ok', 0):,} ok, {t.get('failed', 0):,} failed "
-        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} in {report.write_seconds:.2f}s",
+        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
         f"  cost ${t.get('cost_usd', 0.0):.6f} for {t.get('prompt_tokens', 0):,} prompt + {t.get('completion_tokens', 0):,} completion tokens",
     ]
     if t.get("duplicates_reused") or t.get("cache_hits"):

@@ -68,7 +68,8 @@ class JobReport:
     wall_seconds: float = 0.0
     retries: int = 0
     written: bool = False
-    write_seconds: float = 0.0  # spent writing the output file
+    write_seconds: float = 0.0  # spent writing the output at the end (the rest ran alongside)
+    write_cpu_seconds: float = 0.0  # spent writing the output, in all
     changed: int = 0  # rows done earlier whose input changed (incremental jobs)
     warnings: list[str] = field(default_factory=list)
 
@@ -288,7 +289,8 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
                     }
                 )  # fmt: skip
                 report.written = True
-                report.write_seconds = output.seconds
+                report.write_seconds = output.final_seconds
+                report.write_cpu_seconds = output.cpu_seconds
     return report
 
 
