@@ -67,7 +67,6 @@ class JobReport:
     job_totals: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
     retries: int = 0
-    written: bool = False
     write_seconds: float = 0.0  # spent writing the output at the end (the rest ran alongside)
     write_cpu_seconds: float = 0.0  # spent writing the output, in all
     changed: int = 0  # rows done earlier whose input changed (incremental jobs)
@@ -288,7 +287,6 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
                         "model": config.request.model, **report.job_totals,
                     }
                 )  # fmt: skip
-                report.written = True
                 report.write_seconds = output.final_seconds
                 report.write_cpu_seconds = output.cpu_seconds
     return report

@@ -16,7 +16,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -314,13 +314,20 @@ class JournalWriter:
         """Flush every `interval` until `stop()`, then return; the owner calls `flush()` once
         more at the end. Never cancelled: a cancelled flush would leave its commit running in
         the thread while the final flush, finding nothing pending, returns before it lands."""
-        while not self._stopped.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), self.interval)
+        async for _ in every(self.interval, self._stopped):
             await self.flush()
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+async def every(interval: float, stopped: asyncio.Event) -> AsyncIterator[None]:
+    """Tick every `interval` seconds until `stopped` is set, and once more when it is, so the
+    last interval's work is not left behind."""
+    while not stopped.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), interval)
+        yield
 
 
 def describe_changes(

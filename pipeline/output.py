@@ -11,7 +11,6 @@ row retried, a changed row reprocessed), so "in the journal" is not enough.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -20,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipeline.journal import Journal, every
 from pipeline.records import OUTPUT_FIELDS, RESULT_COLUMNS, Result, Row
 from pipeline.sink import ParquetSink
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
     from pipeline.job import Prepared
-    from pipeline.journal import Journal
     from pipeline.prompts import RequestBuilder
 
 WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become final
@@ -79,16 +78,14 @@ class OutputWriter:
         """Until `stopped`, write (in a thread) each group as soon as it is final. A failure
         (a full disk) stops only this: the job goes on, and `finish()` raises it."""
         written_upto = 0
-        while not stopped.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopped.wait(), WRITE_AHEAD_INTERVAL)
+        async for _ in every(WRITE_AHEAD_INTERVAL, stopped):
             upto = final.upto()
             if upto > written_upto:
                 try:
                     await asyncio.to_thread(self.write_until, upto)
                 except Exception as exc:
                     self._failed = exc
-                    return
+                    break
                 written_upto = upto
 
     def write_until(self, final: int) -> None:
