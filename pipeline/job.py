@@ -529,7 +529,9 @@ def pending_batches(job: Prepared, settled: Settled) -> Iterator[tuple[list[Row]
     ends before; `settled(low, high)` gives the slots in [low, high) that an earlier run
     finished, with the id and request they were for."""
     variants = job.variants
-    for batch in job.source.batches(job.limit):
+    # The first requests wait for the first batch: one row per worker is enough to start them.
+    first = max(job.config.limits.concurrency // variants, 1)
+    for batch in job.source.batches(job.limit, first=first):
         positions = batch[POSITION]
         low, high = positions[0] * variants, (positions[-1] + 1) * variants
         done = settled(low, high)

@@ -53,23 +53,27 @@ class Source:
             frame = frame.head(limit)
         return frame
 
-    def batches(self, limit: int | None = None, size: int = BATCH_ROWS) -> Iterator[pl.DataFrame]:
-        """The rows in input order, about `size` at a time, each with its position in POSITION."""
-        for position, table in self.arrow_batches(limit, size):
+    def batches(
+        self, limit: int | None = None, size: int = BATCH_ROWS, first: int | None = None
+    ) -> Iterator[pl.DataFrame]:
+        """The rows in input order, at most `size` at a time (`first` in the first batch), each
+        with its position in POSITION."""
+        for position, table in self.arrow_batches(limit, size, first):
             frame = pl.from_arrow(table)
             assert isinstance(frame, pl.DataFrame)
             yield frame.with_row_index(POSITION, offset=position)
 
     def arrow_batches(
-        self, limit: int | None = None, size: int = BATCH_ROWS
+        self, limit: int | None = None, size: int = BATCH_ROWS, first: int | None = None
     ) -> Iterator[tuple[int, pa.Table]]:
-        """The rows in input order as Arrow, at most `size` at a time, with the position of
-        each batch's first row.
+        """The rows in input order as Arrow, at most `size` at a time (`first` in the first
+        batch), with the position of each batch's first row.
 
         Pull-based: a batch is read only when asked for (polars' `collect_batches` runs the
         whole query ahead of a slow consumer, buffering a million-row file in memory). Parquet
         keeps its exact Arrow types (string, not large_string), so the output can too."""
         position = 0
+        want = min(first or size, size)
         try:
             for chunk in self._chunks(size):
                 table = (
@@ -77,8 +81,12 @@ class Source:
                 )
                 if limit is not None and position + table.num_rows > limit:
                     table = table.slice(0, limit - position)
-                for offset in range(0, table.num_rows, size):  # CSV comes in blocks of bytes
-                    yield position + offset, table.slice(offset, size)
+                offset = 0
+                while offset < table.num_rows:  # CSV comes in blocks of bytes, not rows
+                    piece = table.slice(offset, want)
+                    yield position + offset, piece
+                    offset += piece.num_rows
+                    want = size
                 position += table.num_rows
                 # Arrow's allocator (mimalloc) keeps freed pages for a while; over a long
                 # input that grew RSS with the row count though Arrow never held more than

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from pipeline.records import RESULT_COLUMNS
 from pipeline.simulator import messages_digest
+from pipeline.source import open_source
 from tests.helpers import TEST_KEY, run_cli, sim_get, sim_post, write_job
 from tests.openapi import validate_component
 
@@ -70,6 +72,21 @@ def test_every_format_gives_the_same_rows_in_order_each_answering_its_prompt(
     assert out["attempts"].to_list() == [1] * len(frame)
     assert out["response_model"].unique().to_list() == ["mistralai/mixtral-8x7b-instruct"]
     assert (out["total_tokens"] == out["prompt_tokens"] + out["completion_tokens"]).all()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_input_is_read_in_bounded_batches_the_first_one_small(tmp_path: Path, fmt: str) -> None:
+    """The first requests wait only for a first batch (one row per worker); every batch stays
+    within the size asked for, whatever each format reads at once (CSV: 1 MB blocks)."""
+    frame = reviews(1000)
+    path = tmp_path / f"in.{fmt}"
+    {"csv": frame.write_csv, "parquet": frame.write_parquet, "jsonl": frame.write_ndjson}[fmt](path)
+    batches = list(open_source(str(path)).arrow_batches(size=300, first=50))
+    sizes = [table.num_rows for _, table in batches]
+    assert sizes[0] == 50 and max(sizes) <= 300 and sum(sizes) == len(frame)
+    assert [position for position, _ in batches] == list(accumulate([0, *sizes[:-1]]))
+    ids = [i for _, table in batches for i in table["id"].to_pylist()]
+    assert ids == frame["id"].to_list()
 
 
 def test_cost_column_equals_the_ledger_and_metadata_has_totals(
