@@ -370,16 +370,22 @@ def _summary(report: Any, reprocess_changed: bool) -> str:
         lines.append(
             f"  not paid: {t.get('duplicates_reused', 0):,} rows reused an identical request, {t.get('cache_hits', 0):,} came from the cache"
         )
+    extra_spend = []  # paid for, yet in no row's cost
     if t.get("lost_attempts"):
-        lines.append(
-            f"  true spend ${t.get('true_cost_usd', 0.0):.6f}: {t.get('paid_twice_requests', 0)} attempt(s) billed although "
-            f"their answer never arrived cost ${t.get('paid_twice_cost_usd', 0.0):.6f}"
+        extra_spend.append(
+            f"{t.get('paid_twice_requests', 0)} attempt(s) billed although their answer never arrived cost ${t.get('paid_twice_cost_usd', 0.0):.6f}"
             + (
                 f"; {t['lost_attempts_unreconciled']} not yet known (a later run checks again)"
                 if t.get("lost_attempts_unreconciled")
                 else ""
             )
         )
+    if t.get("replaced_answers"):
+        extra_spend.append(
+            f"{t['replaced_answers']} earlier answer(s), since replaced by a new one, cost ${t.get('replaced_cost_usd', 0.0):.6f}"
+        )
+    if extra_spend:
+        lines.append(f"  true spend ${t.get('true_cost_usd', 0.0):.6f}: {'; '.join(extra_spend)}")
     if report.changed:
         again = (
             "sent again"

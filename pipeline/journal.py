@@ -55,6 +55,17 @@ CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE st
 CREATE TABLE IF NOT EXISTS lost_attempts (
     generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL
 );
+-- Paid answers that a later result for the same slot replaced (a row sent again with
+-- --reprocess-changed, a failure that had spent something retried): still the job's spend.
+-- Filled by the trigger as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
+CREATE TABLE IF NOT EXISTS replaced_answers (
+    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS keep_replaced_spend BEFORE DELETE ON results
+    WHEN OLD.cost_usd > 0 AND OLD.response_source = 'api'
+BEGIN
+    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
+END;
 """
 _TOTALS = """SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
     COALESCE(SUM(CASE WHEN response_source = 'api' THEN prompt_tokens END), 0),
@@ -67,6 +78,7 @@ _BY_MODEL = """SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(completi
     GROUP BY response_model ORDER BY response_model"""
 _LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
     COALESCE(SUM(cost_usd IS NULL), 0) FROM lost_attempts"""
+_REPLACED = "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM replaced_answers WHERE {where}"
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
 
 
@@ -222,6 +234,7 @@ class Journal:
             row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
             by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
             lost = self._db.execute(_LOST).fetchone()
+            replaced = self._db.execute(_REPLACED.format(where=where), args).fetchone()
         cost = row[5] or 0.0
         return {
             "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
@@ -231,7 +244,8 @@ class Journal:
                 for model, n, p, c, usd in by_model
             },
             "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
-            "lost_attempts_unreconciled": lost[3], "true_cost_usd": cost + lost[2],
+            "lost_attempts_unreconciled": lost[3], "replaced_answers": replaced[0],
+            "replaced_cost_usd": replaced[1], "true_cost_usd": cost + lost[2] + replaced[1],
         }  # fmt: skip
 
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
@@ -383,6 +397,7 @@ def _open_checked(path: Path) -> sqlite3.Connection:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA recursive_triggers=ON")  # REPLACE's deletes fire keep_replaced_spend
         db.executescript(_SCHEMA)
         (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
         if verdict != "ok":

@@ -112,6 +112,7 @@ def test_a_changed_row_is_reported_not_rebilled_unless_asked(
         after_kept = billed(sim)
         redone = run_cli(str(config), "--incremental", "--reprocess-changed", "--timeout", "1")
         after_redone = billed(sim)
+        spent = sum(entry["cost"] for entry in sim_get(sim, "ledger")["data"])
     assert kept.returncode == 0 and "1 row(s) changed since they were done: kept" in kept.stderr
     assert sum(after_kept.values()) == 6  # nothing sent
     assert redone.returncode == 0 and "sent again" in redone.stderr
@@ -120,6 +121,11 @@ def test_a_changed_row_is_reported_not_rebilled_unless_asked(
     assert frame["text"].item() == edited
     digest = messages_digest([{"role": "user", "content": edited}])
     assert frame["completion"].item().startswith(f"sim:{digest}")
+    # The answer the edited row had before was paid for too: the job's spend keeps it.
+    meta = read_metadata(tmp_path / "out.parquet")
+    assert meta["replaced_answers"] == 1 and meta["replaced_cost_usd"] > 0
+    assert meta["true_cost_usd"] == pytest.approx(spent, rel=1e-9)
+    assert "1 earlier answer(s), since replaced by a new one, cost $" in redone.stderr
 
 
 # ------------------------------------------------------------------------ max runtime
