@@ -234,7 +234,11 @@ class Journal:
             row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
             by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
             lost = self._db.execute(_LOST).fetchone()
-            replaced = self._db.execute(_REPLACED.format(where=where), args).fetchone()
+            replaced = (
+                self._db.execute(_REPLACED.format(where=where), args).fetchone()
+                if self._has_table("replaced_answers")  # not in a journal from before it, read-only
+                else (0, 0.0)
+            )
         cost = row[5] or 0.0
         return {
             "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
@@ -247,6 +251,10 @@ class Journal:
             "lost_attempts_unreconciled": lost[3], "replaced_answers": replaced[0],
             "replaced_cost_usd": replaced[1], "true_cost_usd": cost + lost[2] + replaced[1],
         }  # fmt: skip
+
+    def _has_table(self, name: str) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self._db.execute(query, (name,)).fetchone() is not None
 
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -205,6 +207,24 @@ def test_a_429_storm_is_logged_as_it_starts(tmp_path: Path, sim_thread: Any) -> 
     storm = next(e for e in events if e["event"] == "rate_limited")
     assert storm["responses_429"] >= 1 and storm["since_last"] == storm["responses_429"]
     assert events.index(storm) < len(events) - 1 and events[-1]["event"] == "summary"
+
+
+def test_a_journal_from_an_earlier_version_still_reports_and_resumes(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    rows(0, 6).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = write_job(tmp_path, sim)
+        assert run_cli(str(config), "--limit", "3").returncode == 0
+        # As versions before replaced_answers left it: `status` opens it read-only, as it is.
+        with contextlib.closing(sqlite3.connect(tmp_path / "out.parquet.journal")) as db:
+            db.executescript("DROP TRIGGER keep_replaced_spend; DROP TABLE replaced_answers;")
+        earlier = status(config)
+        resumed = run_cli(str(config))
+        after = status(config)
+    assert earlier["done"] == 3 and earlier["true_cost_usd"] == pytest.approx(earlier["cost_usd"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert after["done"] == 6 and after["true_cost_usd"] == pytest.approx(after["cost_usd"])
 
 
 def test_status_agrees_with_the_output_and_sees_a_running_job(
