@@ -444,7 +444,13 @@ async def _dispatch(
         answers=job.builder.answers, invalid_retries=config.retry.invalid_retries,
     )  # fmt: skip
     final = FinalSlots()
-    writer = JournalWriter(journal, cache, on_commit=final.committed)
+
+    def committed(results: list[Result]) -> None:  # in the journal writer's thread
+        if output is not None:
+            output.committed(results)  # before the slots are final: the group is written from them
+        final.committed(results)
+
+    writer = JournalWriter(journal, cache, on_commit=committed)
     interrupted = _on_signals(dispatcher, progress)
     out_of_time = _on_deadline(dispatcher, progress, started, config.limits.max_runtime)
     flusher = asyncio.create_task(writer.run())

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.cache import ResponseCache
 from pipeline.errors import JournalError, Locked
-from pipeline.records import API, OK, OUTPUT_FIELDS, RESULT_FIELDS, Result
+from pipeline.records import API, OK, RESULT_FIELDS, Result
 
 # Seconds between commits while results arrive. A WAL commit with synchronous=NORMAL costs no
 # fsync, so committing often is cheap, and an answer that arrived but was not yet committed
@@ -182,10 +182,10 @@ class Journal:
         return int(count)
 
     def results_between(self, low: int, high: int) -> list[tuple[Any, ...]]:
-        """The `OUTPUT_FIELDS` of stored results for positions in [low, high), in order."""
+        """The stored results (`RESULT_FIELDS` tuples) for positions in [low, high), in order."""
         with self._guard:
             cursor = self._db.execute(
-                f"SELECT {', '.join(OUTPUT_FIELDS)} FROM results WHERE position >= ? AND position < ? ORDER BY position",
+                f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position >= ? AND position < ? ORDER BY position",
                 (low, high),
             )
             return cursor.fetchall()

@@ -87,7 +87,6 @@ RESULT_COLUMNS = (
     "error_message",
 )  # fmt: skip
 
+# A result as the journal stores it and the output takes it, in this order.
 RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume", "request_hash", "parsed")
-_result_values = operator.attrgetter(*RESULT_FIELDS)  # one C call for the journal's row of values
-# What the output reads back from the journal for each row, in this order.
-OUTPUT_FIELDS = ("position", *RESULT_COLUMNS, "parsed")
+_result_values = operator.attrgetter(*RESULT_FIELDS)  # one C call for a row of values

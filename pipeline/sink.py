@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.records import OUTPUT_FIELDS, RESULT_COLUMNS
+from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS
 
 RESULT_TYPES: dict[str, pa.DataType] = {
     "completion": pa.string(),
@@ -40,7 +40,7 @@ RESULT_TYPES: dict[str, pa.DataType] = {
     "error_type": pa.string(),
     "error_message": pa.string(),
 }
-_FIELD_INDEX = {name: OUTPUT_FIELDS.index(name) for name in RESULT_COLUMNS}
+_FIELD_INDEX = {name: RESULT_FIELDS.index(name) for name in RESULT_COLUMNS}
 
 
 def result_names(
@@ -73,7 +73,7 @@ class ParquetSink:
         self, inputs: pa.Table, leading: list[pa.Array], results: list[tuple[Any, ...]]
     ) -> None:
         """Append a batch: `inputs` rows, their `leading` columns and their stored results
-        (`OUTPUT_FIELDS` tuples), in the same order."""
+        (`RESULT_FIELDS` tuples), in the same order."""
         fields = list(zip(*results, strict=True))  # one tuple per field, transposed in C
         columns = leading + [
             pa.array(fields[_FIELD_INDEX[c]], type=RESULT_TYPES[c]) for c in RESULT_COLUMNS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,31 @@ def test_finished_row_groups_are_written_while_a_row_is_still_awaited(
     assert pl.read_parquet(out)["id"].to_list() == [f"k{i}" for i in range(45)]
     assert pq.ParquetFile(out).metadata.num_row_groups == 5
     assert json.loads(pq.read_metadata(out).metadata[b"pipeline"])["ok"] == 45
+
+
+def test_each_output_row_is_its_journaled_result_when_rows_finish_far_out_of_order(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    """Groups are written from the results kept in memory, or, for rows that finished far ahead
+    of the writing (here: all after a first row that hangs), read back from the journal; either
+    way every output row holds exactly what the journal holds for it."""
+    texts = ["[[sim:hang*1]] the first row, answered on its second attempt"]
+    texts += [f"row {i}" for i in range(1, 60)]
+    pl.DataFrame({"id": [f"k{i}" for i in range(60)], "text": texts}).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = str(write_job(tmp_path, sim, output="row_group_size = 2"))
+        done = run_cli(config, "--timeout", "1")
+    assert done.returncode == 0, done.stderr
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    with sqlite3.connect(tmp_path / "out.parquet.journal") as db:
+        journaled = pl.read_database(
+            "SELECT key AS id, completion, generation_id, cost_usd, attempts, status FROM results "
+            "ORDER BY position",
+            db,
+        )
+    assert out.select(journaled.columns).equals(journaled)
+    assert out["attempts"].to_list() == [2] + [1] * 59  # the first row did finish last
+    assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 30
 
 
 async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) -> None:
