@@ -16,6 +16,7 @@ import hashlib
 import json
 import string
 from collections.abc import Mapping
+from json.encoder import encode_basestring
 from typing import Any
 
 import polars as pl
@@ -221,7 +222,7 @@ class RequestBuilder:
         if self._system and messages[0].get("role") != "system":
             messages = self._system + messages
         text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
-        encoded = _encode(messages)
+        encoded = _encode_messages(messages)
         if samples > 1:
             tail = self._tail({**row_params, "n": samples}, 0)
         else:
@@ -284,6 +285,17 @@ def _row_params(
 # every job (the cache key); one encoder for all rows, which `json.dumps` with options would build
 # for each.
 _encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+
+
+def _encode_messages(messages: list[dict[str, Any]]) -> str:
+    """`_encode(messages)`. The usual request, one user message of text, is spelled out with the
+    same bytes: a third of the time of the general encoder, which sorts every object's keys."""
+    if len(messages) == 1:
+        (message,) = messages
+        content = message.get("content")
+        if len(message) == 2 and message.get("role") == "user" and type(content) is str:
+            return f'[{{"content": {encode_basestring(content)}, "role": "user"}}]'
+    return _encode(messages)
 
 
 def _tokens(content: Any) -> int:
