@@ -62,10 +62,12 @@ class Limits:
             await self._requests.acquire()
         if self._tokens is not None:
             await self._tokens.acquire(min(float(estimated_tokens), self._tokens_max))
-        await self._hold_window()
+        if self.rate is not None:
+            await self._hold_window()
         now = self._clock()
         self._starts.append(now)
-        self._window.append(now)
+        if self.rate is not None:  # without a rate nothing trims the window: not kept
+            self._window.append(now)
         while self._starts[0] < now - 2.0:
             self._starts.popleft()
 
@@ -74,7 +76,7 @@ class Limits:
         `_spacing_limiter`) would otherwise let one more through after a stall. No await may
         come between this returning and the start being recorded."""
         window = self._window
-        while self.rate is not None:
+        while self.rate is not None:  # a 429 may set a rate while this waits
             now = self._clock()
             while window and window[0] <= now - WINDOW:
                 window.popleft()
@@ -128,6 +130,10 @@ class Limits:
         return len(starts) / max(self._clock() - starts[0], 0.25)
 
     def _set_rate(self, rate: float | None) -> None:
+        if rate is None:
+            self._window.clear()
+        elif self.rate is None:  # the window was not kept: the last two seconds' starts hold it
+            self._window = deque(self._starts)
         self.rate = rate
         self._requests = _spacing_limiter(rate)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import random
 from pathlib import Path
@@ -78,6 +79,30 @@ async def test_without_a_configured_rate_a_429_sets_one_from_the_observed_rate()
     )  # default cool-down without Retry-After
     limits.rate_limited_for(None)
     assert limits.rate >= MIN_RATE
+
+
+def test_without_a_rate_limit_only_the_last_seconds_of_starts_are_remembered() -> None:
+    """A run of millions of rows keeps no record per request (it did: one float each). When a
+    429 then sets a rate, the rate holds from the first start after the pause."""
+
+    async def run() -> tuple[int, list[float]]:
+        loop = asyncio.get_running_loop()
+        limits = Limits(None, None)
+        for _ in range(5_000):
+            await limits.acquire(1)
+            await asyncio.sleep(0.001)  # 1,000 starts a second
+        remembered = len(limits._starts) + len(limits._window)
+        limits.rate_limited_for(None)  # a rate from the pace kept: 500 a second
+        starts = []
+        for _ in range(1_000):
+            await limits.acquire(1)
+            starts.append(loop.time())
+            assert len(limits._window) <= limits.rate  # type: ignore[operator]
+        return remembered, starts
+
+    remembered, starts = run_fast(run())
+    assert remembered <= 2_001
+    assert bisect.bisect_right(starts, starts[0] + 1.0) <= 500  # the first second at the new rate
 
 
 def test_retry_policy_caps_attempts_and_time_and_honours_retry_after() -> None:
