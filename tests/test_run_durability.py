@@ -198,6 +198,32 @@ async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) 
         release.set()
 
 
+def test_a_commit_of_any_size_stores_every_result_and_a_replaced_one_keeps_its_spend(
+    tmp_path: Path,
+) -> None:
+    """Results go in many rows to a statement, the rest one by one: none may be lost, reordered
+    or mixed up, and a paid answer that a later result replaces still counts in the spend."""
+    from pipeline.journal import ROWS_PER_INSERT, Journal
+    from pipeline.records import API, OK, Result
+
+    def result(position: int, cost: float) -> Result:
+        return Result(
+            position, f"k{position}", OK, completion=f"answer {position}", cost_usd=cost,
+            response_source=API, retry_on_resume=position % 2 == 0, request_hash=f"h{position}",
+        )  # fmt: skip
+
+    count = 2 * ROWS_PER_INSERT + 7
+    with Journal.open(tmp_path / "j", {}) as journal:
+        journal.write([result(p, 0.5) for p in range(count)])
+        journal.write([result(p, 0.25) for p in range(3, 3 + ROWS_PER_INSERT)])  # sent again
+        stored = journal.results_between(0, count)
+        totals = journal.totals()
+    expected = [result(p, 0.25 if 3 <= p < 3 + ROWS_PER_INSERT else 0.5) for p in range(count)]
+    assert stored == [r.as_tuple() for r in expected]
+    assert totals["replaced_answers"] == ROWS_PER_INSERT
+    assert totals["true_cost_usd"] == pytest.approx(0.5 * count + 0.25 * ROWS_PER_INSERT)
+
+
 # Request hashes made by earlier versions (before the shared JSON encoder): journals and response
 # caches look answers up by them, so a change in how bodies are encoded would silently re-bill
 # every resumed or cached row.
