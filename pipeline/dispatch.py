@@ -325,27 +325,14 @@ class Dispatcher:
                 )
             else:
                 source = None  # unknown, never 0
+        # In field order, by position: 17 keywords made this call 1.5 us slower, once a row.
         first = Result(
-            row.position,
-            row.key,
-            OK,
-            completion=c.content,
-            finish_reason=c.finish_reason,
-            response_model=c.model,
-            provider=c.provider,
-            generation_id=c.generation_id,
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-            total_tokens=c.total_tokens,
-            reasoning_tokens=c.reasoning_tokens,
-            cached_tokens=c.cached_tokens,
-            cost_usd=cost,
-            cost_source=source,
-            response_source=API,
-            latency_ms=round(latency_ms, 3),
-            attempts=attempts,
+            row.position, row.key, OK,
+            c.content, c.finish_reason, c.model, c.provider, c.generation_id,
+            c.prompt_tokens, c.completion_tokens, c.total_tokens, c.reasoning_tokens, c.cached_tokens,
+            cost, source, API, round(latency_ms, 3), attempts,
             request_hash=row.request_hash,
-        )
+        )  # fmt: skip
         if row.samples == 1:
             return [first]
         others = [
