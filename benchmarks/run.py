@@ -123,7 +123,8 @@ pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as report:
     json.dump({"wall": time.perf_counter() - started, "code": os.waitstatus_to_exitcode(status),
-               "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024}, report)
+               "cpu": usage.ru_utime + usage.ru_stime, "sys": usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+               "switches": usage.ru_nvcsw + usage.ru_nivcsw, "preempted": usage.ru_nivcsw}, report)
 """
 
 
@@ -250,6 +251,9 @@ def overhead(sizes: Sizes, work: Path) -> dict[str, Any]:
     for name, results in runs.items():
         figures[name] = {
             "cpu_us_per_row": median(results, "cpu") / n * 1e6,
+            # The kernel's share and the context switches: what threads handing the GIL cost.
+            "sys_us_per_row": median(results, "sys") / n * 1e6,
+            "context_switches": median(results, "switches"),
             "rows_per_s": n / median(results, "wall"),
             "peak_rss_mb": median(results, "rss_mb"),
             "server_cpu_us_per_row": median(results, "server_cpu") / n * 1e6,
@@ -425,6 +429,12 @@ def print_table(r: dict[str, Any]) -> None:
         )
         print(
             f"  client CPU per row (us)                  {o['ours']['cpu_us_per_row']:10.1f} {o['baseline']['cpu_us_per_row']:12.1f} {o['ratio_cpu']:12.2f}"
+        )
+        print(
+            f"  of which the kernel's (us)               {o['ours']['sys_us_per_row']:10.1f} {o['baseline']['sys_us_per_row']:12.1f}"
+        )
+        print(
+            f"  context switches                         {o['ours']['context_switches']:10.0f} {o['baseline']['context_switches']:12.0f}"
         )
         print(
             f"  rows/s                                   {o['ours']['rows_per_s']:10.0f} {o['baseline']['rows_per_s']:12.0f} {o['ours']['rows_per_s'] / o['baseline']['rows_per_s']:12.2f}"
