@@ -206,7 +206,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         content = _dict(choice.get("message")).get("content")
         if content is not None and not isinstance(content, str):
             content = json.dumps(content)
-        answers.append((content, finish))
+        answers.append((content, _text(finish)))
     content, finish = answers[0]
     usage = _dict(data.get("usage"))
     completion_tokens = usage.get("completion_tokens")
@@ -223,16 +223,16 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
     cost = usage.get("cost")
     return Completion(
         content=content,
-        finish_reason=finish,
-        model=data.get("model"),
-        provider=data.get("provider"),
-        generation_id=data.get("id") or generation_id,
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=completion_tokens,
-        total_tokens=usage.get("total_tokens"),
-        reasoning_tokens=completion_details.get("reasoning_tokens"),
-        cached_tokens=prompt_details.get("cached_tokens"),
-        cost=float(cost) if isinstance(cost, int | float) else None,
+        finish_reason=_text(finish),
+        model=_text(data.get("model")),
+        provider=_text(data.get("provider")),
+        generation_id=_text(data.get("id")) or generation_id,
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(completion_tokens),
+        total_tokens=_count(usage.get("total_tokens")),
+        reasoning_tokens=_count(completion_details.get("reasoning_tokens")),
+        cached_tokens=_count(prompt_details.get("cached_tokens")),
+        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         choices=answers,
     )
 
@@ -317,6 +317,22 @@ def _message(error: dict[str, Any] | None) -> str:
 def _dict(value: Any) -> dict[str, Any]:
     """`value` if it is a JSON object, else an empty one: bodies from the wild may omit anything."""
     return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int | None:
+    """A token count as an int, from a body that may spell it `12.0` or `"12"`; else unknown.
+    The result goes to the journal and to typed output columns as it is."""
+    if type(value) is int:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _short(exc: BaseException) -> str:

@@ -98,6 +98,29 @@ async def test_cost_is_null_not_zero_when_nothing_can_tell_it() -> None:
     assert result.cost_usd is None and result.cost_source is None
 
 
+def test_usage_spelled_oddly_is_read_as_counts_and_junk_as_unknown() -> None:
+    """Any OpenAI-compatible server may answer: counts spelled 12.0 or "3" are counts, and
+    values of the wrong kind are unknown, never a crash when the typed output is written."""
+    from pipeline.client import _parse
+
+    data = {
+        "id": 7, "model": {"name": "m"}, "provider": "P",
+        "choices": [{"message": {"content": "hi"}, "finish_reason": 1}],
+        "usage": {
+            "prompt_tokens": 12.0, "completion_tokens": "3", "total_tokens": True, "cost": True,
+            "prompt_tokens_details": {"cached_tokens": "n/a"},
+            "completion_tokens_details": {"reasoning_tokens": 1.5},
+        },
+    }  # fmt: skip
+    c = _parse(data, "gen-from-header")
+    assert (c.prompt_tokens, c.completion_tokens, c.total_tokens) == (12, 3, None)
+    assert (c.cached_tokens, c.reasoning_tokens, c.cost) == (None, None, None)
+    assert (c.model, c.provider, c.generation_id, c.finish_reason) == (
+        None, "P", "gen-from-header", None,
+    )  # fmt: skip
+    assert type(c.prompt_tokens) is int and c.choices == [("hi", None)]
+
+
 # ------------------------------------------------------------------------- prices
 
 
