@@ -206,7 +206,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         content = _dict(choice.get("message")).get("content")
         if content is not None and not isinstance(content, str):
             content = json.dumps(content)
-        answers.append((content, _text(finish)))
+        answers.append((content, finish if isinstance(finish, str) else None))
     content, finish = answers[0]
     usage = _dict(data.get("usage"))
     completion_tokens = usage.get("completion_tokens")
@@ -221,17 +221,31 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
     prompt_details = _dict(usage.get("prompt_tokens_details"))
     completion_details = _dict(usage.get("completion_tokens_details"))
     cost = usage.get("cost")
+    model, provider, answer_id = data.get("model"), data.get("provider"), data.get("id")
+    counts: tuple[Any, ...] = (
+        usage.get("prompt_tokens"), completion_tokens, usage.get("total_tokens"),
+        completion_details.get("reasoning_tokens"), prompt_details.get("cached_tokens"),
+    )  # fmt: skip
+    # These go to the journal and to typed output columns as they are. The usual body passes
+    # one test in C; from a server in the wild, each is made a count or text, or unknown.
+    usual = _COUNT_TYPES.issuperset(map(type, counts)) and _TEXT_TYPES.issuperset(
+        map(type, (model, provider, answer_id))
+    )
+    if not usual:
+        counts = tuple(map(_count, counts))
+        model, provider, answer_id = _text(model), _text(provider), _text(answer_id)
+    prompt_tokens, completion_tokens, total_tokens, reasoning_tokens, cached_tokens = counts
     return Completion(
         content=content,
-        finish_reason=_text(finish),
-        model=_text(data.get("model")),
-        provider=_text(data.get("provider")),
-        generation_id=_text(data.get("id")) or generation_id,
-        prompt_tokens=_count(usage.get("prompt_tokens")),
-        completion_tokens=_count(completion_tokens),
-        total_tokens=_count(usage.get("total_tokens")),
-        reasoning_tokens=_count(completion_details.get("reasoning_tokens")),
-        cached_tokens=_count(prompt_details.get("cached_tokens")),
+        finish_reason=finish,
+        model=model,
+        provider=provider,
+        generation_id=answer_id or generation_id,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=total_tokens,
+        reasoning_tokens=reasoning_tokens,
+        cached_tokens=cached_tokens,
         cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         choices=answers,
     )
@@ -319,9 +333,12 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+_COUNT_TYPES = frozenset({int, type(None)})
+_TEXT_TYPES = frozenset({str, type(None)})
+
+
 def _count(value: Any) -> int | None:
-    """A token count as an int, from a body that may spell it `12.0` or `"12"`; else unknown.
-    The result goes to the journal and to typed output columns as it is."""
+    """A token count as an int, from a body that may spell it `12.0` or `"12"`; else unknown."""
     if type(value) is int:
         return value
     if isinstance(value, float) and value.is_integer():
