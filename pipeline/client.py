@@ -206,7 +206,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         content = _dict(choice.get("message")).get("content")
         if content is not None and not isinstance(content, str):
             content = json.dumps(content)
-        answers.append((content, finish if isinstance(finish, str) else None))
+        answers.append((content, _text(finish)))
     content, finish = answers[0]
     usage = _dict(data.get("usage"))
     completion_tokens = usage.get("completion_tokens")

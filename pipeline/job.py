@@ -445,10 +445,10 @@ async def _dispatch(
     )  # fmt: skip
     final = FinalSlots()
 
-    def committed(results: list[Result]) -> None:  # in the journal writer's thread
+    def committed(stored: list[tuple[Any, ...]]) -> None:  # in the journal writer's thread
         if output is not None:
-            output.committed(results)  # before the slots are final: the group is written from them
-        final.committed(results)
+            output.committed(stored)  # before the slots are final: the group is written from them
+        final.committed(stored)
 
     writer = JournalWriter(journal, cache, on_commit=committed)
     interrupted = _on_signals(dispatcher, progress)

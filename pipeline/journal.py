@@ -302,10 +302,11 @@ class Journal:
 
     # ----------------------------------------------------------------------------- writes
 
-    def write(self, results: list[Result]) -> None:
-        """Commit `results` in one transaction (durable once this returns)."""
+    def write(self, results: list[Result]) -> list[tuple[Any, ...]]:
+        """Commit `results` in one transaction (durable once this returns); returns them as
+        stored, `RESULT_FIELDS` tuples."""
         if not results:
-            return
+            return []
         values = [r.as_tuple() for r in results]
         whole = len(values) - len(values) % ROWS_PER_INSERT
         runs = (
@@ -315,6 +316,7 @@ class Journal:
         with self._guard, self._db:
             self._db.executemany(_INSERT_MANY, runs)
             self._db.executemany(_INSERT, values[whole:])
+        return values
 
 
 class JournalWriter:
@@ -326,12 +328,13 @@ class JournalWriter:
         journal: Journal,
         cache: ResponseCache | None = None,
         interval: float = FLUSH_INTERVAL,
-        on_commit: Callable[[list[Result]], None] | None = None,
+        on_commit: Callable[[list[tuple[Any, ...]]], None] | None = None,
     ) -> None:
         self.journal = journal
         self.cache = cache
         self.interval = interval
-        self.on_commit = on_commit  # told each batch once it is durable (in the writer's thread)
+        # Told each batch, as stored, once it is durable (in the writer's thread).
+        self.on_commit = on_commit
         self._pending: list[Result] = []
         self._lost: list[tuple[str, int, str]] = []
         self._flushing = asyncio.Lock()
@@ -352,9 +355,9 @@ class JournalWriter:
 
     def _write(self, batch: list[Result], lost: list[tuple[str, int, str]]) -> None:
         self.journal.record_lost(lost)  # before the rows: a row's lost attempts are never missed
-        self.journal.write(batch)
+        stored = self.journal.write(batch)
         if self.on_commit is not None:
-            self.on_commit(batch)
+            self.on_commit(stored)
         if self.cache is not None:
             self.cache.store([r for r in batch if r.status == OK and r.response_source == API])
 

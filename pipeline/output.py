@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 
 from pipeline.journal import Journal, every
-from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, Result, Row
+from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, Row
 from pipeline.sink import ParquetSink
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become 
 # Committed results are kept for this many groups past the last one written: the memory for a
 # row held up by retries while later rows keep arriving stays bounded.
 GROUPS_KEPT = 4
-PARSED = RESULT_FIELDS.index("parsed")
+POSITION, PARSED = RESULT_FIELDS.index("position"), RESULT_FIELDS.index("parsed")
 
 
 class FinalSlots:
@@ -57,9 +57,10 @@ class FinalSlots:
             )
             self._passed = passed
 
-    def committed(self, results: Iterable[Result]) -> None:
+    def committed(self, stored: Iterable[tuple[Any, ...]]) -> None:
+        """`stored`: results as the journal committed them (`RESULT_FIELDS` tuples)."""
         with self._lock:
-            self._open.difference_update(r.position for r in results)
+            self._open.difference_update(row[POSITION] for row in stored)
 
     def upto(self) -> int:
         with self._lock:
@@ -84,12 +85,13 @@ class OutputWriter:
         self._reach = self._keep_below  # how far past the last group written slots are kept
         self._lock = threading.Lock()  # `committed` runs in the journal writer's thread
 
-    def committed(self, results: Iterable[Result]) -> None:
-        """Keep the results of a journal commit, those near enough, to write them from memory."""
+    def committed(self, stored: Iterable[tuple[Any, ...]]) -> None:
+        """Keep the results of a journal commit (`RESULT_FIELDS` tuples), those near enough, to
+        write them from memory."""
         with self._lock:
-            for result in results:
-                if result.position < self._keep_below:
-                    self._kept[result.position] = result.as_tuple()
+            for row in stored:
+                if row[POSITION] < self._keep_below:
+                    self._kept[row[POSITION]] = row
 
     async def write_ahead(self, final: FinalSlots, stopped: asyncio.Event) -> None:
         """Until `stopped`, write (in a thread) each group as soon as it is final. A failure
