@@ -1,0 +1,52 @@
+-- index results_by_request on results
+CREATE INDEX results_by_request ON results (request_hash) WHERE status = 'ok';
+-- table lost_attempts on lost_attempts
+CREATE TABLE lost_attempts (
+    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL
+);
+-- table meta on meta
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- table replaced_answers on replaced_answers
+CREATE TABLE replaced_answers (
+    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL NOT NULL
+);
+-- table results on results
+CREATE TABLE results (
+    position INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    completion TEXT,
+    finish_reason TEXT,
+    response_model TEXT,
+    provider TEXT,
+    generation_id TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    reasoning_tokens INTEGER,
+    cached_tokens INTEGER,
+    cost_usd REAL,
+    cost_source TEXT,
+    response_source TEXT,
+    latency_ms REAL,
+    attempts INTEGER,
+    status TEXT NOT NULL,
+    error_type TEXT,
+    error_message TEXT,
+    retry_on_resume INTEGER NOT NULL,
+    request_hash TEXT,
+    parsed TEXT,
+    -- Unix time, for the rate `pipeline status` shows (julianday: older sqlite has no unixepoch).
+    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+);
+-- trigger keep_replaced_spend on results
+CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
+    WHEN OLD.cost_usd > 0 AND OLD.response_source = 'api'
+BEGIN
+    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
+END;
+-- meta keys: config, format, input, version
+-- meta format: 3
+-- meta config sections: prompt, request
+-- meta config.prompt keys: column, template, messages_column, system, model_column, param_columns
+-- meta config.request keys: model, base_url, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate
+-- meta input file keys: file, bytes, sha256
