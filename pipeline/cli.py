@@ -351,7 +351,7 @@ def run(
             "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
             "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
             "changed_rows": report.changed,
-            **report.job_totals,
+            **report.job_totals.as_dict(),
         }  # fmt: skip
         print(json_line("summary", **summary), file=stream, flush=True)
     else:
@@ -362,30 +362,30 @@ def run(
 def _summary(report: Any, reprocess_changed: bool) -> str:
     t = report.job_totals
     lines = [
-        f"done: {report.total_rows:,} rows: {t.get('ok', 0):,} ok, {t.get('failed', 0):,} failed "
+        f"done: {report.total_rows:,} rows: {t.ok:,} ok, {t.failed:,} failed "
         f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
-        f"  cost ${t.get('cost_usd', 0.0):.6f} for {t.get('prompt_tokens', 0):,} prompt + {t.get('completion_tokens', 0):,} completion tokens",
+        f"  cost ${t.cost_usd:.6f} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens",
     ]
-    if t.get("duplicates_reused") or t.get("cache_hits"):
+    if t.duplicates_reused or t.cache_hits:
         lines.append(
-            f"  not paid: {t.get('duplicates_reused', 0):,} rows reused an identical request, {t.get('cache_hits', 0):,} came from the cache"
+            f"  not paid: {t.duplicates_reused:,} rows reused an identical request, {t.cache_hits:,} came from the cache"
         )
     extra_spend = []  # paid for, yet in no row's cost
-    if t.get("lost_attempts"):
+    if t.lost_attempts:
         extra_spend.append(
-            f"{t.get('paid_twice_requests', 0)} attempt(s) billed although their answer never arrived cost ${t.get('paid_twice_cost_usd', 0.0):.6f}"
+            f"{t.paid_twice_requests} attempt(s) billed although their answer never arrived cost ${t.paid_twice_cost_usd:.6f}"
             + (
-                f"; {t['lost_attempts_unreconciled']} not yet known (a later run checks again)"
-                if t.get("lost_attempts_unreconciled")
+                f"; {t.lost_attempts_unreconciled} not yet known (a later run checks again)"
+                if t.lost_attempts_unreconciled
                 else ""
             )
         )
-    if t.get("replaced_answers"):
+    if t.replaced_answers:
         extra_spend.append(
-            f"{t['replaced_answers']} earlier answer(s), since replaced by a new one, cost ${t.get('replaced_cost_usd', 0.0):.6f}"
+            f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost ${t.replaced_cost_usd:.6f}"
         )
     if extra_spend:
-        lines.append(f"  true spend ${t.get('true_cost_usd', 0.0):.6f}: {'; '.join(extra_spend)}")
+        lines.append(f"  true spend ${t.true_cost_usd:.6f}: {'; '.join(extra_spend)}")
     if report.changed:
         again = (
             "sent again"
@@ -393,15 +393,15 @@ def _summary(report: Any, reprocess_changed: bool) -> str:
             else "kept their earlier answers; --reprocess-changed sends them again"
         )
         lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")
-    if t.get("rows_cost_unknown"):
+    if t.rows_cost_unknown:
         lines.append(
-            f"  {t['rows_cost_unknown']:,} row(s) have no cost: the endpoint reported none and lists no price"
+            f"  {t.rows_cost_unknown:,} row(s) have no cost: the endpoint reported none and lists no price"
         )
-    by_model = t.get("by_model") or {}
+    by_model = t.by_model
     if len(by_model) > 1:
         for model, m in by_model.items():
             lines.append(
-                f"  {model}: {m['rows']:,} rows, {m['prompt_tokens']:,} + {m['completion_tokens']:,} tokens, ${m['cost_usd']:.6f}"
+                f"  {model}: {m.rows:,} rows, {m.prompt_tokens:,} + {m.completion_tokens:,} tokens, ${m.cost_usd:.6f}"
             )
     return "\n".join(lines)
 

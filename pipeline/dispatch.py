@@ -27,7 +27,7 @@ from pipeline.answers import AnswerSpec
 from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import JobStopped, PermanentError, RetryableError
 from pipeline.limits import Limits
-from pipeline.pricing import DEFAULT_MAX_OUTPUT, Budget, BudgetReached, Catalogue
+from pipeline.pricing import Budget, BudgetReached, Catalogue
 from pipeline.records import API, DUPLICATE, ERROR, OK, SHARED, Result, Row
 from pipeline.retry import RetryPolicy
 
@@ -135,7 +135,7 @@ class Dispatcher:
         there is one, else from the API."""
         if row.body is None:
             return [
-                Result(row.position, row.key, ERROR, error_type="input", error_message=row.error)
+                Result(row.slot, row.key, status=ERROR, error_type="input", error_message=row.error)
             ]
         if row.reuse is not None:
             return [row.reuse]
@@ -194,7 +194,7 @@ class Dispatcher:
             except RetryableError as exc:
                 lost = exc.generation_id is not None and exc.kind in LOST_ANSWER_KINDS
                 if lost:
-                    self.lost.append((exc.generation_id or "", row.position, exc.kind))
+                    self.lost.append((exc.generation_id or "", row.slot, exc.kind))
                 self._settle(reservation, None if lost else 0.0)
                 # Only the endpoint's own 429 judges our pace; a 429 inside a 200 body is an
                 # upstream provider throttling one answer, which a retry of that row gets past.
@@ -292,11 +292,7 @@ class Dispatcher:
                 raise BudgetReached(
                     f"cost.max_cost (--max-cost) needs the price of {model_id}, which the endpoint's /models does not list"
                 )
-            output = (
-                row.output_tokens
-                if row.output_tokens
-                else (price.max_completion_tokens or DEFAULT_MAX_OUTPUT)
-            )
+            output = row.estimated_tokens - row.prompt_tokens
             worst = max(
                 worst, price.cost(int(row.prompt_tokens * PROMPT_ESTIMATE_MARGIN) + 1, output)
             )
@@ -327,10 +323,10 @@ class Dispatcher:
                 source = None  # unknown, never 0
         # In field order, by position: 17 keywords made this call 1.5 us slower, once a row.
         first = Result(
-            row.position, row.key, OK,
+            row.slot, row.key,
             c.content, c.finish_reason, c.model, c.provider, c.generation_id,
             c.prompt_tokens, c.completion_tokens, c.total_tokens, c.reasoning_tokens, c.cached_tokens,
-            cost, source, API, round(latency_ms, 3), attempts,
+            cost, source, API, round(latency_ms, 3), attempts, OK,
             request_hash=row.request_hash,
         )  # fmt: skip
         if row.samples == 1:
@@ -338,7 +334,7 @@ class Dispatcher:
         others = [
             dataclasses.replace(
                 first,
-                position=row.position + i,
+                position=row.slot + i,
                 completion=content,
                 finish_reason=finish,
                 prompt_tokens=None,
@@ -418,9 +414,9 @@ def _failed(
     """The same failure for every slot of the row."""
     return [
         Result(
-            row.position + i,
+            row.slot + i,
             row.key,
-            ERROR,
+            status=ERROR,
             response_source=API,
             attempts=attempts,
             error_type=kind,

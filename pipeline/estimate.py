@@ -26,7 +26,7 @@ from pipeline.job import (
     run_job,
 )
 from pipeline.journal import Journal, describe_changes
-from pipeline.prompts import DEFAULT_OUTPUT_ESTIMATE
+from pipeline.records import TYPICAL_ANSWER_TOKENS, Totals
 
 PROMPT_LOW, PROMPT_HIGH = 0.75, 1.25
 OUTPUT_LOW, OUTPUT_HIGH = 0.5, 1.5
@@ -124,7 +124,7 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
     elif max_tokens:
         out_low, out_high = 1, max_tokens
     else:
-        out_low, out_high = 1, DEFAULT_OUTPUT_ESTIMATE * 4
+        out_low, out_high = 1, TYPICAL_ANSWER_TOKENS * 4
         notes.append(
             f"no request.max_tokens or cost.expected_output_tokens: assumed answers of 1 to {out_high} tokens; set either for a tighter range"
         )
@@ -179,17 +179,17 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
     )
 
 
-def _extrapolate(totals: dict[str, Any], after: Estimate) -> dict[str, Any]:
+def _extrapolate(totals: Totals, after: Estimate) -> dict[str, Any]:
     """From what the pilot rows really cost, the cost of the rows still to do."""
-    rows = sum(m["rows"] for m in totals.get("by_model", {}).values())
-    cost = totals.get("true_cost_usd", 0.0)
+    rows = sum(m.rows for m in totals.by_model.values())
+    cost = totals.true_cost_usd
     per_row = cost / rows if rows else None
     remaining = sum(m.rows for m in after.by_model.values())
     return {
         "rows": rows,
         "cost_usd": cost,
         "cost_per_row_usd": per_row,
-        "completion_tokens_per_row": totals.get("completion_tokens", 0) / rows if rows else None,
+        "completion_tokens_per_row": totals.completion_tokens / rows if rows else None,
         "projected_remaining_usd": per_row * remaining if per_row is not None else None,
         "projected_total_usd": cost + per_row * remaining if per_row is not None else None,
     }

@@ -44,7 +44,7 @@ from pipeline.output import FinalSlots, OutputWriter, leading_columns
 from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
-from pipeline.records import CACHE, DUPLICATE, OK, Result, Row
+from pipeline.records import CACHE, DUPLICATE, OK, Result, Row, Totals
 from pipeline.retry import RetryPolicy
 from pipeline.sink import result_names
 from pipeline.source import POSITION, Source, open_source
@@ -64,7 +64,7 @@ class JobReport:
     output: Path
     total_rows: int
     skipped: int  # settled by an earlier run
-    job_totals: dict[str, Any] = field(default_factory=dict)
+    job_totals: Totals = field(default_factory=Totals)
     wall_seconds: float = 0.0
     retries: int = 0
     write_seconds: float = 0.0  # spent writing the output at the end (the rest ran alongside)
@@ -74,7 +74,7 @@ class JobReport:
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.job_totals.get("failed") else 0
+        return 3 if self.job_totals.failed else 0
 
 
 @dataclass
@@ -252,9 +252,7 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
             )
             budget = None
             if config.cost.max_cost is not None:
-                budget = Budget(
-                    config.cost.max_cost, journal.totals(below=job.slots)["true_cost_usd"]
-                )
+                budget = Budget(config.cost.max_cost, journal.totals(below=job.slots).true_cost_usd)
             progress = Progress(
                 job.slots, report.skipped, quiet=options.quiet, budget=budget,
                 stream=options.stream, logs=options.logs,
@@ -284,7 +282,7 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
                     {
                         "tool": "prompt-pipeline", "version": __version__,
                         "config_fingerprint": config.fingerprint_hash(),
-                        "model": config.request.model, **report.job_totals,
+                        "model": config.request.model, **report.job_totals.as_dict(),
                     }
                 )  # fmt: skip
                 report.write_seconds = output.final_seconds
@@ -558,7 +556,7 @@ def _new_or_changed(
     done for another id or another request than they would be now; the others are counted."""
     todo = []
     for row in rows:
-        earlier = done.get(row.position)
+        earlier = done.get(row.slot)
         if earlier is None:
             todo.append(row)
             continue

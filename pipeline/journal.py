@@ -24,7 +24,16 @@ from typing import Any
 from pipeline import __version__
 from pipeline.cache import ResponseCache
 from pipeline.errors import JournalError, Locked
-from pipeline.records import API, OK, RESULT_FIELDS, Result
+from pipeline.records import (
+    API,
+    NOT_NULL,
+    OK,
+    RESULT_FIELDS,
+    RESULT_TYPES,
+    ModelTotals,
+    Result,
+    Totals,
+)
 
 # Seconds between commits while results arrive. A WAL commit with synchronous=NORMAL costs no
 # fsync, so committing often is cheap, and an answer that arrived but was not yet committed
@@ -33,14 +42,17 @@ FLUSH_INTERVAL = 0.1
 # The layout of the tables; a journal of another layout is refused, never misread.
 JOURNAL_FORMAT = 3
 
+_SQL_TYPES = {
+    "string": "TEXT",
+    "int64": "INTEGER",
+    "int32": "INTEGER",
+    "float64": "REAL",
+    "bool": "INTEGER",
+}
 _COLUMN_TYPES = {
-    "completion": "TEXT", "finish_reason": "TEXT", "response_model": "TEXT", "provider": "TEXT",
-    "generation_id": "TEXT", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
-    "total_tokens": "INTEGER", "reasoning_tokens": "INTEGER", "cached_tokens": "INTEGER",
-    "cost_usd": "REAL", "cost_source": "TEXT", "response_source": "TEXT", "latency_ms": "REAL",
-    "attempts": "INTEGER", "status": "TEXT NOT NULL", "error_type": "TEXT", "error_message": "TEXT",
-    "retry_on_resume": "INTEGER NOT NULL", "request_hash": "TEXT", "parsed": "TEXT",
-}  # fmt: skip
+    name: _SQL_TYPES[kind] + (" NOT NULL" if name in NOT_NULL else "")
+    for name, kind in RESULT_TYPES.items()
+}
 _COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -242,7 +254,7 @@ class Journal:
             ).fetchone()
         return int(count)
 
-    def totals(self, below: int | None = None) -> dict[str, Any]:
+    def totals(self, below: int | None = None) -> Totals:
         """Counts, tokens and cost over the journal (slots under `below` only, if given).
 
         Tokens count answers from the API only: a reused answer was not generated again.
@@ -258,18 +270,17 @@ class Journal:
                 if self._has_table("replaced_answers")  # not in a journal from before it, read-only
                 else (0, 0.0)
             )
-        cost = row[5] or 0.0
-        return {
-            "rows": row[0], "ok": row[1], "failed": row[2], "prompt_tokens": row[3], "completion_tokens": row[4],
-            "cost_usd": cost, "duplicates_reused": row[6], "cache_hits": row[7], "rows_cost_unknown": row[8],
-            "by_model": {
-                model or "(unknown)": {"rows": n, "prompt_tokens": p or 0, "completion_tokens": c or 0, "cost_usd": usd or 0.0}
+        rows, ok, failed, prompt, completion, cost, duplicates, cache_hits, unknown = row
+        return Totals(
+            rows, ok, failed, prompt, completion, cost or 0.0, duplicates, cache_hits, unknown,
+            by_model={
+                model or "(unknown)": ModelTotals(n, p or 0, c or 0, usd or 0.0)
                 for model, n, p, c, usd in by_model
             },
-            "lost_attempts": lost[0], "paid_twice_requests": lost[1], "paid_twice_cost_usd": lost[2],
-            "lost_attempts_unreconciled": lost[3], "replaced_answers": replaced[0],
-            "replaced_cost_usd": replaced[1], "true_cost_usd": cost + lost[2] + replaced[1],
-        }  # fmt: skip
+            lost_attempts=lost[0], paid_twice_requests=lost[1], paid_twice_cost_usd=lost[2],
+            lost_attempts_unreconciled=lost[3], replaced_answers=replaced[0],
+            replaced_cost_usd=replaced[1],
+        )  # fmt: skip
 
     def _has_table(self, name: str) -> bool:
         query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"

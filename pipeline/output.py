@@ -52,9 +52,7 @@ class FinalSlots:
     def fed(self, rows: list[Row], passed: int) -> None:
         """`rows` are to be sent; with them, the feed has passed every slot below `passed`."""
         with self._lock:
-            self._open.update(
-                s for row in rows for s in range(row.position, row.position + row.samples)
-            )
+            self._open.update(s for row in rows for s in range(row.slot, row.slot + row.samples))
             self._passed = passed
 
     def committed(self, stored: Iterable[tuple[Any, ...]]) -> None:

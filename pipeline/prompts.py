@@ -28,7 +28,6 @@ from pipeline.pricing import Catalogue
 from pipeline.records import Row
 from pipeline.source import POSITION
 
-DEFAULT_OUTPUT_ESTIMATE = 256  # tokens assumed for an answer when max_tokens is not set
 MESSAGE_OVERHEAD_TOKENS = 4
 _PROMPT = "__pipeline_prompt"
 _NULL_COLUMN = "__pipeline_null_column"
@@ -70,7 +69,7 @@ class RequestBuilder:
         # Everything after "messages" is the same for every row of a sample: serialise it once.
         self._tails = [self._tail({}, sample) for sample in range(config.request.n)]
         self._heads: dict[str, str] = {}  # the body up to "messages", per model
-        self._max_output = config.request.max_tokens or DEFAULT_OUTPUT_ESTIMATE
+        self._max_tokens = config.request.max_tokens
         # Answers from the simulator must never be served to a real job from a shared cache.
         endpoint = "(simulator)" if config.request.simulate else config.request.base_url
         self._hash_seed = endpoint.encode() + b"\n"
@@ -234,8 +233,8 @@ class RequestBuilder:
         # Samples of one request are separate answers: never deduplicated into one.
         salt = b"#sample%d" % sample if sample else b""
         request_hash = hashlib.blake2b(self._hash_seed + body + salt, digest_size=16).hexdigest()
-        max_output = (row_params.get("max_tokens") or self._max_output) * samples
-        return Row(slot, key, body, model, text_tokens, max_output, request_hash, samples=samples)
+        max_tokens = row_params.get("max_tokens") or self._max_tokens
+        return Row(slot, key, body, model, text_tokens, max_tokens, request_hash, samples=samples)
 
 
 def answer_spec(config: JobConfig) -> AnswerSpec | None:

@@ -1,92 +1,181 @@
-"""The records that pass between stages: a `Row` to send and the `Result` that comes back."""
+"""The records that pass between stages: a `Row` to send, the `Result` that comes back, the
+`Slots` that place results in the output, and the job's `Totals`.
+
+`Result` is the one declaration of the result schema: its fields, in order, are the journal's
+columns and (those marked as output columns) the output's result columns, each with its Arrow
+type; the journal's SQL types follow from the Arrow ones.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 OK = "ok"
 ERROR = "error"
 API, DUPLICATE, CACHE = "api", "duplicate", "cache"  # where an answer came from
 SHARED = "shared"  # cost_source of the 2nd.. answers of a request with `n`: paid in the 1st
+REUSED = "reused"  # cost_source of an answer given to another row that asked the same thing
 
 
 @dataclass(slots=True)
 class Row:
-    """One input row, ready to send (or already known to fail: `error` set, nothing sent)."""
+    """One request to send for one or more slots (or a row already known to fail: `error` set,
+    nothing sent)."""
 
-    position: int  # 0-based position in the input: the journal's key and the output order
-    key: str  # the id column's value, else the position
+    slot: int  # the first output slot this request answers (see Slots)
+    key: str  # the id column's value, else the input position
     body: bytes | None  # the request body, canonical JSON, serialised once
     model: str = ""
     prompt_tokens: int = 0  # estimated from the text
-    output_tokens: int = 0  # max_tokens, or an assumption when unset
+    max_tokens: int | None = None  # the request's cap on output tokens per answer; None: unset
     request_hash: str = ""  # of the endpoint and the body: identical requests share it
     error: str | None = None  # why the row cannot be sent (null prompt, bad messages JSON)
     reuse: Result | None = None  # an earlier answer to the same request (journal or cache)
-    # Answers for slots position .. position + samples - 1 at once (a request with `n`).
+    # Answers for slots `slot` .. `slot + samples - 1` at once (a request with `n`).
     samples: int = 1
 
     @property
     def estimated_tokens(self) -> int:
-        return self.prompt_tokens + self.output_tokens
+        """Tokens this request is expected to take, for the token rate: the prompt and, without
+        `max_tokens`, an answer of typical length (the budget uses the worst case instead)."""
+        return self.prompt_tokens + (self.max_tokens or TYPICAL_ANSWER_TOKENS) * self.samples
+
+
+TYPICAL_ANSWER_TOKENS = 256  # an answer's length assumed for rate estimates when unset
+
+
+def _column(arrow_type: str, default: Any = None, *, not_null: bool = False) -> Any:
+    """A field of the output's result columns, with its Arrow type."""
+    return field(
+        default=default, metadata={"type": arrow_type, "output": True, "not_null": not_null}
+    )
+
+
+def _kept(arrow_type: str, default: Any = None, *, not_null: bool = False) -> Any:
+    """A field the journal keeps but the output does not show."""
+    return field(
+        default=default, metadata={"type": arrow_type, "output": False, "not_null": not_null}
+    )
 
 
 @dataclass(slots=True)
 class Result:
-    """What happened to one row; one of these per row ends up in the journal and the output."""
+    """What happened to one slot; one of these per slot ends up in the journal and the output."""
 
-    position: int
+    position: int  # the slot (named `position` in the journal, which is keyed by it)
     key: str
-    status: str  # "ok" | "error"
-    completion: str | None = None
-    finish_reason: str | None = None
-    response_model: str | None = None
-    provider: str | None = None
-    generation_id: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cached_tokens: int | None = None
-    cost_usd: float | None = None
+    completion: str | None = _column("string")
+    finish_reason: str | None = _column("string")
+    response_model: str | None = _column("string")
+    provider: str | None = _column("string")
+    generation_id: str | None = _column("string")
+    prompt_tokens: int | None = _column("int64")
+    completion_tokens: int | None = _column("int64")
+    total_tokens: int | None = _column("int64")
+    reasoning_tokens: int | None = _column("int64")
+    cached_tokens: int | None = _column("int64")
+    cost_usd: float | None = _column("float64")
     # "reported" (usage.cost) | "computed" (tokens x prices) | "reused" | "shared" | None
-    cost_source: str | None = None
-    response_source: str | None = None  # "api" | "duplicate" (of a row in this job) | "cache"
-    latency_ms: float | None = None
-    attempts: int = 0
-    error_type: str | None = None
-    error_message: str | None = None
+    cost_source: str | None = _column("string")
+    response_source: str | None = _column("string")  # "api" | "duplicate" | "cache"
+    latency_ms: float | None = _column("float64")
+    attempts: int = _column("int32", 0)
+    status: str = _column("string", ERROR, not_null=True)  # "ok" | "error"
+    error_type: str | None = _column("string")
+    error_message: str | None = _column("string")
     # A row that failed only because its retries ran out is sent again by the next run.
-    retry_on_resume: bool = False
-    request_hash: str | None = None
-    parsed: str | None = None  # a structured answer, checked and canonical JSON (typed columns)
+    retry_on_resume: bool = _kept("bool", False, not_null=True)
+    request_hash: str | None = _kept("string")
+    parsed: str | None = _kept("string")  # a structured answer, checked, as canonical JSON
 
     def as_tuple(self) -> tuple[Any, ...]:
         return _result_values(self)
 
     @classmethod
     def from_tuple(cls, values: tuple[Any, ...]) -> Result:
-        return cls(**dict(zip(RESULT_FIELDS, values, strict=True)))
+        return cls(*values)
 
     def reused_for(self, row: Row, source: str) -> Result:
         """This answer, given to another row that asked the same thing: no request, no cost."""
         return dataclasses.replace(
-            self, position=row.position, key=row.key, cost_usd=0.0, cost_source="reused",
+            self, position=row.slot, key=row.key, cost_usd=0.0, cost_source=REUSED,
             response_source=source, latency_ms=0.0, attempts=0,
         )  # fmt: skip
 
 
-# Columns of the output, in order, after the input columns (names before any prefix).
-RESULT_COLUMNS = (
-    "completion", "finish_reason", "response_model", "provider", "generation_id",
-    "prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens", "cached_tokens",
-    "cost_usd", "cost_source", "response_source", "latency_ms", "attempts", "status", "error_type",
-    "error_message",
-)  # fmt: skip
-
+_FIELDS = dataclasses.fields(Result)
 # A result as the journal stores it and the output takes it, in this order.
-RESULT_FIELDS = ("position", "key", *RESULT_COLUMNS, "retry_on_resume", "request_hash", "parsed")
+RESULT_FIELDS = tuple(f.name for f in _FIELDS)
+# Columns of the output, in order, after the input columns (names before any prefix).
+RESULT_COLUMNS = tuple(f.name for f in _FIELDS if f.metadata.get("output"))
+# The Arrow type of each field after `position` and `key`, and whether it may be null.
+RESULT_TYPES = {f.name: f.metadata["type"] for f in _FIELDS if "type" in f.metadata}
+NOT_NULL = frozenset(f.name for f in _FIELDS if f.metadata.get("not_null"))
 _result_values = operator.attrgetter(*RESULT_FIELDS)  # one C call for a row of values
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """Where results go: each input row becomes one output row per variant (model x sample),
+    at slot `position * per_row + variant`. The one place that knows this arithmetic; with one
+    variant a slot is the input position."""
+
+    per_row: int = 1
+
+    def first(self, position: int) -> int:
+        """The slot of an input row's first variant."""
+        return position * self.per_row
+
+    def of(self, position: int, variant: int) -> int:
+        return position * self.per_row + variant
+
+    def input_row(self, slot: int) -> int:
+        """The input position a slot belongs to."""
+        return slot // self.per_row
+
+    def count(self, rows: int) -> int:
+        """Slots of `rows` input rows."""
+        return rows * self.per_row
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTotals:
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """The whole job's figures, from its journal: counts, tokens (of answers from the API), the
+    rows' cost and the spend that is in no row (lost attempts, replaced answers)."""
+
+    rows: int = 0
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    duplicates_reused: int = 0
+    cache_hits: int = 0
+    rows_cost_unknown: int = 0
+    by_model: dict[str, ModelTotals] = field(default_factory=dict)
+    lost_attempts: int = 0
+    paid_twice_requests: int = 0
+    paid_twice_cost_usd: float = 0.0
+    lost_attempts_unreconciled: int = 0
+    replaced_answers: int = 0
+    replaced_cost_usd: float = 0.0
+
+    @property
+    def true_cost_usd(self) -> float:
+        """Everything the job was billed: its rows, lost attempts and replaced answers."""
+        return self.cost_usd + self.paid_twice_cost_usd + self.replaced_cost_usd
+
+    def as_dict(self) -> dict[str, Any]:
+        """As the output's metadata and the JSON summary hold them."""
+        return {**dataclasses.asdict(self), "true_cost_usd": self.true_cost_usd}

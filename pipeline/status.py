@@ -12,6 +12,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import JournalError
 from pipeline.journal import Journal, lock_holder
 from pipeline.prompts import RequestBuilder
+from pipeline.records import Totals
 from pipeline.source import open_source
 
 RATE_WINDOW = 60.0  # seconds the recent rate is measured over
@@ -26,7 +27,7 @@ def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
     total, _ = validate_rows(source, config, builder, limit)
     slots = total * len(builder.variants)
     path = config.output.journal_path
-    totals: dict[str, Any] = {}
+    totals = Totals()
     settled = recent = 0
     if (journal := Journal.read_only(path)) is not None:
         try:
@@ -41,14 +42,14 @@ def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
     return {
         "rows": slots,
         "done": settled,
-        "ok": totals.get("ok", 0),
-        "failed": totals.get("failed", 0),
+        "ok": totals.ok,
+        "failed": totals.failed,
         "remaining": slots - settled,
-        "cost_usd": totals.get("cost_usd", 0.0),
-        "true_cost_usd": totals.get("true_cost_usd", 0.0),
-        "prompt_tokens": totals.get("prompt_tokens", 0),
-        "completion_tokens": totals.get("completion_tokens", 0),
-        "by_model": totals.get("by_model", {}),
+        "cost_usd": totals.cost_usd,
+        "true_cost_usd": totals.true_cost_usd,
+        "prompt_tokens": totals.prompt_tokens,
+        "completion_tokens": totals.completion_tokens,
+        "by_model": totals.as_dict()["by_model"],
         "rows_per_s_last_minute": recent / RATE_WINDOW,
         "running": holder is not None,
         "lock_holder": holder,

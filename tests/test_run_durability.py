@@ -188,7 +188,7 @@ async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) 
         journal.write = slow_write  # type: ignore[method-assign]
         writer = JournalWriter(journal, interval=0.001)
         flusher = asyncio.create_task(writer.run())
-        writer.add(Result(0, "a", OK, completion="x"))
+        writer.add(Result(0, "a", status=OK, completion="x"))
         await asyncio.to_thread(started.wait, 10)  # a periodic commit is now in its thread
         asyncio.get_running_loop().call_later(0.05, release.set)
         writer.stop()
@@ -208,7 +208,7 @@ def test_a_commit_of_any_size_stores_every_result_and_a_replaced_one_keeps_its_s
 
     def result(position: int, cost: float) -> Result:
         return Result(
-            position, f"k{position}", OK, completion=f"answer {position}", cost_usd=cost,
+            position, f"k{position}", status=OK, completion=f"answer {position}", cost_usd=cost,
             response_source=API, retry_on_resume=position % 2 == 0, request_hash=f"h{position}",
         )  # fmt: skip
 
@@ -220,8 +220,8 @@ def test_a_commit_of_any_size_stores_every_result_and_a_replaced_one_keeps_its_s
         totals = journal.totals()
     expected = [result(p, 0.25 if 3 <= p < 3 + ROWS_PER_INSERT else 0.5) for p in range(count)]
     assert stored == [r.as_tuple() for r in expected]
-    assert totals["replaced_answers"] == ROWS_PER_INSERT
-    assert totals["true_cost_usd"] == pytest.approx(0.5 * count + 0.25 * ROWS_PER_INSERT)
+    assert totals.replaced_answers == ROWS_PER_INSERT
+    assert totals.true_cost_usd == pytest.approx(0.5 * count + 0.25 * ROWS_PER_INSERT)
 
 
 # Request hashes made by earlier versions (before the shared JSON encoder): journals and response
