@@ -19,6 +19,7 @@ from pipeline import __version__
 from pipeline.errors import (
     AuthError,
     CreditsError,
+    Kind,
     PermanentError,
     RequestError,
     RetryableError,
@@ -109,13 +110,13 @@ class OpenRouterClient:
                 status, headers = resp.status, resp.headers
         except TimeoutError:
             raise RetryableError(
-                "timeout",
+                Kind.TIMEOUT,
                 "no complete answer within the timeout (request.timeout / --timeout)",
                 generation_id=generation_id,
             ) from None
         except aiohttp.ClientPayloadError as exc:
             raise RetryableError(
-                "connection_dropped",
+                Kind.CONNECTION_DROPPED,
                 f"the connection dropped mid-answer: {_short(exc)}",
                 generation_id=generation_id,
             ) from None
@@ -126,17 +127,17 @@ class OpenRouterClient:
             ) from None
         except aiohttp.ClientConnectorError as exc:
             raise RetryableError(
-                "connection_failed", f"cannot connect to {self.url}: {_short(exc)}"
+                Kind.CONNECTION_FAILED, f"cannot connect to {self.url}: {_short(exc)}"
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             raise RetryableError(
-                "connection_dropped",
+                Kind.CONNECTION_DROPPED,
                 f"the server closed the connection: {_short(exc)}",
                 generation_id=generation_id,
             ) from None
         except aiohttp.ClientError as exc:
             raise RetryableError(
-                "connection_error", _short(exc), generation_id=generation_id
+                Kind.CONNECTION_ERROR, _short(exc), generation_id=generation_id
             ) from None
 
         try:
@@ -148,7 +149,7 @@ class OpenRouterClient:
         if not isinstance(data, dict):
             what = "only whitespace" if not raw.strip() else "not valid JSON"
             raise RetryableError(
-                "invalid_json",
+                Kind.INVALID_JSON,
                 f"the answer was {what} ({len(raw)} bytes)",
                 status=200,
                 generation_id=generation_id,
@@ -182,7 +183,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         code = _error_code(error, 200)
         error_class = _class_for(code)
         raise error_class(
-            "error_body",
+            Kind.ERROR_BODY,
             f"HTTP 200 carrying error {code}: {_message(error)}",
             status=code,
             generation_id=generation_id,
@@ -190,7 +191,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise RetryableError(
-            "no_choices", "HTTP 200 without any choice", status=200, generation_id=generation_id
+            Kind.NO_CHOICES, "HTTP 200 without any choice", status=200, generation_id=generation_id
         )
     answers = []
     for choice in map(_dict, choices):
@@ -198,7 +199,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
         if choice.get("error") or finish == "error":
             detail = _dict(choice.get("error"))
             raise RetryableError(
-                "choice_error",
+                Kind.CHOICE_ERROR,
                 f"the provider failed mid-answer: {_message(detail) or 'finish_reason error'}",
                 status=200,
                 generation_id=data.get("id") or generation_id,
@@ -213,7 +214,7 @@ def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
     if not content and finish is None and not completion_tokens:
         # A cold start: nothing generated and (by zero-completion insurance) nothing charged.
         raise RetryableError(
-            "empty",
+            Kind.EMPTY,
             "empty answer with no finish reason (provider cold start?)",
             status=200,
             generation_id=data.get("id") or generation_id,
@@ -274,7 +275,7 @@ def _status_error(
         and (error.get("availability") or {}).get("retryable")
     ):
         retryable = True
-    kind = f"http_{status}"
+    kind = Kind.http(status)
     if retryable:
         return RetryableError(
             kind,

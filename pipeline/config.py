@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.pricing import DEFAULT_PRICES_TTL
+from pipeline.money import DEFAULT_PRICES_TTL
 
 DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"

@@ -12,7 +12,7 @@ these in exactly one place each, so the CLI can map every one to a message and a
     ├── JobStopped                exit 4: every further request would fail too; resumable
     │   ├── AuthError             401: the key is missing, wrong or disabled
     │   ├── CreditsError          402: out of credits
-    │   ├── BudgetReached         cost.max_cost would be passed (pipeline.pricing)
+    │   ├── BudgetReached         cost.max_cost would be passed (pipeline.money)
     │   └── TrustError            the endpoint's TLS certificate does not verify
     ├── Locked                    exit 5: another run holds the job's lock; nothing was touched
     └── Interrupted               exit 130 / 143: SIGINT / SIGTERM, journal flushed; resumable
@@ -41,6 +41,28 @@ class InputError(UserError):
 
 class JournalError(UserError):
     """The journal cannot be used for this job as it stands."""
+
+
+class Kind:
+    """The `error_type` of a failed row: short, stable names that scripts filter on."""
+
+    INPUT = "input"  # the row cannot be sent (a null prompt, bad messages JSON)
+    TIMEOUT = "timeout"
+    CONNECTION_FAILED = "connection_failed"
+    CONNECTION_DROPPED = "connection_dropped"
+    CONNECTION_ERROR = "connection_error"
+    INVALID_JSON = "invalid_json"
+    ERROR_BODY = "error_body"  # an HTTP 200 whose body is an error
+    NO_CHOICES = "no_choices"
+    CHOICE_ERROR = "choice_error"
+    EMPTY = "empty"
+    LENGTH = "length"  # cut off by max_tokens with no usable answer
+    INVALID_ANSWER = "invalid_answer"  # outside the labels / schema after every re-ask
+    HTTP_429 = "http_429"
+
+    @staticmethod
+    def http(status: int) -> str:
+        return f"http_{status}"
 
 
 class RequestError(PipelineError):

@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from pipeline import __version__
+from pipeline.attempt import ChatAnswerer
 from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient
 from pipeline.config import KEY_ENV, JobConfig, read_api_key
@@ -40,8 +41,16 @@ from pipeline.errors import (
 )
 from pipeline.journal import JobLock, Journal, JournalWriter
 from pipeline.limits import Limits
+from pipeline.money import (
+    Budget,
+    Catalogue,
+    Reservations,
+    cached_listing,
+    most_output_tokens,
+    store_listing,
+    unknown_limit,
+)
 from pipeline.output import FinalSlots, OutputWriter, leading_columns
-from pipeline.pricing import Budget, Catalogue, cached_listing, store_listing
 from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
 from pipeline.records import CACHE, DUPLICATE, OK, Result, Row, Totals
@@ -368,10 +377,13 @@ def _check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
                 )
     if config.cost.max_cost is not None:
         for key, model in wanted:
-            if catalogue is None or catalogue.get(model) is None:
+            price = catalogue.get(model) if catalogue is not None else None
+            if price is None:
                 raise ConfigError(
                     f"cost.max_cost (--max-cost) needs prices, and the endpoint's /models does not price {key} {model!r}"
                 )
+            if most_output_tokens(price, 0, config.request.max_tokens) is None:
+                raise ConfigError(unknown_limit(key, model))
 
 
 async def _preflight(
@@ -436,11 +448,19 @@ async def _dispatch(
 ) -> None:
     config = job.config
     limits = Limits(config.limits.requests_per_second, config.limits.tpm)
-    dispatcher = Dispatcher(
-        client, limits, RetryPolicy.from_config(config.retry), config.limits.concurrency,
-        catalogue=catalogue, budget=budget, fallback_models=config.request.fallback_models or (),
-        answers=job.builder.answers, invalid_retries=config.retry.invalid_retries,
+    stopping = asyncio.Event()
+    reservations = (
+        Reservations(budget, catalogue, config.request.fallback_models or ())
+        if budget is not None
+        else None
+    )
+    answerer = ChatAnswerer(
+        client, limits, RetryPolicy.from_config(config.retry), catalogue=catalogue,
+        reservations=reservations, answers=job.builder.answers,
+        invalid_retries=config.retry.invalid_retries, stopping=stopping,
+        on_lost=lambda lost: writer.add_lost([lost]),
     )  # fmt: skip
+    dispatcher = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
     final = FinalSlots()
 
     def committed(stored: list[tuple[Any, ...]]) -> None:  # in the journal writer's thread
@@ -459,11 +479,8 @@ async def _dispatch(
 
         def finished(row: Row, result: Result) -> None:
             writer.add(result)
-            if dispatcher.lost:
-                writer.add_lost(dispatcher.lost)
-                dispatcher.lost = []
             prompt = _prompt_text(row) if log_prompts and result.status != OK else None
-            progress.update(result, dispatcher.retries, limits.rate_limited, prompt)
+            progress.update(result, answerer.retries, limits.rate_limited, prompt)
 
         await dispatcher.run(_pending(job, journal, cache, final), finished)
     except JobStopped as exc:
@@ -474,13 +491,12 @@ async def _dispatch(
     finally:
         writer.stop()
         await flusher
-        writer.add_lost(dispatcher.lost)
         await writer.flush()
         writing_done.set()
         if writing is not None:
             await writing
         progress.close()
-        report.retries = dispatcher.retries
+        report.retries = answerer.retries
         _restore_signals()
     if interrupted:
         raise Interrupted(interrupted[0])

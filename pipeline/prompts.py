@@ -24,7 +24,7 @@ import polars as pl
 from pipeline.answers import AnswerSpec
 from pipeline.config import ROW_PARAMS, JobConfig
 from pipeline.errors import InputError
-from pipeline.pricing import Catalogue
+from pipeline.money import Catalogue
 from pipeline.records import Row
 from pipeline.source import POSITION
 

@@ -87,15 +87,33 @@ def test_an_endpoint_without_cost_gets_cost_computed_from_prices(
         assert row["cost_usd"] == pytest.approx(billed[row["generation_id"]], rel=1e-12)
 
 
-async def test_cost_is_null_not_zero_when_nothing_can_tell_it() -> None:
+def test_cost_is_null_not_zero_when_nothing_can_tell_it() -> None:
     from pipeline.client import Completion
-    from pipeline.dispatch import Dispatcher
-    from pipeline.records import Row
+    from pipeline.money import completion_cost
 
-    dispatcher = Dispatcher(None, None, None, 1, catalogue=None)  # type: ignore[arg-type]
     completion = Completion("hi", "stop", "x/unpriced", "P", "gen-1", 10, 2, 12, 0, 0, None)
-    (result,) = dispatcher._succeeded(Row(0, "0", b"{}", "x/unpriced"), completion, 1, 5.0)
-    assert result.cost_usd is None and result.cost_source is None
+    assert completion_cost(completion, None, "x/unpriced") == (None, None)
+
+
+def test_the_worst_case_is_the_longest_answer_the_request_allows() -> None:
+    """max_tokens when the request sets it; else the model's completion limit; else what the
+    context leaves after the prompt; else unknown, never a guess."""
+    from pipeline.money import ModelPrice, most_output_tokens, worst_case_cost
+
+    def price(max_completion: int | None, context: int | None) -> ModelPrice:
+        return ModelPrice(
+            "m", "m", context, max_completion, Decimal("0.000001"), Decimal("0.000002")
+        )
+
+    assert most_output_tokens(price(16_384, 32_768), 100, 40) == 40
+    assert most_output_tokens(price(16_384, 32_768), 100, None) == 16_384
+    assert most_output_tokens(price(None, 32_768), 100, None) == 32_668
+    assert most_output_tokens(price(None, None), 100, None) is None
+    assert worst_case_cost(price(None, None), 100, None) is None
+    # The prompt with its estimate's margin (x1.25, plus one), every sample's longest answer.
+    assert worst_case_cost(price(16_384, None), 100, None, samples=3) == pytest.approx(
+        126 * 0.000001 + 3 * 16_384 * 0.000002
+    )
 
 
 def test_usage_spelled_oddly_is_read_as_counts_and_junk_as_unknown() -> None:
@@ -218,9 +236,6 @@ def test_a_budget_stops_before_the_cap_and_a_higher_cap_finishes_without_repayin
     assert len(billed) == 60 and max(billed.values()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the budget reserves 256 output tokens a request when max_tokens is unset"
-)
 def test_a_budget_without_max_tokens_holds_when_answers_run_long(
     tmp_path: Path, sim_thread: Any
 ) -> None:

@@ -1,0 +1,378 @@
+"""Money: model prices from `GET /models` (cached on disk), what a request could cost at worst
+and what an answer did cost, as pure functions, the budget, and the endpoint's figures for a
+job (the key's credit, lost attempts priced after the run).
+
+OpenRouter's own `usage.cost` is the truth and is what the output records. Prices are needed
+only where that truth is missing: estimates before a run, the budget's reservation for requests
+in flight, and endpoints that return no cost at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import JobStopped
+
+if TYPE_CHECKING:
+    from pipeline.client import Completion, OpenRouterClient
+    from pipeline.config import JobConfig
+    from pipeline.journal import Journal
+    from pipeline.progress import Progress
+
+DEFAULT_PRICES_TTL = 6 * 3600.0  # seconds a cached /models answer is trusted
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """One model's listing: context and per-token USD prices."""
+
+    id: str
+    name: str
+    context_length: int | None
+    max_completion_tokens: int | None
+    prompt: Decimal
+    completion: Decimal
+    request: Decimal = Decimal(0)
+    cache_read: Decimal | None = None
+    supported_parameters: frozenset[str] = frozenset()
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """USD for a request: tokens x prices (cached prompt tokens at the cache-read price)."""
+        cached_price = self.cache_read if self.cache_read is not None else self.prompt
+        total = (
+            (prompt_tokens - cached_tokens) * self.prompt
+            + cached_tokens * cached_price
+            + completion_tokens * self.completion
+            + self.request
+        )
+        return float(total)
+
+    def per_million(self, price: Decimal) -> str:
+        return f"{price * 1_000_000:.4f}".rstrip("0").rstrip(".") if price else "0"
+
+    @classmethod
+    def from_listing(cls, entry: dict[str, Any]) -> ModelPrice | None:
+        """Parse one `/models` entry; None if it has no usable prices (router pseudo-models)."""
+        pricing = entry.get("pricing") or {}
+        try:
+            prompt, completion = (
+                Decimal(str(pricing["prompt"])),
+                Decimal(str(pricing["completion"])),
+            )
+            request = Decimal(str(pricing.get("request") or 0))
+            cache_read = (
+                Decimal(str(pricing["input_cache_read"]))
+                if pricing.get("input_cache_read")
+                else None
+            )
+        except (KeyError, InvalidOperation):
+            return None
+        if prompt < 0 or completion < 0:
+            return None  # "-1" marks routers whose price depends on the model they pick
+        top = entry.get("top_provider") or {}
+        return cls(
+            id=str(entry.get("id")),
+            name=str(entry.get("name") or entry.get("id")),
+            context_length=entry.get("context_length") or top.get("context_length"),
+            max_completion_tokens=top.get("max_completion_tokens"),
+            prompt=prompt,
+            completion=completion,
+            request=request,
+            cache_read=cache_read,
+            supported_parameters=frozenset(
+                p for p in entry.get("supported_parameters") or () if isinstance(p, str)
+            ),
+        )
+
+
+class Catalogue:
+    """Prices by model id."""
+
+    def __init__(self, models: list[ModelPrice], fetched_at: float) -> None:
+        self.models = {m.id: m for m in models}
+        self.fetched_at = fetched_at
+
+    def get(self, model_id: str | None) -> ModelPrice | None:
+        return self.models.get(model_id) if model_id else None
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self.models
+
+    def search(self, text: str | None) -> list[ModelPrice]:
+        found = (
+            self.models.values()
+            if not text
+            else [m for m in self.models.values() if text.lower() in f"{m.id} {m.name}".lower()]
+        )
+        return sorted(found, key=lambda m: m.id)
+
+    @classmethod
+    def from_response(cls, body: Any, fetched_at: float) -> Catalogue:
+        entries = body.get("data") if isinstance(body, dict) else None
+        models = [
+            m for e in entries or [] if isinstance(e, dict) and (m := ModelPrice.from_listing(e))
+        ]
+        return cls(models, fetched_at)
+
+
+def cache_dir() -> Path:
+    """Where prices (and nothing secret) are cached: $PIPELINE_CACHE_DIR, else the XDG cache."""
+    explicit = os.environ.get("PIPELINE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prompt-pipeline"
+
+
+def cached_listing(endpoint: str, ttl: float) -> tuple[Any, float] | None:
+    """The cached `/models` body for `endpoint` and when it was fetched, if younger than `ttl`."""
+    path = _cache_file(endpoint)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    fetched = float(stored.get("fetched_at", 0))
+    if time.time() - fetched > ttl:
+        return None
+    return stored.get("body"), fetched
+
+
+def store_listing(endpoint: str, body: Any) -> None:
+    path = _cache_file(endpoint)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"endpoint": endpoint, "fetched_at": time.time(), "body": body}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs a fetch next time
+
+
+def _cache_file(endpoint: str) -> Path:
+    return cache_dir() / f"models-{hashlib.sha256(endpoint.encode()).hexdigest()[:16]}.json"
+
+
+class BudgetReached(JobStopped):
+    """Another request could push spend past `max_cost`."""
+
+
+class Budget:
+    """`max_cost` for the whole job: spent so far (earlier runs included) plus a worst-case
+    reservation for every request in flight must stay under the cap.
+
+    A request that does not fit waits while others are in flight (they usually cost far less
+    than their worst case, and settling frees the difference); it is refused, and the job
+    stops, only when it would not fit even with nothing else in flight."""
+
+    def __init__(self, cap: float, spent: float) -> None:
+        self.cap = cap
+        self.spent = spent
+        self.reserved = 0.0
+        self._held = 0  # reservations not yet settled (a count: float sums drift)
+        self._settled = asyncio.Event()
+
+    async def reserve(self, amount: float) -> None:
+        while self.spent + self.reserved + amount > self.cap:
+            if not self._held:
+                raise BudgetReached(
+                    f"budget reached: ${self.spent:.6f} spent of max_cost ${self.cap:.6f}, and the next request "
+                    f"could cost up to ${amount:.6f}. Raise cost.max_cost (--max-cost) and re-run the same command "
+                    "to continue; nothing done so far is paid again."
+                )
+            self._settled.clear()
+            await self._settled.wait()
+        self.reserved += amount
+        self._held += 1
+
+    def settle(self, reserved: float, actual: float | None) -> None:
+        """Swap a reservation for what the request really cost (the reservation, if unknown)."""
+        self.reserved -= reserved
+        self.spent += reserved if actual is None else actual
+        self._held -= 1
+        self._settled.set()
+
+
+# ---------------------------------------------------------------- what a request costs
+
+REPORTED, COMPUTED = "reported", "computed"  # cost_source of an answer's cost
+# The prompt-token estimate (about four characters a token) can be this far under the truth.
+PROMPT_ESTIMATE_MARGIN = 1.25
+
+
+def most_output_tokens(price: ModelPrice, prompt_tokens: int, max_tokens: int | None) -> int | None:
+    """The most output tokens one answer can take: the request's `max_tokens`, else the model's
+    completion limit, else what its context leaves after the prompt; None when nothing says."""
+    if max_tokens is not None:
+        return max_tokens
+    if price.max_completion_tokens:
+        return int(price.max_completion_tokens)
+    if price.context_length:
+        return max(int(price.context_length) - prompt_tokens, 1)
+    return None
+
+
+def worst_case_cost(
+    price: ModelPrice, prompt_tokens: int, max_tokens: int | None, samples: int = 1
+) -> float | None:
+    """The most a request could cost (None when its output has no known limit): the prompt
+    estimate with its margin, and the longest answer allowed, once per sample."""
+    output = most_output_tokens(price, prompt_tokens, max_tokens)
+    if output is None:
+        return None
+    return price.cost(int(prompt_tokens * PROMPT_ESTIMATE_MARGIN) + 1, output * samples)
+
+
+def completion_cost(
+    completion: Completion, catalogue: Catalogue | None, model: str
+) -> tuple[float | None, str | None]:
+    """What an answer cost and how that is known: the endpoint's own `usage.cost`, else its
+    tokens times the listed prices, else unknown (None, never a made-up 0)."""
+    if completion.cost is not None:
+        return completion.cost, REPORTED
+    price = catalogue.get(completion.model or model) if catalogue is not None else None
+    if price is None or completion.prompt_tokens is None or completion.completion_tokens is None:
+        return None, None
+    cost = price.cost(
+        completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens or 0
+    )
+    return cost, COMPUTED
+
+
+def unknown_limit(key: str, model: str) -> str:
+    """Why a budget cannot hold for `model`: what to set instead."""
+    return (
+        f"cost.max_cost (--max-cost) needs the most a request could cost, and the endpoint's /models gives "
+        f"{key} {model!r} neither a completion limit nor a context length; set request.max_tokens (--max-tokens)"
+    )
+
+
+class Reservations:
+    """The budget's side of each attempt: before it, reserve the worst case of its request over
+    every model that may serve it (the row's, then the fallbacks); after it, settle."""
+
+    def __init__(self, budget: Budget, catalogue: Catalogue | None, fallbacks: tuple[str, ...]):
+        self.budget = budget
+        self.catalogue = catalogue
+        self.fallbacks = fallbacks
+
+    async def reserve(
+        self, model: str, prompt_tokens: int, max_tokens: int | None, samples: int
+    ) -> float:
+        worst = 0.0
+        for model_id in (model, *self.fallbacks):
+            price = self.catalogue.get(model_id) if self.catalogue is not None else None
+            if price is None:
+                raise BudgetReached(
+                    f"cost.max_cost (--max-cost) needs the price of {model_id}, which the endpoint's /models does not list"
+                )
+            cost = worst_case_cost(price, prompt_tokens, max_tokens, samples)
+            if cost is None:
+                raise BudgetReached(unknown_limit("model", model_id))
+            worst = max(worst, cost)
+        await self.budget.reserve(worst)
+        return worst
+
+    def settle(self, reserved: float, actual: float | None) -> None:
+        self.budget.settle(reserved, actual)
+
+
+# ------------------------------------------------------------------ from the endpoint
+
+
+async def load_catalogue(
+    client: OpenRouterClient, config: JobConfig, *, refresh: bool = False
+) -> Catalogue | None:
+    """Prices from `/models`: from the disk cache when fresh, else fetched (and cached)."""
+    endpoint = "(simulator)" if config.request.simulate else config.request.base_url
+    if not refresh and (cached := cached_listing(endpoint, config.cost.prices_ttl)) is not None:
+        body, fetched_at = cached
+        return Catalogue.from_response(body, fetched_at)
+    body = await client.get_json("/models")
+    if body is None:
+        return None
+    store_listing(endpoint, body)
+    return Catalogue.from_response(body, time.time())
+
+
+async def credit_warning(
+    client: OpenRouterClient, prices: list[ModelPrice | None], prompt_tokens: float,
+    output_tokens: float,
+) -> str | None:  # fmt: skip
+    """A warning when the work left could cost more than the key has left (`GET /key`)."""
+    if any(price is None for price in prices):
+        return None
+    body = await client.get_json("/key")
+    data = body.get("data") if isinstance(body, dict) else None
+    remaining = data.get("limit_remaining") if isinstance(data, dict) else None
+    if not isinstance(remaining, int | float):
+        return None
+    estimate = sum(
+        price.cost(int(prompt_tokens), int(output_tokens)) for price in prices if price is not None
+    )
+    if estimate > remaining:
+        return f"this job could cost up to ${estimate:.4f} but the key has ${remaining:.4f} left (GET /key limit_remaining); it will stop with exit 4 when the credit runs out"
+    return None
+
+
+async def key_figures(client: OpenRouterClient) -> str:
+    """The key's usage and limits, for the message of a 402."""
+    body = await client.get_json("/key")
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        return ""
+    parts = [
+        f"{name} ${data[name]:.4f}"
+        for name in ("usage", "limit", "limit_remaining")
+        if isinstance(data.get(name), int | float)
+    ]
+    return f" (key: {', '.join(parts)})" if parts else ""
+
+
+async def reconcile(
+    client: OpenRouterClient, journal: Journal, progress: Progress | None = None,
+    patience: float = 60.0,
+) -> None:  # fmt: skip
+    """Ask `/generation` what the lost attempts cost. It may answer 404 for a while after a
+    generation, so poll with back-off; what is still unknown after `patience` seconds waits for
+    a later run."""
+    pending = set(journal.unreconciled())
+    if not pending:
+        return
+    if progress is not None:
+        progress.log(
+            f"reconciling {len(pending)} attempt(s) whose answer never arrived (GET /generation)"
+        )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = 0.5
+    gate = asyncio.Semaphore(8)
+
+    async def look_up(generation_id: str) -> tuple[str, float | None, bool]:
+        async with gate:
+            status, body = await client.get_status_json("/generation", id=generation_id)
+        data = body.get("data") if isinstance(body, dict) else None
+        if (
+            status == 200
+            and isinstance(data, dict)
+            and isinstance(data.get("total_cost"), int | float)
+        ):
+            return generation_id, float(data["total_cost"]), True
+        # 404: not known yet; 0, 429, 5xx: ask again; any other answer will not change.
+        return generation_id, None, status not in (404, 0, 429) and status < 500
+
+    while pending:
+        found = await asyncio.gather(*(look_up(g) for g in pending))
+        journal.reconcile({g: cost for g, cost, _ in found if cost is not None})
+        pending -= {g for g, cost, final in found if cost is not None or final}
+        if not pending or loop.time() + delay > deadline:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 8.0)
