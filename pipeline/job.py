@@ -50,12 +50,11 @@ from pipeline.money import (
     store_listing,
     unknown_limit,
 )
-from pipeline.output import FinalSlots, OutputWriter, leading_columns
+from pipeline.output import FinalSlots, OutputLayout, OutputWriter
 from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS, RequestBuilder
 from pipeline.records import CACHE, DUPLICATE, OK, Result, Row, Totals
 from pipeline.retry import RetryPolicy
-from pipeline.sink import result_names
 from pipeline.source import POSITION, Source, open_source
 
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"
@@ -93,7 +92,7 @@ class Prepared:
     config: JobConfig
     source: Source
     builder: RequestBuilder
-    names: list[str]  # of the output columns after the input's
+    layout: OutputLayout
     total: int  # input rows
     prompt_chars: int | None  # sum over rows, for the pre-flight cost check
     api_key: str
@@ -116,11 +115,7 @@ def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
     """Every check that needs no network: input, columns, ids, output folder, API key."""
     source = open_source(config.input.path, config.input.format)
     builder = RequestBuilder(config, source.columns)
-    names = result_names(
-        config.output.result_prefix,
-        source.columns,
-        leading_columns(config, builder, source.columns),
-    )
+    layout = OutputLayout.for_job(config, builder.answers, source.columns)
     output = Path(config.output.path)
     if any(output.resolve() == p.resolve() for p in source.paths):
         raise InputError(
@@ -134,7 +129,7 @@ def prepare(config: JobConfig, limit: int | None = None) -> Prepared:
         )
     fingerprint = {"input": source.fingerprint(), "config": config.request_fingerprint()}
     return Prepared(
-        config, source, builder, names, total, prompt_chars, api_key, fingerprint, limit
+        config, source, builder, layout, total, prompt_chars, api_key, fingerprint, limit
     )
 
 
@@ -252,7 +247,10 @@ async def _run(job: Prepared, options: RunOptions) -> JobReport:
                 stack.callback(cache.close)
             output = None
             if options.write_output:
-                output = OutputWriter(job, journal, Path(config.output.path))
+                groups = job.source.arrow_batches(job.limit, size=job.layout.group_rows)
+                output = OutputWriter(
+                    job.layout, groups, job.slots, journal, Path(config.output.path)
+                )
                 stack.callback(output.discard)  # the unfinished file, if the run stops
             report = JobReport(
                 output=Path(config.output.path),

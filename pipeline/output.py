@@ -1,6 +1,12 @@
 """The output file: each input row (once per variant) with its leading columns and the result
 the journal holds for it, a row group at a time, in input order.
 
+Every input column comes unchanged and in input order, then the columns of a fan-out and of a
+structured answer (`model`, `sample_index`, `label` or one per schema property), then the
+result columns, all with explicit types. The file is written beside the target and renamed
+into place, so it is either complete or absent; the job's totals go into its key-value
+metadata under `pipeline` at the end, once they are known.
+
 A group is written while the job still runs, as soon as every slot in it is final, so that when
 the last answer arrives only the last group is left to write (on a million rows, ~14 s less
 after the last answer). A slot is final once the row feed has passed it and, if this run sends
@@ -15,28 +21,88 @@ them back from the journal cost about a third of the writing. A group with any s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from pipeline.answers import AnswerSpec
+from pipeline.errors import InputError
 from pipeline.journal import Journal, every
-from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, Row
-from pipeline.sink import ParquetSink
+from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, RESULT_TYPES, Row, Slots
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
-    from pipeline.job import Prepared
-    from pipeline.prompts import RequestBuilder
 
 WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become final
 # Committed results are kept for this many groups past the last one written: the memory for a
 # row held up by retries while later rows keep arriving stays bounded.
 GROUPS_KEPT = 4
 POSITION, PARSED = RESULT_FIELDS.index("position"), RESULT_FIELDS.index("parsed")
+Groups = Iterator[tuple[int, pa.Table]]  # input rows as Arrow, with each group's first position
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The columns the output adds after the input's, and how input rows become output rows."""
+
+    names: list[str]  # of the leading and result columns, prefix included
+    variants: list[tuple[str | None, int]]  # (model asked, sample index) of each output row
+    fan_out_models: bool  # a `model` column: the job asks several models
+    samples: int  # a `sample_index` column when above one
+    answers: AnswerSpec | None  # `label` or one column per schema property
+    row_group_size: int  # output rows per Parquet row group
+
+    @classmethod
+    def for_job(
+        cls, config: JobConfig, answers: AnswerSpec | None, inputs: list[str]
+    ) -> OutputLayout:
+        """The layout of a job's output; a name the input already uses is refused up front."""
+        request = config.request
+        leading = (["model"] if request.models else []) + (
+            ["sample_index"] if request.n > 1 else []
+        )
+        taken = {*inputs, *RESULT_COLUMNS, *leading}
+        if answers is not None:
+            leading += [
+                f"answer_{name}" if name in taken else name for name in answers.column_types()
+            ]
+        names = result_names(config.output.result_prefix, inputs, leading)
+        return cls(
+            names, request.variants, bool(request.models), request.n, answers,
+            config.output.row_group_size,
+        )  # fmt: skip
+
+    @property
+    def slots(self) -> Slots:
+        return Slots(len(self.variants))
+
+    @property
+    def group_rows(self) -> int:
+        """Input rows per row group."""
+        return max(self.row_group_size // len(self.variants), 1)
+
+    def leading_arrays(self, rows: int, stored: list[tuple[Any, ...]]) -> list[pa.Array]:
+        """The values of the leading columns for `rows` output rows (whole input rows' variants)."""
+        arrays = []
+        repeats = rows // len(self.variants)
+        if self.fan_out_models:
+            arrays.append(pa.array([model for model, _ in self.variants] * repeats))
+        if self.samples > 1:
+            arrays.append(
+                pa.array([sample for _, sample in self.variants] * repeats, type=pa.int32())
+            )
+        if self.answers is not None:
+            arrays += self.answers.columns([row[PARSED] for row in stored])
+        return arrays
 
 
 class FinalSlots:
@@ -68,18 +134,23 @@ class FinalSlots:
 class OutputWriter:
     """Writes the output aside, group by group, and moves it into place on `finish()`."""
 
-    def __init__(self, job: Prepared, journal: Journal, path: Path) -> None:
-        self.job = job
+    def __init__(
+        self, layout: OutputLayout, groups: Groups, slots: int, journal: Journal, path: Path
+    ) -> None:
+        """`groups`: the input, `layout.group_rows` rows at a time; `slots`: output rows in all."""
+        self.layout = layout
+        self.slots = slots
         self.journal = journal
-        self.sink = ParquetSink(path, job.names)
+        self.sink = ParquetSink(path, layout.names)
         self.cpu_seconds = 0.0  # spent writing, in all (CPU time of the writing thread)
         self.final_seconds = 0.0  # spent in `finish()`: what writing adds after the last answer
-        group_rows = max(job.config.output.row_group_size // job.variants, 1)
-        self._groups = job.source.arrow_batches(job.limit, size=group_rows)
+        self._groups = groups
         self._next: tuple[int, pa.Table] | None = None  # the group to write next, once final
         self._failed: Exception | None = None
         self._kept: dict[int, tuple[Any, ...]] = {}  # slot -> committed result, not yet written
-        self._keep_below = GROUPS_KEPT * group_rows * job.variants  # slots kept: those below this
+        self._keep_below = layout.slots.count(
+            GROUPS_KEPT * layout.group_rows
+        )  # slots kept: those below this
         self._reach = self._keep_below  # how far past the last group written slots are kept
         self._lock = threading.Lock()  # `committed` runs in the journal writer's thread
 
@@ -107,14 +178,14 @@ class OutputWriter:
 
     def write_until(self, final: int) -> None:
         """Write each group, in order, whose slots all lie below `final`."""
-        variants = self.job.variants
+        slots = self.layout.slots
         while True:
             if self._next is None:
                 self._next = next(self._groups, None)
                 if self._next is None:
                     return
             start, inputs = self._next
-            if (start + inputs.num_rows) * variants > final:
+            if slots.first(start + inputs.num_rows) > final:
                 return
             self._write(start, inputs)
             self._next = None
@@ -124,7 +195,7 @@ class OutputWriter:
         if self._failed is not None:
             raise self._failed
         started = time.monotonic()
-        self.write_until(self.job.slots)
+        self.write_until(self.slots)
         cpu = time.thread_time()
         self.sink.commit(metadata)
         self.cpu_seconds += time.thread_time() - cpu
@@ -135,8 +206,8 @@ class OutputWriter:
 
     def _write(self, start: int, inputs: pa.Table) -> None:
         cpu = time.thread_time()  # wall time in a thread would count waits for the GIL
-        variants = self.job.variants
-        low, high = start * variants, (start + inputs.num_rows) * variants
+        slots = self.layout.slots
+        low, high = slots.first(start), slots.first(start + inputs.num_rows)
         with self._lock:
             kept = [self._kept.pop(slot, None) for slot in range(low, high)]
             self._keep_below = high + self._reach
@@ -147,37 +218,110 @@ class OutputWriter:
                 raise AssertionError(
                     f"the journal lacks results for some of input rows {start}..{start + inputs.num_rows - 1}"
                 )
-        if variants > 1:  # each input row once per variant
-            inputs = inputs.take([i for i in range(inputs.num_rows) for _ in range(variants)])
-        self.sink.write(inputs, leading_arrays(self.job, inputs.num_rows, stored), stored)
+        if slots.per_row > 1:  # each input row once per variant
+            inputs = inputs.take([i for i in range(inputs.num_rows) for _ in range(slots.per_row)])
+        self.sink.write(inputs, self.layout.leading_arrays(inputs.num_rows, stored), stored)
         self.cpu_seconds += time.thread_time() - cpu
 
 
-def leading_columns(config: JobConfig, builder: RequestBuilder, inputs: list[str]) -> list[str]:
-    """The output columns between the input's and the results: the requested `model` of a
-    fan-out over models, `sample_index` with n > 1, then `label` or one per schema property
-    (`answer_<name>` when the name is taken)."""
-    names = (["model"] if config.request.models else []) + (
-        ["sample_index"] if config.request.n > 1 else []
-    )
-    taken = {*inputs, *RESULT_COLUMNS, *names}
-    if builder.answers is not None:
-        names += [
-            f"answer_{name}" if name in taken else name for name in builder.answers.column_types()
-        ]
+# ----------------------------------------------------------------------------- the file
+
+RESULT_ARROW_TYPES: dict[str, pa.DataType] = {
+    name: getattr(pa, "bool_" if kind == "bool" else kind)() for name, kind in RESULT_TYPES.items()
+}
+_FIELD_INDEX = {name: RESULT_FIELDS.index(name) for name in RESULT_COLUMNS}
+# Result columns whose values nearly all differ. Parquet's writer would build a dictionary for
+# each, in every row group, only to find it too big and drop it: a third of the writing time.
+_NO_DICTIONARY = frozenset({"completion", "generation_id", "cost_usd", "latency_ms"})
+
+
+def result_names(
+    prefix: str, input_columns: Iterable[str], leading: Iterable[str] = ()
+) -> list[str]:
+    """Names of the `leading` and result columns with `prefix`; a clash with an input column is
+    an error naming both."""
+    names = [prefix + column for column in (*leading, *RESULT_COLUMNS)]
+    clashes = sorted(set(names) & set(input_columns))
+    if clashes:
+        raise InputError(
+            f"the input already has column{'s' if len(clashes) > 1 else ''} {', '.join(clashes)}, which the output adds; "
+            "set output.result_prefix (--result-prefix), e.g. 'llm_'"
+        )
     return names
 
 
-def leading_arrays(job: Prepared, rows: int, stored: list[tuple[Any, ...]]) -> list[pa.Array]:
-    """The values of `leading_columns` for `rows` output rows (whole input rows' variants)."""
-    request = job.config.request
-    variants = job.builder.variants
-    arrays = []
-    if request.models:
-        arrays.append(pa.array([model for model, _ in variants] * (rows // len(variants))))
-    if request.n > 1:
-        samples = [sample for _, sample in variants] * (rows // len(variants))
-        arrays.append(pa.array(samples, type=pa.int32()))
-    if job.builder.answers is not None:
-        arrays += job.builder.answers.columns([row[PARSED] for row in stored])
-    return arrays
+class ParquetSink:
+    """Writes the output file aside and renames it into place on `commit()`."""
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        self.path = path
+        self.names = names
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        results = zip(names[-len(RESULT_COLUMNS) :], RESULT_COLUMNS, strict=True)
+        self._plain = {name for name, column in results if column in _NO_DICTIONARY}
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        _remove_dead_parts(path)
+
+    def write(
+        self, inputs: pa.Table, leading: list[pa.Array], results: list[tuple[Any, ...]]
+    ) -> None:
+        """Append a batch: `inputs` rows, their `leading` columns and their stored results
+        (`RESULT_FIELDS` tuples), in the same order."""
+        fields = list(zip(*results, strict=True))  # one tuple per field, transposed in C
+        columns = leading + [
+            pa.array(fields[_FIELD_INDEX[c]], type=RESULT_TYPES[c]) for c in RESULT_COLUMNS
+        ]
+        table = inputs
+        for name, column in zip(self.names, columns, strict=True):
+            table = table.append_column(pa.field(name, column.type), column)
+        if self._writer is None:
+            self._schema = table.schema
+            dictionary = [name for name in self._schema.names if name not in self._plain]
+            self._writer = pq.ParquetWriter(
+                self.tmp, self._schema, compression="zstd", use_dictionary=dictionary
+            )
+        elif table.schema != self._schema:
+            table = table.cast(self._schema)
+        self._writer.write_table(table)
+
+    def commit(self, metadata: dict[str, Any]) -> None:
+        """Finish the file with `metadata`, make it durable, then move it into place."""
+        if self._writer is None:
+            raise InputError("the input has no rows to write")
+        self._writer.add_key_value_metadata({"pipeline": json.dumps(metadata, sort_keys=True)})
+        self._writer.close()
+        self._writer = None
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _remove_dead_parts(path: Path) -> None:
+    """Delete unfinished files a killed run left beside `path` (named for its process id)."""
+    for part in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = part.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, and someone else's
+    return True
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The `pipeline` metadata of an output file written by this tool."""
+    meta = pq.read_metadata(path).metadata or {}
+    return json.loads(meta.get(b"pipeline", b"{}"))  # type: ignore[no-any-return]

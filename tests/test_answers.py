@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.answers import AnswerSpec
-from pipeline.sink import read_metadata
+from pipeline.output import read_metadata
 from tests.helpers import run_cli, sim_get, write_job
 from tests.openapi import validate_component
 

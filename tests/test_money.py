@@ -13,8 +13,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+from pipeline.output import read_metadata
 from pipeline.simulator import MODELS_BY_ID
-from pipeline.sink import read_metadata
 from tests.helpers import cli_env, run_cli, sim_get, sim_post, write_job
 
 MIXTRAL = "mistralai/mixtral-8x7b-instruct"

@@ -18,8 +18,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+from pipeline.output import read_metadata
 from pipeline.simulator import messages_digest
-from pipeline.sink import read_metadata
 from tests.helpers import (
     cli_env,
     journaled_positions,
