@@ -530,8 +530,9 @@ def models(
     import os
 
     from pipeline import config as config_module
+    from pipeline.client import connect
     from pipeline.errors import UserError
-    from pipeline.job import SIMULATOR_KEY, connect, load_catalogue
+    from pipeline.money import load_catalogue
 
     try:
         config = config_module.load(None, {
@@ -540,7 +541,7 @@ def models(
         })  # fmt: skip
     except UserError as exc:
         _fail(str(exc), exc.exit_code)
-    key = SIMULATOR_KEY if simulate else os.environ.get(config_module.KEY_ENV, "")
+    key = config_module.SIMULATOR_KEY if simulate else os.environ.get(config_module.KEY_ENV, "")
 
     async def fetch() -> Any:
         async with connect(config, key) as client:

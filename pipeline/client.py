@@ -7,11 +7,13 @@ every 200 it checks for the ways OpenRouter reports a failure inside a success: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -25,6 +27,9 @@ from pipeline.errors import (
     RetryableError,
     TrustError,
 )
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 
@@ -175,6 +180,24 @@ class OpenRouterClient:
                     return resp.status, None
         except (aiohttp.ClientError, TimeoutError):
             return 0, None
+
+
+@contextlib.asynccontextmanager
+async def connect(config: JobConfig, api_key: str) -> AsyncIterator[OpenRouterClient]:
+    """A client for the job's endpoint; with `request.simulate`, a simulator started for it."""
+    async with contextlib.AsyncExitStack() as stack:
+        base_url = config.request.base_url
+        if config.request.simulate:
+            from pipeline.simulator import serve
+
+            base_url = (await stack.enter_async_context(serve())).base_url
+        req = config.request
+        yield await stack.enter_async_context(
+            OpenRouterClient(
+                base_url, api_key, concurrency=config.limits.concurrency, timeout=req.timeout,
+                connect_timeout=req.connect_timeout, referer=req.referer, title=req.title,
+            )
+        )  # fmt: skip
 
 
 def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:

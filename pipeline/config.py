@@ -42,6 +42,7 @@ DEFAULT_TITLE = "prompt-pipeline"
 DEFAULT_RECONCILE_TIMEOUT = 60.0
 DEFAULT_ROW_GROUP_SIZE = 10_000  # output rows per Parquet row group
 KEY_ENV = "OPENROUTER_API_KEY"
+SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"  # what --simulate runs send
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,3 +620,15 @@ def read_api_key(config: JobConfig) -> str | None:
             raise ConfigError(f"request.key_file {path} is empty")
         return key
     return None
+
+
+def api_key(config: JobConfig) -> str:
+    """The key a job sends: the simulator's with `request.simulate`, else the user's."""
+    if config.request.simulate:
+        return SIMULATOR_KEY
+    key = read_api_key(config)
+    if key is None:
+        raise ConfigError(
+            f"no API key: set {KEY_ENV} in the environment (or request.key_file in the config); or try --simulate"
+        )
+    return key

@@ -15,17 +15,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import JobConfig
-from pipeline.job import (
-    Prepared,
-    RunOptions,
-    connect,
-    load_catalogue,
-    pending_batches,
-    prepare,
-    run_job,
-)
+from pipeline.client import connect
+from pipeline.config import JobConfig, api_key
+from pipeline.feed import Feed
+from pipeline.job import RunOptions, run_job
 from pipeline.journal import Journal, describe_changes
+from pipeline.money import load_catalogue
+from pipeline.plan import JobPlan, plan_job
 from pipeline.records import TYPICAL_ANSWER_TOKENS, Totals
 
 PROMPT_LOW, PROMPT_HIGH = 0.75, 1.25
@@ -80,20 +76,20 @@ def estimate(config: JobConfig, *, limit: int | None = None, pilot: int | None =
     """Estimate the rows still to do; with `pilot`, first run that many rows for real."""
     pilot_report = None
     if pilot:
-        done = _settled_rows(config, prepare(config, limit))
+        done = _settled_rows(config, plan_job(config, limit))
         pilot_limit = done + pilot if limit is None else min(limit, done + pilot)
         pilot_report = run_job(
             config, RunOptions(limit=pilot_limit, quiet=True, write_output=False)
         )
-    job = prepare(config, limit)
-    done = _settled_rows(config, job)
-    result = asyncio.run(_estimate(job, done))
+    plan = plan_job(config, limit)
+    done = _settled_rows(config, plan)
+    result = asyncio.run(_estimate(plan, api_key(config), done))
     if pilot_report is not None:
         result.pilot = _extrapolate(pilot_report.job_totals, result)
     return result
 
 
-def _settled_rows(config: JobConfig, job: Prepared) -> int:
+def _settled_rows(config: JobConfig, plan: JobPlan) -> int:
     """Rows an earlier run of this same job settled (0 if there is no journal, or it is another job's).
 
     Read without the lock, so an estimate works while the job runs."""
@@ -102,18 +98,18 @@ def _settled_rows(config: JobConfig, job: Prepared) -> int:
         return 0
     try:
         with journal:
-            if describe_changes(journal.meta(), job.fingerprint):
+            if describe_changes(journal.meta(), plan.fingerprint):
                 return 0
-            return journal.settled_count(below=job.slots)
+            return journal.settled_count(below=plan.slots)
     except sqlite3.Error:
         return 0
 
 
-async def _estimate(job: Prepared, done: int) -> Estimate:
-    config = job.config
-    async with connect(config, job.api_key) as client:
+async def _estimate(plan: JobPlan, key: str, done: int) -> Estimate:
+    config = plan.config
+    async with connect(config, key) as client:
         catalogue = await load_catalogue(client, config)
-    job.builder.use_native_n(catalogue)
+    builder = plan.builder.for_catalogue(catalogue)
     max_tokens = config.request.max_tokens
     expected = config.cost.expected_output_tokens
     notes = []
@@ -130,12 +126,12 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
         )
 
     by_model: dict[str, ModelEstimate] = defaultdict(ModelEstimate)
-    unique: set[str] | None = set() if job.slots - done <= UNIQUE_COUNT_LIMIT else None
+    unique: set[str] | None = set() if plan.slots - done <= UNIQUE_COUNT_LIMIT else None
     todo = 0
     journal = Journal.read_only(config.output.journal_path) if done else None
     settled = journal.settled_requests if journal is not None else lambda low, high: {}
     try:
-        for row in (r for rows, _ in pending_batches(job, settled) for r in rows):
+        for row in (r for rows, _ in Feed(plan, builder, settled).batches() for r in rows):
             if row.body is None:
                 continue
             todo += row.samples
@@ -169,7 +165,7 @@ async def _estimate(job: Prepared, done: int) -> Estimate:
         + "; prices from /models; duplicates counted once"
     )
     return Estimate(
-        job.slots,
+        plan.slots,
         done,
         todo,
         len(unique) if unique is not None else None,

@@ -12,6 +12,7 @@ is a request of its own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import string
@@ -25,7 +26,7 @@ from pipeline.answers import AnswerSpec
 from pipeline.config import ROW_PARAMS, JobConfig
 from pipeline.errors import InputError
 from pipeline.money import Catalogue
-from pipeline.records import Row
+from pipeline.records import Row, Slots
 from pipeline.source import POSITION
 
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -63,6 +64,7 @@ class RequestBuilder:
         self._check_columns(columns)
         self.default_model = config.request.model
         self.variants = config.request.variants
+        self.slots = Slots(len(self.variants))
         self.native_n: frozenset[str] = frozenset()  # models asked for all samples at once
         self.answers = answer_spec(config)
         self._params = request_params(config, self.answers)
@@ -78,14 +80,18 @@ class RequestBuilder:
         self._system = [{"role": "system", "content": system}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
 
-    def use_native_n(self, catalogue: Catalogue | None) -> None:
-        """Ask for all samples in one request (`n`) from the models whose listing supports it."""
-        if self.config.request.n > 1 and catalogue is not None:
-            self.native_n = frozenset(
-                model_id
-                for model_id, listing in catalogue.models.items()
-                if "n" in listing.supported_parameters
-            )
+    def for_catalogue(self, catalogue: Catalogue | None) -> RequestBuilder:
+        """This builder, asking for all samples in one request (`n`) from the models whose
+        listing supports it; itself when that changes nothing."""
+        if self.config.request.n == 1 or catalogue is None:
+            return self
+        builder = copy.copy(self)
+        builder.native_n = frozenset(
+            model_id
+            for model_id, listing in catalogue.models.items()
+            if "n" in listing.supported_parameters
+        )
+        return builder
 
     def _tail(self, row_params: dict[str, Any], sample: int) -> str:
         """The body after "messages". Keys are sorted so the same request is the same bytes in
@@ -194,7 +200,7 @@ class RequestBuilder:
             problem = problem or bad
             samples = cfg.request.n
             for index, model in enumerate(cfg.request.models or (row_model,)):
-                first = position * len(self.variants) + index * samples  # of this model's samples
+                first = self.slots.of(position, index * samples)  # of this model's samples
                 slots = [first + s for s in range(samples) if first + s not in done]
                 if messages is None or problem is not None:
                     rows += [Row(slot, key, None, model, error=problem) for slot in slots]

@@ -11,21 +11,15 @@ from typing import Any
 from pipeline.config import JobConfig
 from pipeline.errors import JournalError
 from pipeline.journal import Journal, lock_holder
-from pipeline.prompts import RequestBuilder
+from pipeline.plan import plan_job
 from pipeline.records import Totals
-from pipeline.source import open_source
 
 RATE_WINDOW = 60.0  # seconds the recent rate is measured over
 
 
 def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
     """Rows, done / failed / remaining, spend, the recent rate and the lock, as one dict."""
-    from pipeline.job import validate_rows
-
-    source = open_source(config.input.path, config.input.format)
-    builder = RequestBuilder(config, source.columns)
-    total, _ = validate_rows(source, config, builder, limit)
-    slots = total * len(builder.variants)
+    slots = plan_job(config, limit).slots
     path = config.output.journal_path
     totals = Totals()
     settled = recent = 0

@@ -1,0 +1,169 @@
+"""Everything checked before the first request, as a frozen `JobPlan` that `run`, `status` and
+`estimate` share.
+
+Order matters for the promise "bad input: nothing sent, nothing written": the input is
+readable, the columns are there, the ids unique, the output takes new files and is not the
+input; then, once the endpoint's `/models` is known, the models exist and a budget can hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError, InputError
+from pipeline.money import Catalogue, most_output_tokens, unknown_limit
+from pipeline.output import OutputLayout
+from pipeline.prompts import RequestBuilder
+from pipeline.source import Source, open_source
+
+VALIDATION_BATCH_ROWS = 50_000  # rows per batch of the validation pass
+# Descriptors beyond one per request in flight: the journal, input files, stdio, the loop.
+OPEN_FILES_HEADROOM = 64
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A job checked and ready to send: everything that needs no network."""
+
+    config: JobConfig
+    source: Source
+    builder: RequestBuilder
+    layout: OutputLayout
+    rows: int  # input rows (within the limit)
+    prompt_chars: int | None  # summed over the rows, for the pre-flight cost check
+    limit: int | None
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """What the journal must have been made for: the input's content and what shapes the
+        requests (hashing the input takes a while, so only a run or estimate asks)."""
+        return {"input": self.source.fingerprint(), "config": self.config.request_fingerprint()}
+
+    @property
+    def slots(self) -> int:
+        """Output rows (and journal entries) of the whole job."""
+        return self.builder.slots.count(self.rows)
+
+
+def plan_job(config: JobConfig, limit: int | None = None) -> JobPlan:
+    """Every check that needs no network: input, columns, ids, output columns and path."""
+    source = open_source(config.input.path, config.input.format)
+    builder = RequestBuilder(config, source.columns)
+    layout = OutputLayout.for_job(config, builder.answers, source.columns)
+    output = Path(config.output.path)
+    if any(output.resolve() == p.resolve() for p in source.paths):
+        raise InputError(
+            f"output.path (--output) {output} is the input file; choose another output path"
+        )
+    rows, prompt_chars = validate_rows(source, config, builder, limit)
+    return JobPlan(config, source, builder, layout, rows, prompt_chars, limit)
+
+
+def check_folders(config: JobConfig) -> None:
+    """The output and journal folders exist and take new files (tried, not guessed: root passes
+    every permission check, yet a read-only or immutable folder still refuses)."""
+    for path, key in (
+        (Path(config.output.path), "output.path (--output)"),
+        (config.output.journal_path, "output.journal (--journal)"),
+    ):
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"{key} {path}: folder {folder} does not exist; create it first")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".pipeline-probe-"):
+                pass
+        except OSError as exc:
+            raise InputError(
+                f"{key} {path}: folder {folder} is not writable ({exc.strerror})"
+            ) from None
+
+
+def ensure_open_files(concurrency: int) -> None:
+    """Each request in flight holds a socket: raise the soft open-file limit if it is too low for
+    `concurrency`, and say so up front when even the hard limit is."""
+    needed = concurrency + OPEN_FILES_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ConfigError(
+            f"limits.concurrency (--concurrency) {concurrency} needs about {needed} open files, but this process may "
+            f"open at most {hard} (ulimit -n); lower the concurrency or raise the limit"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def validate_rows(
+    source: Source, config: JobConfig, builder: RequestBuilder, limit: int | None
+) -> tuple[int, int | None]:
+    """Count the rows (checking every one can be read), refuse duplicate or null ids, and sum
+    the prompt lengths for estimates, in one pass before anything is sent.
+
+    The pass reads the input a batch at a time, so memory stays flat with the row count: ids
+    are kept only as 64-bit hashes (8 bytes a row), and only when two hashes meet is the input
+    searched for the actual duplicate."""
+    id_column = config.input.id_column
+    aggregates = [pl.len().alias("rows")]
+    if builder.prompt_expr is not None:
+        aggregates.append(builder.prompt_expr.str.len_chars().sum().alias("chars"))
+    if id_column:
+        aggregates.append(pl.col(id_column).null_count().alias("nulls"))
+    rows = chars = nulls = 0
+    id_hashes = []
+    try:
+        for batch in source.batches(limit, size=VALIDATION_BATCH_ROWS):
+            stats = batch.select(aggregates).row(0, named=True)
+            rows += stats["rows"]
+            chars += stats.get("chars") or 0
+            if id_column:
+                nulls += stats["nulls"]
+                id_hashes.append(batch[id_column].drop_nulls().hash())
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(
+            f"input {source.pattern} cannot be read: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    if rows == 0:
+        raise InputError(f"input {source.pattern} has no rows")
+    if id_column and id_hashes and pl.concat(id_hashes).n_unique() < rows - nulls:
+        ids = pl.col(id_column)
+        example = source.lazy(limit).select(ids.filter(ids.is_duplicated()).first()).collect()
+        if example.height and example.item() is not None:  # not just two hashes colliding
+            raise InputError(
+                f"input.id_column (--id-column) '{id_column}' has duplicate values (e.g. {example.item()!r}); ids must be unique"
+            )
+    if nulls:
+        raise InputError(
+            f"input.id_column (--id-column) '{id_column}' is null in {nulls} row(s); ids must be present"
+        )
+    return rows, chars if builder.prompt_expr is not None else None
+
+
+def check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
+    """Refuse a model the endpoint does not list (when it lists any), and a budget that cannot
+    hold, before anything is sent."""
+    wanted = [("request.model (--model)", config.request.model)]
+    wanted += [("request.models (--models)", m) for m in config.request.models or ()]
+    wanted += [("request.fallback_models", m) for m in config.request.fallback_models or ()]
+    if catalogue is not None and catalogue.models:
+        for key, model in wanted:
+            if model not in catalogue:
+                raise InputError(
+                    f"{key}: the endpoint has no model {model!r}; see `pipeline models --search {model.split('/')[-1][:12]}`"
+                )
+    if config.cost.max_cost is not None:
+        for key, model in wanted:
+            price = catalogue.get(model) if catalogue is not None else None
+            if price is None:
+                raise ConfigError(
+                    f"cost.max_cost (--max-cost) needs prices, and the endpoint's /models does not price {key} {model!r}"
+                )
+            if most_output_tokens(price, 0, config.request.max_tokens) is None:
+                raise ConfigError(unknown_limit(key, model))
