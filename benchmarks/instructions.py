@@ -12,8 +12,12 @@ with the baseline of the same session (the ratio), and a commit with another by 
 with each checkout's `--python`.
 
 Why cachegrind, not callgrind: with `--cache-sim=no` it counts only instructions (Ir), summed
-over all threads into one total, and runs about twice as fast as callgrind, whose call graph
-this figure does not need. For where the instructions go, profile with callgrind instead.
+over all threads into one total, and runs faster than callgrind, whose call graph this figure
+does not need. For where the instructions go, profile with callgrind instead.
+
+How close two figures must be to count as the same: a run's total moves by about 0.1-0.2%
+between rounds, so ours per row moves by about ±2k and the baseline's by about ±5k (its event
+loop's batching of answers depends on timing). Differences of under about 3k a row are noise.
 
 The simulator runs outside valgrind, in its own process on 127.0.0.1, served by this script's
 interpreter, so two checkouts measured in turn are answered by the same server. Prints the
@@ -41,11 +45,17 @@ HERE = Path(__file__).resolve().parent
 CONCURRENCY = 256  # as the overhead scenario of benchmarks/run.py
 
 
-def compile_bytecode(python: str) -> None:
+def compile_bytecode(python: str) -> str:
     """Compile the measured interpreter's copy of the package first, as `pip install` does:
-    under PYTHONDONTWRITEBYTECODE an editable install would compile every module in every run."""
-    script = "import compileall, os, pipeline; compileall.compile_dir(os.path.dirname(pipeline.__file__), quiet=1)"
-    subprocess.run([python, "-c", script], check=True)
+    under PYTHONDONTWRITEBYTECODE an editable install would compile every module in every run
+    (about 0.24 G instructions of start-up). Returns the package's folder."""
+    script = "import compileall, os, pipeline; d = os.path.dirname(pipeline.__file__); compileall.compile_dir(d, quiet=1); print(d)"
+    # Not from this checkout's folder: `-c` puts the current folder first on sys.path, and its
+    # `pipeline` would be compiled instead of the one --python runs.
+    proc = subprocess.run(
+        [python, "-c", script], cwd="/", check=True, capture_output=True, text=True
+    )
+    return proc.stdout.strip()
 
 
 def instructions(command: list[str], work: Path, env: dict[str, str]) -> tuple[int, str]:
@@ -100,7 +110,8 @@ def main() -> None:
     if not 0 < small < large:
         parser.error("--rows-small must be below --rows-large")
 
-    compile_bytecode(args.python)
+    package = compile_bytecode(args.python)
+    print(f"[measuring {package}]", file=sys.stderr, flush=True)
     # Set sets' and dicts' iteration order (and so the work done on them) the same every run.
     os.environ["PYTHONHASHSEED"] = "0"
     started = time.perf_counter()
@@ -148,6 +159,7 @@ def main() -> None:
     figures["ratio"] = summary(ratios)
     figures["setup"] = {
         "python": args.python,
+        "package": package,
         "version": platform.python_version(),
         "rows": [small, large],
         "repeat": args.repeat,
