@@ -26,6 +26,7 @@ from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import Kind, PermanentError, RetryableError
 from pipeline.limits import Limits
 from pipeline.money import Catalogue, Reservations, completion_cost
+from pipeline.options import describe
 from pipeline.records import API, DUPLICATE, ERROR, OK, SHARED, Result, Row
 from pipeline.retry import RetryPolicy
 
@@ -234,7 +235,7 @@ class ChatAnswerer:
             return Verdict(
                 Kind.LENGTH,
                 f"no answer: the length limit ran out{spent}{reasoning}; "
-                "raise request.max_tokens (--max-tokens) or lower the reasoning budget (request.reasoning)",
+                f"raise {describe('request.max_tokens')} or lower the reasoning budget (request.reasoning)",
                 ask_again=False,
             )
         if self.answers is None:

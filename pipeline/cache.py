@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.options import describe
 from pipeline.records import RESULT_FIELDS, Result
 
 _STORED = tuple(f for f in RESULT_FIELDS if f not in ("position", "key", "request_hash"))
@@ -33,7 +34,7 @@ class ResponseCache:
             )
         except sqlite3.DatabaseError as exc:
             raise ConfigError(
-                f"request.cache (--cache) {path} cannot be used as a response cache: {exc}"
+                f"{describe('request.cache')} {path} cannot be used as a response cache: {exc}"
             ) from None
 
     def lookup(self, request_hashes: list[str]) -> dict[str, Result]:

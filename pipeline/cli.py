@@ -1,21 +1,27 @@
 """The `pipeline` command line: parses options, calls the library, maps errors to exit codes.
 
-Heavy libraries (polars, pyarrow, aiohttp) are imported inside the commands that need them, so
+The job options come from one table (`options.JOB_OPTIONS`), their defaults from the config's
+dataclasses, and every command maps errors to messages and exit codes through `exits`. Heavy
+libraries (polars, pyarrow, aiohttp) are imported inside the commands that need them, so
 `pipeline --help` stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from pipeline import __version__
+from pipeline import config as config_module
+from pipeline.errors import Interrupted, PipelineError
+from pipeline.options import JOB_OPTIONS, Option
 
 if TYPE_CHECKING:
     from pipeline.simulator import RunningSimulator
@@ -204,50 +210,48 @@ def simulate(
         ) from None
 
 
+Fail = Callable[[str, int], NoReturn]
+INTERRUPTED = "interrupted; the journal is saved. Run the same command again to resume."
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-# Flags shared by every command that runs or describes a job: (config key, parameter, option).
-_JOB_OPTIONS: list[tuple[str, str, Any]] = [
-    ("input.path", "input_path", click.option("--input", "input_path", metavar="PATH", help="Input file or glob (CSV, Parquet, JSONL).")),
-    ("input.format", "input_format", click.option("--input-format", type=click.Choice(["csv", "parquet", "jsonl"]), help="Input format, when the extension does not say.")),
-    ("input.incremental", "incremental", click.option("--incremental", is_flag=True, default=None, help="The input grows between runs: send only rows not done before.")),
-    ("input.reprocess_changed", "reprocess_changed", click.option("--reprocess-changed", is_flag=True, default=None, help="With --incremental: send rows that changed since they were done again.")),
-    ("output.path", "output_path", click.option("--output", "output_path", metavar="PATH", help="Output Parquet file.")),
-    ("prompt.column", "prompt_column", click.option("--prompt-column", metavar="COL", help="Column holding the whole prompt.")),
-    ("prompt.template", "template", click.option("--template", metavar="TEXT", help="Prompt template over columns, e.g. 'Label: {review}'.")),
-    ("prompt.messages_column", "messages_column", click.option("--messages-column", metavar="COL", help="Column holding a JSON list of chat messages.")),
-    ("prompt.system", "system", click.option("--system", metavar="TEXT", help="System prompt sent before each prompt.")),
-    ("input.id_column", "id_column", click.option("--id-column", metavar="COL", help="Column of unique row ids (default: row position).")),
-    ("prompt.model_column", "model_column", click.option("--model-column", metavar="COL", help="Column naming a model per row (empty: --model).")),
-    ("request.model", "model", click.option("--model", metavar="ID", help="Model id [default: mistralai/mixtral-8x7b-instruct].")),
-    ("request.models", "models", click.option("--models", metavar="A,B", help="Run every prompt through each of these models (a row each).")),
-    ("request.n", "n", click.option("--n", "n", type=int, metavar="N", help="Samples per prompt and model (a row each) [default: 1].")),
-    ("request.labels", "labels", click.option("--labels", metavar="A,B,C", help="Answer with one of these labels: a 'label' column.")),
-    ("request.response_schema", "schema", click.option("--schema", "schema", metavar="FILE", help="JSON Schema file for structured answers: a typed column per property.")),
-    ("request.base_url", "base_url", click.option("--base-url", metavar="URL", help="OpenAI-compatible API base URL [default: https://openrouter.ai/api/v1].")),
-    ("request.temperature", "temperature", click.option("--temperature", type=float, help="Sampling temperature (0-2).")),
-    ("request.max_tokens", "max_tokens", click.option("--max-tokens", type=int, help="Cap on output tokens per request.")),
-    ("request.cache", "cache_path", click.option("--cache", "cache_path", metavar="PATH", help="Response cache shared across jobs (sqlite file).")),
-    ("limits.concurrency", "concurrency", click.option("--concurrency", type=int, metavar="N", help="Requests in flight at most [default: 16].")),
-    ("limits.rps", "rps", click.option("--rps", type=float, metavar="R", help="Requests per second at most.")),
-    ("limits.rpm", "rpm", click.option("--rpm", type=float, metavar="R", help="Requests per minute at most.")),
-    ("limits.max_runtime", "max_runtime", click.option("--max-runtime", metavar="DURATION", help="Stop in time to save everything within this (90s, 55m, 2h); exit 6, resumable.")),
-    ("limits.tpm", "tpm", click.option("--tpm", type=float, metavar="T", help="Tokens (prompt + max output) per minute at most.")),
-    ("retry.max_attempts", "max_retries", click.option("--max-retries", type=int, metavar="N", help="Attempts per row at most, the first included [default: 6].")),
-    ("request.timeout", "timeout", click.option("--timeout", type=float, metavar="SECONDS", help="Time one attempt may take [default: 300].")),
-    ("cost.max_cost", "max_cost", click.option("--max-cost", type=float, metavar="USD", help="Stop before the job's spend could pass this.")),
-    ("output.journal", "journal_path", click.option("--journal", "journal_path", metavar="PATH", help="Checkpoint file [default: OUTPUT.journal].")),
-    ("output.result_prefix", "result_prefix", click.option("--result-prefix", metavar="TEXT", help="Prefix for the result columns, if the input uses their names.")),
-]  # fmt: skip
+@contextlib.contextmanager
+def exits(fail: Fail = _fail, interrupted: str = INTERRUPTED) -> Iterator[None]:
+    """Every command's one mapping from errors to a message and an exit code: ours carry their
+    code; Ctrl-C before the run's own handler is in place (reading the input, say) is 130."""
+    try:
+        yield
+    except Interrupted as exc:
+        fail(interrupted, exc.exit_code)
+    except KeyboardInterrupt:
+        fail(interrupted, 130)
+    except PipelineError as exc:
+        fail(str(exc), exc.exit_code)
+
+
+_KINDS: dict[str, dict[str, Any]] = {"int": {"type": int}, "float": {"type": float}, "text": {}}
+
+
+def _click_option(option: Option) -> Any:
+    kwargs = dict(_KINDS.get(option.kind, {}))
+    if option.kind == "flag":
+        kwargs = {"is_flag": True, "default": None}
+    elif option.kind == "choice":
+        kwargs = {"type": click.Choice(list(option.choices))}
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    help_text = option.help_with(config_module.default(option.key))
+    return click.option(option.flag, option.param, help=help_text, **kwargs)
 
 
 def job_options(command: Any) -> Any:
     """Add CONFIG_FILE, every job flag, --limit and --simulate to a command."""
-    for _, _, option in reversed(_JOB_OPTIONS):
-        command = option(command)
+    for option in reversed(JOB_OPTIONS):
+        command = _click_option(option)(command)
     command = click.option(
         "--simulate", is_flag=True, help="Use the bundled OpenRouter simulator: no key, no network."
     )(command)
@@ -263,9 +267,7 @@ def job_options(command: Any) -> Any:
 
 
 def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]) -> Any:
-    from pipeline import config as config_module
-
-    overrides = {key: flags[param] for key, param, _ in _JOB_OPTIONS}
+    overrides = {option.key: flags[option.param] for option in JOB_OPTIONS}
     if simulate:
         overrides["request.simulate"] = True
     return config_module.load(config_file, overrides)
@@ -316,8 +318,7 @@ def run(
     resumable; 5 another run of this job holds its lock (nothing touched); 6 --max-runtime
     reached (journal saved), resumable; 130/143 interrupted (journal saved), resumable.
     """
-    from pipeline.errors import Interrupted, JobStopped, Locked, OutOfTime, UserError
-    from pipeline.job import RunOptions, run_job
+    from pipeline import render
     from pipeline.progress import LogSettings, json_line
 
     logs = LogSettings(json=log_format == "json", file=log_file, prompts=log_prompts)
@@ -335,75 +336,17 @@ def run(
             click.echo(f"error: {message}", err=True)
         sys.exit(code)
 
-    options = RunOptions(limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream)
-    try:
+    with exits(fail):
+        from pipeline.job import RunOptions, run_job
+
+        options = RunOptions(limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream)
         config = _load_config(config_file, simulate, flags)
         report = run_job(config, options)
-    except (UserError, JobStopped, Locked, OutOfTime) as exc:
-        fail(str(exc), exc.exit_code)
-    except Interrupted as exc:
-        fail(
-            "interrupted; the journal is saved. Run the same command again to resume.",
-            exc.exit_code,
-        )
     if logs.json:
-        summary = {
-            "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
-            "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
-            "changed_rows": report.changed,
-            **report.job_totals.as_dict(),
-        }  # fmt: skip
-        print(json_line("summary", **summary), file=stream, flush=True)
+        print(json_line("summary", **render.run_summary_json(report)), file=stream, flush=True)
     else:
-        click.echo(_summary(report, config.input.reprocess_changed), file=stream)
+        click.echo(render.summary(report, config.input.reprocess_changed), file=stream)
     sys.exit(report.exit_code)
-
-
-def _summary(report: Any, reprocess_changed: bool) -> str:
-    t = report.job_totals
-    lines = [
-        f"done: {report.total_rows:,} rows: {t.ok:,} ok, {t.failed:,} failed "
-        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
-        f"  cost ${t.cost_usd:.6f} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens",
-    ]
-    if t.duplicates_reused or t.cache_hits:
-        lines.append(
-            f"  not paid: {t.duplicates_reused:,} rows reused an identical request, {t.cache_hits:,} came from the cache"
-        )
-    extra_spend = []  # paid for, yet in no row's cost
-    if t.lost_attempts:
-        extra_spend.append(
-            f"{t.paid_twice_requests} attempt(s) billed although their answer never arrived cost ${t.paid_twice_cost_usd:.6f}"
-            + (
-                f"; {t.lost_attempts_unreconciled} not yet known (a later run checks again)"
-                if t.lost_attempts_unreconciled
-                else ""
-            )
-        )
-    if t.replaced_answers:
-        extra_spend.append(
-            f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost ${t.replaced_cost_usd:.6f}"
-        )
-    if extra_spend:
-        lines.append(f"  true spend ${t.true_cost_usd:.6f}: {'; '.join(extra_spend)}")
-    if report.changed:
-        again = (
-            "sent again"
-            if reprocess_changed
-            else "kept their earlier answers; --reprocess-changed sends them again"
-        )
-        lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")
-    if t.rows_cost_unknown:
-        lines.append(
-            f"  {t.rows_cost_unknown:,} row(s) have no cost: the endpoint reported none and lists no price"
-        )
-    by_model = t.by_model
-    if len(by_model) > 1:
-        for model, m in by_model.items():
-            lines.append(
-                f"  {model}: {m.rows:,} rows, {m.prompt_tokens:,} + {m.completion_tokens:,} tokens, ${m.cost_usd:.6f}"
-            )
-    return "\n".join(lines)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -416,26 +359,13 @@ def status(
 ) -> None:
     """How far a job is: rows done, failed and left, spend, recent rate, and whether a run holds
     its lock. Reads the journal without the lock, so it works while the job runs."""
-    import json
+    from pipeline import render
 
-    from pipeline.errors import UserError
-    from pipeline.status import job_status
+    with exits():
+        from pipeline.status import job_status
 
-    try:
         figures = job_status(_load_config(config_file, simulate, flags), limit)
-    except UserError as exc:
-        _fail(str(exc), exc.exit_code)
-    if as_json:
-        click.echo(json.dumps(figures, indent=2))
-        return
-    running = f"running (pid {figures['lock_holder']})" if figures["running"] else "not running"
-    click.echo(
-        f"{figures['rows']:,} rows: {figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed), "
-        f"{figures['remaining']:,} to do; {running}\n"
-        f"spent ${figures['cost_usd']:.6f} (true ${figures['true_cost_usd']:.6f}); "
-        f"{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute\n"
-        f"output {figures['output']}: {'written' if figures['output_exists'] else 'not written yet'}"
-    )
+    click.echo(json.dumps(figures, indent=2) if as_json else render.status(figures))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -461,41 +391,14 @@ def estimate(
     (cost.expected_output_tokens or max_tokens), and prices them from /models. --pilot N runs
     N rows for real; they are journaled, so the job never pays for them again.
     """
-    import json
+    from pipeline import render
 
-    from pipeline.errors import Interrupted, JobStopped, Locked, UserError
-    from pipeline.estimate import estimate as estimate_job
+    with exits(interrupted="interrupted; the pilot's journal is saved."):
+        from pipeline.estimate import estimate as estimate_job
 
-    try:
         config = _load_config(config_file, simulate, flags)
         result = estimate_job(config, limit=limit, pilot=pilot)
-    except (UserError, JobStopped, Locked) as exc:
-        _fail(str(exc), exc.exit_code)
-    except Interrupted as exc:
-        _fail("interrupted; the pilot's journal is saved.", exc.exit_code)
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    click.echo(f"rows: {result.total_rows:,} in the input, {result.done_rows:,} done, {result.todo_rows:,} to do"
-               + (f" ({result.unique_requests:,} distinct requests)" if result.unique_requests is not None else ""))  # fmt: skip
-    for model, m in result.by_model.items():
-        cost = (
-            f"${m.cost_low:.4f} - ${m.cost_high:.4f}"
-            if m.cost_low is not None and m.cost_high is not None
-            else "price unknown"
-        )
-        click.echo(
-            f"  {model}: {m.rows:,} requests, ~{m.prompt_tokens:,} prompt tokens, {m.output_low:,}-{m.output_high:,} output tokens: {cost}"
-        )
-    if result.cost_low is not None and result.cost_high is not None:
-        click.echo(f"estimated cost: ${result.cost_low:.4f} - ${result.cost_high:.4f}")
-    click.echo(f"how: {result.method}")
-    for note in result.notes:
-        click.echo(f"note: {note}")
-    if result.pilot:
-        p = result.pilot
-        click.echo(f"pilot: {p['rows']} rows cost ${p['cost_usd']:.6f} (${p['cost_per_row_usd'] or 0:.6f} per row); "
-                   f"projected for the rest: ${p['projected_remaining_usd'] or 0:.4f}, whole job: ${p['projected_total_usd'] or 0:.4f}")  # fmt: skip
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else render.estimate(result))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -504,7 +407,7 @@ def estimate(
     "--base-url",
     metavar="URL",
     default=None,
-    help="API base URL [default: https://openrouter.ai/api/v1].",
+    help=f"API base URL [default: {config_module.default('request.base_url')}].",
 )
 @click.option("--simulate", is_flag=True, help="List the bundled simulator's models.")
 @click.option("--refresh", is_flag=True, help="Fetch now instead of using the cached list.")
@@ -513,7 +416,7 @@ def estimate(
     type=click.FloatRange(min=0),
     default=None,
     metavar="SECONDS",
-    help="Age at which the cached list is refetched [default: 21600].",
+    help=f"Age at which the cached list is refetched [default: {config_module.default('cost.prices_ttl'):g}].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(
@@ -526,49 +429,33 @@ def models(
 ) -> None:
     """List models with context length and prices per million tokens (from /models, cached)."""
     import asyncio
-    import json
-    import os
 
-    from pipeline import config as config_module
-    from pipeline.client import connect
-    from pipeline.errors import UserError
-    from pipeline.money import load_catalogue
+    from pipeline import render
 
-    try:
+    with exits():
+        from pipeline.client import connect
+        from pipeline.money import load_catalogue
+
         config = config_module.load(None, {
             "input.path": "-", "output.path": "-", "prompt.column": "-", "request.base_url": base_url,
             "request.simulate": simulate or None, "cost.prices_ttl": ttl,
         })  # fmt: skip
-    except UserError as exc:
-        _fail(str(exc), exc.exit_code)
-    key = config_module.SIMULATOR_KEY if simulate else os.environ.get(config_module.KEY_ENV, "")
+        # Listing models needs no key on OpenRouter: send one only if the user has set it.
+        key = config_module.SIMULATOR_KEY if simulate else os.environ.get(config_module.KEY_ENV, "")
 
-    async def fetch() -> Any:
-        async with connect(config, key) as client:
-            return await load_catalogue(client, config, refresh=refresh)
+        async def fetch() -> Any:
+            async with connect(config, key) as client:
+                return await load_catalogue(client, config, refresh=refresh)
 
-    catalogue = asyncio.run(fetch())
+        catalogue = asyncio.run(fetch())
     if catalogue is None:
         _fail(f"{config.request.base_url}/models did not answer with a model list", 1)
     found = catalogue.search(search)
     if as_json:
-        click.echo(json.dumps([
-            {"id": m.id, "name": m.name, "context_length": m.context_length,
-             "prompt_per_million": float(m.prompt * 1_000_000), "completion_per_million": float(m.completion * 1_000_000)}
-            for m in found
-        ], indent=2))  # fmt: skip
+        click.echo(json.dumps(render.models_json(found), indent=2))
         return
-    width = max((len(m.id) for m in found), default=10)
-    click.echo(f"{'model':<{width}}  {'context':>9}  {'$/M in':>9}  {'$/M out':>9}")
-    for m in found:
-        context = f"{m.context_length:,}" if m.context_length else "?"
-        click.echo(
-            f"{m.id:<{width}}  {context:>9}  {m.per_million(m.prompt):>9}  {m.per_million(m.completion):>9}"
-        )
-    click.echo(
-        f"{len(found)} model(s); prices as of {time.strftime('%Y-%m-%d %H:%M', time.localtime(catalogue.fetched_at))}",
-        err=True,
-    )
+    click.echo(render.models(found))
+    click.echo(render.models_footer(found, catalogue), err=True)
 
 
 def main() -> None:

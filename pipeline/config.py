@@ -24,12 +24,12 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
-from pipeline.money import DEFAULT_PRICES_TTL
+from pipeline.options import describe
 
 DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -41,7 +41,9 @@ DEFAULT_MAX_ELAPSED = 900.0  # seconds one row may spend retrying
 DEFAULT_TITLE = "prompt-pipeline"
 DEFAULT_RECONCILE_TIMEOUT = 60.0
 DEFAULT_ROW_GROUP_SIZE = 10_000  # output rows per Parquet row group
+DEFAULT_PRICES_TTL = 6 * 3600.0  # seconds a cached /models answer is trusted
 KEY_ENV = "OPENROUTER_API_KEY"
+T = TypeVar("T")
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"  # what --simulate runs send
 
 
@@ -212,21 +214,6 @@ SECTIONS: dict[str, Any] = {
     "cost": CostConfig,
 }
 
-# The flag that sets each key, for messages: "limits.concurrency (--concurrency)".
-FLAGS = {
-    "input.path": "--input", "input.id_column": "--id-column", "input.format": "--input-format",
-    "input.incremental": "--incremental", "input.reprocess_changed": "--reprocess-changed",
-    "prompt.column": "--prompt-column", "prompt.template": "--template",
-    "prompt.messages_column": "--messages-column", "prompt.system": "--system",
-    "prompt.model_column": "--model-column", "request.models": "--models", "request.n": "--n",
-    "request.labels": "--labels", "request.response_schema": "--schema",
-    "request.model": "--model", "request.base_url": "--base-url", "request.timeout": "--timeout",
-    "request.temperature": "--temperature", "request.max_tokens": "--max-tokens",
-    "limits.concurrency": "--concurrency", "limits.max_runtime": "--max-runtime", "limits.rps": "--rps", "limits.rpm": "--rpm", "limits.tpm": "--tpm",
-    "retry.max_attempts": "--max-retries", "output.path": "--output", "output.journal": "--journal",
-    "output.result_prefix": "--result-prefix", "cost.max_cost": "--max-cost", "request.cache": "--cache",
-}  # fmt: skip
-
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
 PATH_KEYS = (
     "input.path", "output.path", "output.journal", "request.key_file", "request.cache",
@@ -234,10 +221,14 @@ PATH_KEYS = (
 )  # fmt: skip
 
 
-def name(key: str) -> str:
-    """`limits.concurrency (--concurrency)`: how a message refers to a key."""
-    flag = FLAGS.get(key)
-    return f"{key} ({flag})" if flag else key
+def default(key: str) -> Any:
+    """The default of a key, as its dataclass holds it (the one place defaults live); None for
+    a required key."""
+    section, item = key.split(".")
+    spec = SECTIONS[section].__dataclass_fields__[item]
+    if spec.default is not MISSING:
+        return spec.default
+    return None if spec.default_factory is MISSING else spec.default_factory()  # None: required
 
 
 def load(config_file: Path | None, overrides: Mapping[str, Any]) -> JobConfig:
@@ -311,14 +302,16 @@ def _closest(full: str, every_key: list[str]) -> str | None:
 
 def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
     v = _Validator(raw)
-    input_cfg = InputConfig(
+    input_cfg = _given(
+        InputConfig,
         path=v.required("input.path"),
         format=v.choice("input.format", ("csv", "parquet", "jsonl")),
         id_column=v.string("input.id_column"),
         incremental=v.flag("input.incremental"),
         reprocess_changed=v.flag("input.reprocess_changed"),
     )
-    prompt = PromptConfig(
+    prompt = _given(
+        PromptConfig,
         column=v.string("prompt.column"),
         template=v.string("prompt.template"),
         messages_column=v.string("prompt.messages_column"),
@@ -332,17 +325,18 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
     if len(sources) != 1:
         given = f" (got {', '.join('prompt.' + s for s in sources)})" if sources else ""
         raise ConfigError(
-            "set exactly one prompt source: prompt.column (--prompt-column), prompt.template (--template) "
-            f"or prompt.messages_column (--messages-column){given}"
+            f"set exactly one prompt source: {describe('prompt.column')}, {describe('prompt.template')} "
+            f"or {describe('prompt.messages_column')}{given}"
         )
-    base_url = v.string("request.base_url") or DEFAULT_BASE_URL
-    if not base_url.startswith(("http://", "https://")):
+    base_url = v.string("request.base_url")
+    if base_url is not None and not base_url.startswith(("http://", "https://")):
         raise ConfigError(
-            f"{name('request.base_url')} must start with http:// or https://, got {base_url!r}"
+            f"{describe('request.base_url')} must start with http:// or https://, got {base_url!r}"
         )
-    request = RequestConfig(
-        model=v.string("request.model") or DEFAULT_MODEL,
-        base_url=base_url.rstrip("/"),
+    request = _given(
+        RequestConfig,
+        model=v.string("request.model"),
+        base_url=base_url.rstrip("/") if base_url is not None else None,
         temperature=v.number("request.temperature", low=0, high=2),
         top_p=v.number("request.top_p", low=0, high=1, low_open=True),
         max_tokens=v.integer("request.max_tokens", low=1),
@@ -351,63 +345,59 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         response_format=v.table("request.response_format"),
         provider=v.table("request.provider"),
         models=v.strings("request.models"),
-        n=v.integer("request.n", low=1) or 1,
+        n=v.integer("request.n", low=1),
         labels=v.labels("request.labels"),
         response_schema=v.schema("request.response_schema"),
         reasoning=v.table("request.reasoning"),
         fallback_models=v.strings("request.fallback_models"),
         referer=v.string("request.referer"),
-        title=v.string("request.title") or DEFAULT_TITLE,
+        title=v.string("request.title"),
         key_file=v.string("request.key_file"),
-        timeout=v.number("request.timeout", low=0, low_open=True) or DEFAULT_TIMEOUT,
-        connect_timeout=v.number("request.connect_timeout", low=0, low_open=True)
-        or DEFAULT_CONNECT_TIMEOUT,
-        extra=v.table("request.extra") or {},
+        timeout=v.number("request.timeout", low=0, low_open=True),
+        connect_timeout=v.number("request.connect_timeout", low=0, low_open=True),
+        extra=v.table("request.extra"),
         cache=v.string("request.cache"),
         simulate=bool(v.raw["request"].get("simulate")),
     )
     _check_request(request, prompt)
-    limits = LimitsConfig(
-        concurrency=v.integer("limits.concurrency", low=1) or DEFAULT_CONCURRENCY,
+    limits = _given(
+        LimitsConfig,
+        concurrency=v.integer("limits.concurrency", low=1),
         rps=v.number("limits.rps", low=0, low_open=True),
         rpm=v.number("limits.rpm", low=0, low_open=True),
         tpm=v.number("limits.tpm", low=0, low_open=True),
         max_runtime=v.duration("limits.max_runtime"),
     )
     if limits.rps is not None and limits.rpm is not None:
-        raise ConfigError(f"set {name('limits.rps')} or {name('limits.rpm')}, not both")
-    retry = RetryConfig(
-        max_attempts=v.integer("retry.max_attempts", low=1) or DEFAULT_MAX_ATTEMPTS,
-        max_elapsed=v.number("retry.max_elapsed", low=0, low_open=True) or DEFAULT_MAX_ELAPSED,
-        backoff_base=_default(v.number("retry.backoff_base", low=0), 1.0),
-        backoff_max=_default(v.number("retry.backoff_max", low=0), 60.0),
-        invalid_retries=_default_int(v.integer("retry.invalid_retries", low=0), 2),
+        raise ConfigError(f"set {describe('limits.rps')} or {describe('limits.rpm')}, not both")
+    retry = _given(
+        RetryConfig,
+        max_attempts=v.integer("retry.max_attempts", low=1),
+        max_elapsed=v.number("retry.max_elapsed", low=0, low_open=True),
+        backoff_base=v.number("retry.backoff_base", low=0),
+        backoff_max=v.number("retry.backoff_max", low=0),
+        invalid_retries=v.integer("retry.invalid_retries", low=0),
     )
-    output = OutputConfig(
+    output = _given(
+        OutputConfig,
         path=v.required("output.path"),
         journal=v.string("output.journal"),
-        result_prefix=v.string("output.result_prefix") or "",
-        row_group_size=_default_int(
-            v.integer("output.row_group_size", low=1), DEFAULT_ROW_GROUP_SIZE
-        ),
+        result_prefix=v.string("output.result_prefix"),
+        row_group_size=v.integer("output.row_group_size", low=1),
     )
-    cost = CostConfig(
+    cost = _given(
+        CostConfig,
         max_cost=v.number("cost.max_cost", low=0),
         expected_output_tokens=v.integer("cost.expected_output_tokens", low=1),
-        prices_ttl=_default(v.number("cost.prices_ttl", low=0), DEFAULT_PRICES_TTL),
-        reconcile_timeout=_default(
-            v.number("cost.reconcile_timeout", low=0), DEFAULT_RECONCILE_TIMEOUT
-        ),
+        prices_ttl=v.number("cost.prices_ttl", low=0),
+        reconcile_timeout=v.number("cost.reconcile_timeout", low=0),
     )
     return JobConfig(input_cfg, prompt, request, limits, retry, output, cost)
 
 
-def _default(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def _default_int(value: int | None, default: int) -> int:
-    return default if value is None else value
+def _given(cls: type[T], **values: Any) -> T:
+    """`cls` with the values given; a key left unset (None) keeps the dataclass's default."""
+    return cls(**{key: value for key, value in values.items() if value is not None})
 
 
 def _check_request(request: RequestConfig, prompt: PromptConfig) -> None:
@@ -420,11 +410,11 @@ def _check_request(request: RequestConfig, prompt: PromptConfig) -> None:
     )  # fmt: skip
     for one, first, other, second in pairs:
         if first is not None and second is not None:
-            raise ConfigError(f"set {name(one)} or {name(other)}, not both")
+            raise ConfigError(f"set {describe(one)} or {describe(other)}, not both")
     if request.models is not None and not request.models:
-        raise ConfigError(f"{name('request.models')} must name at least one model")
+        raise ConfigError(f"{describe('request.models')} must name at least one model")
     if request.models is not None and len(set(request.models)) != len(request.models):
-        raise ConfigError(f"{name('request.models')} names a model twice")
+        raise ConfigError(f"{describe('request.models')} names a model twice")
 
 
 class _Validator:
@@ -438,12 +428,12 @@ class _Validator:
         return self.raw[section].get(item)
 
     def _fail(self, key: str, expected: str, value: Any) -> ConfigError:
-        return ConfigError(f"{name(key)} must be {expected}, got {value!r}")
+        return ConfigError(f"{describe(key)} must be {expected}, got {value!r}")
 
     def required(self, key: str) -> str:
         value = self.string(key)
         if value is None:
-            raise ConfigError(f"{name(key)} is required")
+            raise ConfigError(f"{describe(key)} is required")
         return value
 
     def string(self, key: str) -> str | None:
@@ -568,7 +558,7 @@ class _Validator:
         value = self._get(key)
         if value is None:
             return None
-        what = name(key)
+        what = describe(key)
         if isinstance(value, str):
             try:
                 value = json.loads(Path(value).read_text())
@@ -589,7 +579,7 @@ class _Validator:
         for param, column in table.items():
             if param not in ROW_PARAMS:
                 raise ConfigError(
-                    f"{name(key)}: {param!r} cannot come from a column; choose from {', '.join(ROW_PARAMS)}"
+                    f"{describe(key)}: {param!r} cannot come from a column; choose from {', '.join(ROW_PARAMS)}"
                 )
             if not isinstance(column, str) or not column:
                 raise self._fail(

@@ -24,6 +24,8 @@ from __future__ import annotations
 class PipelineError(Exception):
     """Base of every error this package raises on purpose."""
 
+    exit_code = 1
+
 
 class UserError(PipelineError):
     """Something the user can fix; the job did not start sending."""

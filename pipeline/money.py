@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import JobStopped
+from pipeline.options import describe
 
 if TYPE_CHECKING:
     from pipeline.client import Completion, OpenRouterClient
     from pipeline.config import JobConfig
     from pipeline.journal import Journal
     from pipeline.progress import Progress
-
-DEFAULT_PRICES_TTL = 6 * 3600.0  # seconds a cached /models answer is trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +183,7 @@ class Budget:
             if not self._held:
                 raise BudgetReached(
                     f"budget reached: ${self.spent:.6f} spent of max_cost ${self.cap:.6f}, and the next request "
-                    f"could cost up to ${amount:.6f}. Raise cost.max_cost (--max-cost) and re-run the same command "
+                    f"could cost up to ${amount:.6f}. Raise {describe('cost.max_cost')} and re-run the same command "
                     "to continue; nothing done so far is paid again."
                 )
             self._settled.clear()
@@ -249,8 +248,8 @@ def completion_cost(
 def unknown_limit(key: str, model: str) -> str:
     """Why a budget cannot hold for `model`: what to set instead."""
     return (
-        f"cost.max_cost (--max-cost) needs the most a request could cost, and the endpoint's /models gives "
-        f"{key} {model!r} neither a completion limit nor a context length; set request.max_tokens (--max-tokens)"
+        f"{describe('cost.max_cost')} needs the most a request could cost, and the endpoint's /models gives "
+        f"{key} {model!r} neither a completion limit nor a context length; set {describe('request.max_tokens')}"
     )
 
 
@@ -271,7 +270,7 @@ class Reservations:
             price = self.catalogue.get(model_id) if self.catalogue is not None else None
             if price is None:
                 raise BudgetReached(
-                    f"cost.max_cost (--max-cost) needs the price of {model_id}, which the endpoint's /models does not list"
+                    f"{describe('cost.max_cost')} needs the price of {model_id}, which the endpoint's /models does not list"
                 )
             cost = worst_case_cost(price, prompt_tokens, max_tokens, samples)
             if cost is None:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from pipeline.answers import AnswerSpec
 from pipeline.errors import InputError
 from pipeline.journal import Journal, every
+from pipeline.options import describe
 from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, RESULT_TYPES, Row, Slots
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ def result_names(
     if clashes:
         raise InputError(
             f"the input already has column{'s' if len(clashes) > 1 else ''} {', '.join(clashes)}, which the output adds; "
-            "set output.result_prefix (--result-prefix), e.g. 'llm_'"
+            f"set {describe('output.result_prefix')}, e.g. 'llm_'"
         )
     return names
 

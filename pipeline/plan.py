@@ -20,6 +20,7 @@ import polars as pl
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.money import Catalogue, most_output_tokens, unknown_limit
+from pipeline.options import describe
 from pipeline.output import OutputLayout
 from pipeline.prompts import RequestBuilder
 from pipeline.source import Source, open_source
@@ -61,7 +62,7 @@ def plan_job(config: JobConfig, limit: int | None = None) -> JobPlan:
     output = Path(config.output.path)
     if any(output.resolve() == p.resolve() for p in source.paths):
         raise InputError(
-            f"output.path (--output) {output} is the input file; choose another output path"
+            f"{describe('output.path')} {output} is the input file; choose another output path"
         )
     rows, prompt_chars = validate_rows(source, config, builder, limit)
     return JobPlan(config, source, builder, layout, rows, prompt_chars, limit)
@@ -71,8 +72,8 @@ def check_folders(config: JobConfig) -> None:
     """The output and journal folders exist and take new files (tried, not guessed: root passes
     every permission check, yet a read-only or immutable folder still refuses)."""
     for path, key in (
-        (Path(config.output.path), "output.path (--output)"),
-        (config.output.journal_path, "output.journal (--journal)"),
+        (Path(config.output.path), describe("output.path")),
+        (config.output.journal_path, describe("output.journal")),
     ):
         folder = path.parent
         if not folder.is_dir():
@@ -95,7 +96,7 @@ def ensure_open_files(concurrency: int) -> None:
         return
     if hard != resource.RLIM_INFINITY and hard < needed:
         raise ConfigError(
-            f"limits.concurrency (--concurrency) {concurrency} needs about {needed} open files, but this process may "
+            f"{describe('limits.concurrency')} {concurrency} needs about {needed} open files, but this process may "
             f"open at most {hard} (ulimit -n); lower the concurrency or raise the limit"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
@@ -137,11 +138,11 @@ def validate_rows(
         example = source.lazy(limit).select(ids.filter(ids.is_duplicated()).first()).collect()
         if example.height and example.item() is not None:  # not just two hashes colliding
             raise InputError(
-                f"input.id_column (--id-column) '{id_column}' has duplicate values (e.g. {example.item()!r}); ids must be unique"
+                f"{describe('input.id_column')} '{id_column}' has duplicate values (e.g. {example.item()!r}); ids must be unique"
             )
     if nulls:
         raise InputError(
-            f"input.id_column (--id-column) '{id_column}' is null in {nulls} row(s); ids must be present"
+            f"{describe('input.id_column')} '{id_column}' is null in {nulls} row(s); ids must be present"
         )
     return rows, chars if builder.prompt_expr is not None else None
 
@@ -149,8 +150,8 @@ def validate_rows(
 def check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
     """Refuse a model the endpoint does not list (when it lists any), and a budget that cannot
     hold, before anything is sent."""
-    wanted = [("request.model (--model)", config.request.model)]
-    wanted += [("request.models (--models)", m) for m in config.request.models or ()]
+    wanted = [(describe("request.model"), config.request.model)]
+    wanted += [(describe("request.models"), m) for m in config.request.models or ()]
     wanted += [("request.fallback_models", m) for m in config.request.fallback_models or ()]
     if catalogue is not None and catalogue.models:
         for key, model in wanted:
@@ -163,7 +164,7 @@ def check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
             price = catalogue.get(model) if catalogue is not None else None
             if price is None:
                 raise ConfigError(
-                    f"cost.max_cost (--max-cost) needs prices, and the endpoint's /models does not price {key} {model!r}"
+                    f"{describe('cost.max_cost')} needs prices, and the endpoint's /models does not price {key} {model!r}"
                 )
             if most_output_tokens(price, 0, config.request.max_tokens) is None:
                 raise ConfigError(unknown_limit(key, model))

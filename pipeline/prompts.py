@@ -26,6 +26,7 @@ from pipeline.answers import AnswerSpec
 from pipeline.config import ROW_PARAMS, JobConfig
 from pipeline.errors import InputError
 from pipeline.money import Catalogue
+from pipeline.options import describe
 from pipeline.records import Row, Slots
 from pipeline.source import POSITION
 
@@ -41,7 +42,7 @@ def template_fields(template: str) -> list[str]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise InputError(
-            f"prompt.template (--template) is not a valid template: {exc}; write {{{{ and }}}} for literal braces"
+            f"{describe('prompt.template')} is not a valid template: {exc}; write {{{{ and }}}} for literal braces"
         ) from None
     fields = []
     for _, field, spec, conversion in parsed:
@@ -49,7 +50,7 @@ def template_fields(template: str) -> list[str]:
             continue
         if not field or spec or conversion:
             raise InputError(
-                f"prompt.template (--template): use plain column names like {{review}}, got {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                f"{describe('prompt.template')}: use plain column names like {{review}}, got {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
             )
         fields.append(field)
     return fields
@@ -106,18 +107,16 @@ class RequestBuilder:
         listing = ", ".join(columns)
         wanted: list[tuple[str, str]] = []
         if prompt.template is not None:
-            wanted += [
-                ("prompt.template (--template)", f) for f in template_fields(prompt.template)
-            ]
+            wanted += [(describe("prompt.template"), f) for f in template_fields(prompt.template)]
             if not wanted:
                 raise InputError(
-                    "prompt.template (--template) names no column; write e.g. 'Label the sentiment of: {review}'"
+                    f"{describe('prompt.template')} names no column; write e.g. 'Label the sentiment of: {{review}}'"
                 )
         for key, value in (
-            ("prompt.column (--prompt-column)", prompt.column),
-            ("prompt.messages_column (--messages-column)", prompt.messages_column),
-            ("prompt.model_column (--model-column)", prompt.model_column),
-            ("input.id_column (--id-column)", self.config.input.id_column),
+            (describe("prompt.column"), prompt.column),
+            (describe("prompt.messages_column"), prompt.messages_column),
+            (describe("prompt.model_column"), prompt.model_column),
+            (describe("input.id_column"), self.config.input.id_column),
             *(
                 (f"prompt.param_columns.{param}", column)
                 for param, column in (prompt.param_columns or {}).items()

@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.options import describe
 
 POSITION = "__pipeline_position"
 FORMATS = {
@@ -139,7 +140,7 @@ def open_source(pattern: str, fmt: str | None = None) -> Source:
     formats = {fmt or _format_of(p) for p in paths}
     if len(formats) > 1:
         raise InputError(
-            f"input.path (--input) {pattern} matches files of different formats ({', '.join(sorted(formats))}); use one format"
+            f"{describe('input.path')} {pattern} matches files of different formats ({', '.join(sorted(formats))}); use one format"
         )
     (kind,) = formats
     for path in paths:
@@ -160,14 +161,14 @@ def _expand(pattern: str) -> tuple[Path, ...]:
             Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()
         )
         if not paths:
-            raise InputError(f"input.path (--input) {pattern} matches no files")
+            raise InputError(f"{describe('input.path')} {pattern} matches no files")
         return paths
     path = Path(pattern)
     if not path.exists():
         raise InputError(f"input file {pattern} does not exist (input.path / --input)")
     if not path.is_file():
         raise InputError(
-            f"input.path (--input) {pattern} is not a file; use a glob such as {pattern.rstrip('/')}/*.parquet for a folder"
+            f"{describe('input.path')} {pattern} is not a file; use a glob such as {pattern.rstrip('/')}/*.parquet for a folder"
         )
     return (path,)
 
@@ -176,7 +177,7 @@ def _format_of(path: Path) -> str:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(
-            f"input file {path}: cannot tell the format from '{path.suffix}'; set input.format (--input-format) to csv, parquet or jsonl"
+            f"input file {path}: cannot tell the format from '{path.suffix}'; set {describe('input.format')} to csv, parquet or jsonl"
         )
     return kind
 

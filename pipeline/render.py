@@ -1,0 +1,142 @@
+"""The text the commands print: a run's summary, a job's status, an estimate, the model list.
+
+Kept apart from `cli.py` (which only parses and maps errors) and from the library (which
+returns figures): scripts read the JSON forms, people read these.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.estimate import Estimate
+    from pipeline.job import JobReport
+    from pipeline.money import Catalogue, ModelPrice
+
+
+def summary(report: JobReport, reprocess_changed: bool) -> str:
+    """The lines a run ends with (without --log-format json)."""
+    t = report.job_totals
+    lines = [
+        f"done: {report.total_rows:,} rows: {t.ok:,} ok, {t.failed:,} failed "
+        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
+        f"  cost ${t.cost_usd:.6f} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens",
+    ]
+    if t.duplicates_reused or t.cache_hits:
+        lines.append(
+            f"  not paid: {t.duplicates_reused:,} rows reused an identical request, {t.cache_hits:,} came from the cache"
+        )
+    extra_spend = []  # paid for, yet in no row's cost
+    if t.lost_attempts:
+        extra_spend.append(
+            f"{t.paid_twice_requests} attempt(s) billed although their answer never arrived cost ${t.paid_twice_cost_usd:.6f}"
+            + (
+                f"; {t.lost_attempts_unreconciled} not yet known (a later run checks again)"
+                if t.lost_attempts_unreconciled
+                else ""
+            )
+        )
+    if t.replaced_answers:
+        extra_spend.append(
+            f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost ${t.replaced_cost_usd:.6f}"
+        )
+    if extra_spend:
+        lines.append(f"  true spend ${t.true_cost_usd:.6f}: {'; '.join(extra_spend)}")
+    if report.changed:
+        again = (
+            "sent again"
+            if reprocess_changed
+            else "kept their earlier answers; --reprocess-changed sends them again"
+        )
+        lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")
+    if t.rows_cost_unknown:
+        lines.append(
+            f"  {t.rows_cost_unknown:,} row(s) have no cost: the endpoint reported none and lists no price"
+        )
+    by_model = t.by_model
+    if len(by_model) > 1:
+        for model, m in by_model.items():
+            lines.append(
+                f"  {model}: {m.rows:,} rows, {m.prompt_tokens:,} + {m.completion_tokens:,} tokens, ${m.cost_usd:.6f}"
+            )
+    return "\n".join(lines)
+
+
+def status(figures: dict[str, Any]) -> str:
+    """`pipeline status`: how far a job is."""
+    running = f"running (pid {figures['lock_holder']})" if figures["running"] else "not running"
+    return (
+        f"{figures['rows']:,} rows: {figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed), "
+        f"{figures['remaining']:,} to do; {running}\n"
+        f"spent ${figures['cost_usd']:.6f} (true ${figures['true_cost_usd']:.6f}); "
+        f"{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute\n"
+        f"output {figures['output']}: {'written' if figures['output_exists'] else 'not written yet'}"
+    )
+
+
+def estimate(result: Estimate) -> str:
+    """`pipeline estimate`: rows, tokens and a cost range per model, and how it was made."""
+    unique = (
+        f" ({result.unique_requests:,} distinct requests)"
+        if result.unique_requests is not None
+        else ""
+    )
+    lines = [
+        f"rows: {result.total_rows:,} in the input, {result.done_rows:,} done, {result.todo_rows:,} to do{unique}"
+    ]
+    for model, m in result.by_model.items():
+        cost = (
+            f"${m.cost_low:.4f} - ${m.cost_high:.4f}"
+            if m.cost_low is not None and m.cost_high is not None
+            else "price unknown"
+        )
+        lines.append(
+            f"  {model}: {m.rows:,} requests, ~{m.prompt_tokens:,} prompt tokens, {m.output_low:,}-{m.output_high:,} output tokens: {cost}"
+        )
+    if result.cost_low is not None and result.cost_high is not None:
+        lines.append(f"estimated cost: ${result.cost_low:.4f} - ${result.cost_high:.4f}")
+    lines.append(f"how: {result.method}")
+    lines += [f"note: {note}" for note in result.notes]
+    if result.pilot:
+        p = result.pilot
+        lines.append(
+            f"pilot: {p['rows']} rows cost ${p['cost_usd']:.6f} (${p['cost_per_row_usd'] or 0:.6f} per row); "
+            f"projected for the rest: ${p['projected_remaining_usd'] or 0:.4f}, whole job: ${p['projected_total_usd'] or 0:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def models(found: list[ModelPrice]) -> str:
+    """`pipeline models`: one line per model, context and $ per million tokens."""
+    width = max((len(m.id) for m in found), default=10)
+    lines = [f"{'model':<{width}}  {'context':>9}  {'$/M in':>9}  {'$/M out':>9}"]
+    for m in found:
+        context = f"{m.context_length:,}" if m.context_length else "?"
+        lines.append(
+            f"{m.id:<{width}}  {context:>9}  {m.per_million(m.prompt):>9}  {m.per_million(m.completion):>9}"
+        )
+    return "\n".join(lines)
+
+
+def models_json(found: list[ModelPrice]) -> list[dict[str, Any]]:
+    return [
+        {"id": m.id, "name": m.name, "context_length": m.context_length,
+         "prompt_per_million": float(m.prompt * 1_000_000), "completion_per_million": float(m.completion * 1_000_000)}
+        for m in found
+    ]  # fmt: skip
+
+
+def models_footer(found: list[ModelPrice], catalogue: Catalogue) -> str:
+    fetched = time.strftime("%Y-%m-%d %H:%M", time.localtime(catalogue.fetched_at))
+    return f"{len(found)} model(s); prices as of {fetched}"
+
+
+def run_summary_json(report: JobReport) -> dict[str, Any]:
+    """The `summary` event's fields (with --log-format json)."""
+    return {
+        "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
+        "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
+        "changed_rows": report.changed,
+        **report.job_totals.as_dict(),
+    }  # fmt: skip
