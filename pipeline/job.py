@@ -30,8 +30,9 @@ from pipeline.config import JobConfig, api_key
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import CreditsError, Interrupted, JobStopped, OutOfTime
 from pipeline.feed import Feed, with_earlier_answers
-from pipeline.journal import JobLock, Journal, JournalWriter
+from pipeline.journal import Journal, JournalWriter
 from pipeline.limits import Limits
+from pipeline.lock import JobLock
 from pipeline.money import (
     Budget,
     Catalogue,

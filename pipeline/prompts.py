@@ -23,12 +23,13 @@ from typing import Any
 import polars as pl
 
 from pipeline.answers import AnswerSpec
-from pipeline.config import ROW_PARAMS, JobConfig
+from pipeline.config import JobConfig
 from pipeline.errors import InputError
 from pipeline.money import Catalogue
 from pipeline.options import describe
 from pipeline.records import Row, Slots
 from pipeline.source import POSITION
+from pipeline.values import ROW_PARAMS
 
 MESSAGE_OVERHEAD_TOKENS = 4
 _PROMPT = "__pipeline_prompt"

@@ -10,7 +10,8 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.errors import JournalError
-from pipeline.journal import Journal, lock_holder
+from pipeline.journal import Journal
+from pipeline.lock import lock_holder
 from pipeline.plan import plan_job
 from pipeline.records import Totals
 
