@@ -159,7 +159,7 @@ class OpenRouterClient:
                 status=200,
                 generation_id=generation_id,
             )
-        return _parse(data, generation_id)
+        return parse_completion(data, generation_id)
 
     async def get_json(self, path: str, **params: str) -> Any:
         """GET `base_url + path` (e.g. `/models`, `/key`); None unless it answered 200 with JSON."""
@@ -200,7 +200,8 @@ async def connect(config: JobConfig, api_key: str) -> AsyncIterator[OpenRouterCl
         )  # fmt: skip
 
 
-def _parse(data: dict[str, Any], generation_id: str | None) -> Completion:
+def parse_completion(data: dict[str, Any], generation_id: str | None) -> Completion:
+    """The completion in a 200 body, or the error it carries (`RequestError`, `JobStopped`)."""
     error = data.get("error")
     if isinstance(error, dict) and not data.get("choices"):
         code = _error_code(error, 200)

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import read_metadata
 from pipeline.answers import AnswerSpec
-from pipeline.output import read_metadata
 from tests.helpers import run_cli, sim_get, write_job
 from tests.openapi import validate_component
 

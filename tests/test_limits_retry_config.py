@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config as config_module
-from pipeline.errors import ConfigError
+from pipeline import ConfigError, load_config
 from pipeline.limits import MIN_RATE, Limits
 from pipeline.retry import RetryPolicy
 from tests.fastclock import run_fast
@@ -128,9 +127,7 @@ def test_flags_override_the_file_and_paths_are_relative_to_it(tmp_path: Path) ->
         folder / "job.toml",
         '[input]\npath = "../in.csv"\n[prompt]\ntemplate = "{x}"\n[limits]\nconcurrency = 4\n[output]\npath = "out.parquet"\n',
     )
-    config = config_module.load(
-        toml, {"limits.concurrency": 32, "request.model": "openai/gpt-4o-mini"}
-    )
+    config = load_config(toml, {"limits.concurrency": 32, "request.model": "openai/gpt-4o-mini"})
     assert config.input.path == str(tmp_path / "in.csv")
     assert config.output.path == str(folder / "out.parquet")
     assert config.limits.concurrency == 32 and config.request.model == "openai/gpt-4o-mini"
@@ -139,27 +136,27 @@ def test_flags_override_the_file_and_paths_are_relative_to_it(tmp_path: Path) ->
 
 def test_fingerprint_covers_what_shapes_requests_only(tmp_path: Path) -> None:
     base = {"input.path": "in.csv", "output.path": "o.parquet", "prompt.template": "{x}"}
-    one = config_module.load(None, base)
+    one = load_config(None, base)
     assert (
         one.fingerprint_hash()
-        == config_module.load(
+        == load_config(
             None, {**base, "limits.concurrency": 99, "request.timeout": 5}
         ).fingerprint_hash()
     )
     assert (
         one.fingerprint_hash()
-        != config_module.load(None, {**base, "request.temperature": 0.5}).fingerprint_hash()
+        != load_config(None, {**base, "request.temperature": 0.5}).fingerprint_hash()
     )
     assert (
         one.fingerprint_hash()
-        != config_module.load(None, {**base, "prompt.template": "Q: {x}"}).fingerprint_hash()
+        != load_config(None, {**base, "prompt.template": "Q: {x}"}).fingerprint_hash()
     )
-    simulated = config_module.load(
+    simulated = load_config(
         None, {**base, "request.simulate": True, "request.base_url": "http://127.0.0.1:1/api/v1"}
     )
     assert (
         simulated.fingerprint_hash()
-        == config_module.load(None, {**base, "request.simulate": True}).fingerprint_hash()
+        == load_config(None, {**base, "request.simulate": True}).fingerprint_hash()
     )
 
 
@@ -177,7 +174,7 @@ def test_fingerprint_covers_what_shapes_requests_only(tmp_path: Path) -> None:
 )
 def test_config_file_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
-        config_module.load(write(tmp_path / "job.toml", toml), {})
+        load_config(write(tmp_path / "job.toml", toml), {})
 
 
 def test_requests_are_spaced_so_no_one_second_window_exceeds_the_rate() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.output import read_metadata
+from pipeline import read_metadata
 from pipeline.simulator import MODELS_BY_ID
 from tests.helpers import cli_env, run_cli, sim_get, sim_post, write_job
 
@@ -119,7 +119,7 @@ def test_the_worst_case_is_the_longest_answer_the_request_allows() -> None:
 def test_usage_spelled_oddly_is_read_as_counts_and_junk_as_unknown() -> None:
     """Any OpenAI-compatible server may answer: counts spelled 12.0 or "3" are counts, and
     values of the wrong kind are unknown, never a crash when the typed output is written."""
-    from pipeline.client import _parse
+    from pipeline.client import parse_completion
 
     data = {
         "id": 7, "model": {"name": "m"}, "provider": "P",
@@ -130,7 +130,7 @@ def test_usage_spelled_oddly_is_read_as_counts_and_junk_as_unknown() -> None:
             "completion_tokens_details": {"reasoning_tokens": 1.5},
         },
     }  # fmt: skip
-    c = _parse(data, "gen-from-header")
+    c = parse_completion(data, "gen-from-header")
     assert (c.prompt_tokens, c.completion_tokens, c.total_tokens) == (12, 3, None)
     assert (c.cached_tokens, c.reasoning_tokens, c.cost) == (None, None, None)
     assert (c.model, c.provider, c.generation_id, c.finish_reason) == (

@@ -100,7 +100,7 @@ def test_cost_column_equals_the_ledger_and_metadata_has_totals(
     out = output(tmp_path)
     assert sorted(out["generation_id"]) == sorted(billed)
     assert out["cost_usd"].sum() == pytest.approx(sum(billed.values()), rel=1e-12)
-    from pipeline.output import read_metadata
+    from pipeline import read_metadata
 
     meta = read_metadata(tmp_path / "out.parquet")
     assert meta["rows"] == meta["ok"] == 30 and meta["failed"] == 0

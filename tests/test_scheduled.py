@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.output import read_metadata
+from pipeline import read_metadata
 from pipeline.simulator import messages_digest
 from tests.helpers import cli_env, run_cli, sim_get, start_cli, wait_for, write_job
 
