@@ -206,7 +206,7 @@ class Run:
         except CreditsError as exc:
             raise CreditsError(f"{exc}{await key_figures(self.client)}") from None
         await reconcile(
-            self.client, self.journal, self.progress, patience=config.cost.reconcile_timeout
+            self.client, self.journal, self.progress.log, patience=config.cost.reconcile_timeout
         )
         report.job_totals = self.journal.totals(below=plan.slots)
         report.changed = self.feed.changed

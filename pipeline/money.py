@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from pipeline.client import Completion, OpenRouterClient
     from pipeline.config import JobConfig
     from pipeline.journal import Journal
-    from pipeline.progress import Progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +336,7 @@ async def key_figures(client: OpenRouterClient) -> str:
 
 
 async def reconcile(
-    client: OpenRouterClient, journal: Journal, progress: Progress | None = None,
+    client: OpenRouterClient, journal: Journal, log: Callable[[str], None] | None = None,
     patience: float = 60.0,
 ) -> None:  # fmt: skip
     """Ask `/generation` what the lost attempts cost. It may answer 404 for a while after a
@@ -345,10 +345,8 @@ async def reconcile(
     pending = set(journal.unreconciled())
     if not pending:
         return
-    if progress is not None:
-        progress.log(
-            f"reconciling {len(pending)} attempt(s) whose answer never arrived (GET /generation)"
-        )
+    if log is not None:
+        log(f"reconciling {len(pending)} attempt(s) whose answer never arrived (GET /generation)")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience
     delay = 0.5
