@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.simulator.catalogue import SimModel
 from pipeline.simulator.content import Answer
 
 _ALNUM = string.ascii_letters + string.digits
@@ -184,6 +185,29 @@ def error(
     if metadata is not None:
         body["metadata"] = metadata
     return {"error": body | extra, "user_id": "user_sim"}
+
+
+def invalid_request(message: str) -> dict[str, Any]:
+    """A 400 for a request OpenRouter cannot parse or accept."""
+    return error(400, message, {"error_type": "invalid_request"})
+
+
+OUT_OF_CREDITS = "Insufficient credits. Add more using https://openrouter.ai/credits"
+
+
+def payment_required(message: str) -> dict[str, Any]:
+    """A 402: the key's credit cannot pay for the request."""
+    return error(402, message, {"error_type": "payment_required"})
+
+
+def moderation(model: SimModel, flagged: str) -> dict[str, Any]:
+    """A 403 from a moderated provider, quoting (an excerpt of) the flagged input."""
+    excerpt = flagged if len(flagged) <= 100 else f"{flagged[:48]}...{flagged[-48:]}"
+    return error(
+        403,
+        f"{model.id} requires moderation on {model.provider}. Your input was flagged for \"harassment\". No credits were charged.",
+        {"reasons": ["harassment"], "flagged_input": excerpt, "provider_name": model.provider, "model_slug": model.id, "error_type": "content_policy_violation"},
+    )  # fmt: skip
 
 
 def rate_limit_headers(limit: int, reset_at: float, retry_after: float | None) -> dict[str, str]:

@@ -287,7 +287,9 @@ class Simulator:
             return refusal.response
         except FaultSpecError as exc:
             self.counters["status:400"] += 1
-            return web.json_response(_invalid(f"simulator fault request: {exc}"), status=400)
+            return web.json_response(
+                bodies.invalid_request(f"simulator fault request: {exc}"), status=400
+            )
         except _Dropped:
             return web.Response()  # never reaches the client: the transport is gone
 
@@ -304,16 +306,18 @@ class Simulator:
     def _validate(self, request: web.Request, raw: bytes, body: Any, now: float) -> _Request:
         key = self._authenticate(request)
         if not isinstance(body, dict):
-            raise _Refusal(400, _invalid("Request body must be a JSON object"))
+            raise _Refusal(400, bodies.invalid_request("Request body must be a JSON object"))
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _Refusal(400, _invalid("messages: expected a non-empty array of chat messages"))
+            raise _Refusal(
+                400, bodies.invalid_request("messages: expected a non-empty array of chat messages")
+            )
         texts = [message_text(m) for m in messages]
         digest = messages_digest(messages)
         model = self._route(body)
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise _Refusal(400, _invalid("max_tokens: expected a positive integer"))
+            raise _Refusal(400, bodies.invalid_request("max_tokens: expected a positive integer"))
         tokens = prompt_tokens(messages)
         req = _Request(raw, body, key, messages, digest, model, tokens, max_tokens, fault=None)
         self._check_limits(req, now)
@@ -329,7 +333,7 @@ class Simulator:
             (t for t in self.config.flagged_terms if any(t in text for text in texts)), None
         )
         if flagged is not None:
-            raise _Refusal(403, _moderation(model, flagged))
+            raise _Refusal(403, bodies.moderation(model, flagged))
         return req
 
     def _route(self, body: dict[str, Any]) -> SimModel:
@@ -417,7 +421,7 @@ class Simulator:
             if remaining <= 0:
                 raise _Refusal(
                     402,
-                    _payment("Insufficient credits. Add more using https://openrouter.ai/credits"),
+                    bodies.payment_required(bodies.OUT_OF_CREDITS),
                 )
             worst = req.model.charges(req.prompt_tokens, req.max_tokens or 0)[0]
             if req.max_tokens and worst > remaining:
@@ -426,7 +430,7 @@ class Simulator:
                     if req.model.completion_price
                     else 0
                 )
-                raise _Refusal(402, _payment(
+                raise _Refusal(402, bodies.payment_required(
                     f"This request requires more credits, or fewer max_tokens. You requested up to "
                     f"{req.max_tokens} tokens, but can only afford {affordable}. To increase, visit "
                     "https://openrouter.ai/settings/credits and add more credits"
@@ -465,11 +469,9 @@ class Simulator:
         if status is None:
             return
         if fault is Fault.HTTP_402:
-            raise _Refusal(
-                402, _payment("Insufficient credits. Add more using https://openrouter.ai/credits")
-            )
+            raise _Refusal(402, bodies.payment_required(bodies.OUT_OF_CREDITS))
         if fault is Fault.HTTP_403:
-            raise _Refusal(403, _moderation(req.model, message_text(req.messages[-1])))
+            raise _Refusal(403, bodies.moderation(req.model, message_text(req.messages[-1])))
         headers: dict[str, str] = {}
         message, metadata = _FAULT_MESSAGES[fault]
         metadata = {**metadata, "provider_name": req.model.provider}
@@ -817,23 +819,6 @@ _FAULT_MESSAGES: dict[Fault, tuple[str, dict[str, Any]]] = {
     Fault.HTTP_524: ("Provider timed out", {"error_type": "timeout"}),
     Fault.HTTP_529: ("Provider overloaded", {"error_type": "provider_overloaded"}),
 }
-
-
-def _invalid(message: str) -> dict[str, Any]:
-    return bodies.error(400, message, {"error_type": "invalid_request"})
-
-
-def _payment(message: str) -> dict[str, Any]:
-    return bodies.error(402, message, {"error_type": "payment_required"})
-
-
-def _moderation(model: SimModel, flagged: str) -> dict[str, Any]:
-    excerpt = flagged if len(flagged) <= 100 else f"{flagged[:48]}...{flagged[-48:]}"
-    return bodies.error(
-        403,
-        f"{model.id} requires moderation on {model.provider}. Your input was flagged for \"harassment\". No credits were charged.",
-        {"reasons": ["harassment"], "flagged_input": excerpt, "provider_name": model.provider, "model_slug": model.id, "error_type": "content_policy_violation"},
-    )  # fmt: skip
 
 
 def _reasoning_budget(model: SimModel, body: dict[str, Any], digest: str) -> int:
