@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import json
 import random
-import socket
-import struct
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
@@ -34,29 +32,15 @@ from pipeline.simulator.content import (
     prompt_tokens,
 )
 from pipeline.simulator.faults import BILLED_FAULTS, Fault, FaultPicker, FaultSpecError, find_marker
+from pipeline.simulator.replies import Dropped, Refusal, reset_connection, send_json, send_stream
 
 API = "/api/v1"
-_JSON = "application/json"
 _CATALOGUE_CREATED = 1_702_339_200  # a fixed date, so /models is byte-for-byte stable
 _PENALTY_FAULTS = {Fault.HTTP_429, Fault.HTTP_503}
 _REQUEST_PARAMETERS = (
     "temperature", "top_p", "top_k", "max_tokens", "frequency_penalty", "presence_penalty",
     "repetition_penalty", "seed", "stop", "response_format", "reasoning", "logit_bias",
 )  # fmt: skip
-
-
-class _Refusal(Exception):
-    """Ends a request early with an error response (status, body and headers)."""
-
-    def __init__(
-        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
-        self.response = web.json_response(body, status=status, headers=headers)
-        self.status = status
-
-
-class _Dropped(Exception):
-    """The connection was reset on purpose; there is nothing to send."""
 
 
 @dataclass(slots=True)
@@ -197,7 +181,7 @@ class Simulator:
     async def key(self, request: web.Request) -> web.Response:
         try:
             key = self._authenticate(request)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             return refusal.response
         info = bodies.key_info(
             bodies.key_label(key), self.config.credit_limit, self.key_usage[key],
@@ -208,7 +192,7 @@ class Simulator:
     async def credits(self, request: web.Request) -> web.Response:
         try:
             key = self._authenticate(request)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             return refusal.response
         if key not in self.config.management_keys:
             return web.json_response(
@@ -222,7 +206,7 @@ class Simulator:
     async def generation(self, request: web.Request) -> web.Response:
         try:
             self._authenticate(request)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             return refusal.response
         gen = self.generations.get(request.query.get("id", ""))
         finished = gen.created + gen.latency_ms / 1000 if gen else 0.0
@@ -282,7 +266,7 @@ class Simulator:
                 self.counters[f"fault:{fault}"] += 1
                 await self._pre_generation_fault(request, req, fault, now)
             return await self._answer(request, req, now)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             self.counters[f"status:{refusal.status}"] += 1
             return refusal.response
         except FaultSpecError as exc:
@@ -290,26 +274,26 @@ class Simulator:
             return web.json_response(
                 bodies.invalid_request(f"simulator fault request: {exc}"), status=400
             )
-        except _Dropped:
+        except Dropped:
             return web.Response()  # never reaches the client: the transport is gone
 
     def _authenticate(self, request: web.Request) -> str:
         header = request.headers.get("Authorization", "")
         key = header.removeprefix("Bearer").strip() if header.startswith("Bearer") else ""
         if not key:
-            raise _Refusal(401, bodies.error(401, "No auth credentials found"))
+            raise Refusal(401, bodies.error(401, "No auth credentials found"))
         cfg = self.config
         if (cfg.api_keys is not None and key not in cfg.api_keys) or key in cfg.disabled_keys:
-            raise _Refusal(401, bodies.error(401, "User not found."))
+            raise Refusal(401, bodies.error(401, "User not found."))
         return key
 
     def _validate(self, request: web.Request, raw: bytes, body: Any, now: float) -> _Request:
         key = self._authenticate(request)
         if not isinstance(body, dict):
-            raise _Refusal(400, bodies.invalid_request("Request body must be a JSON object"))
+            raise Refusal(400, bodies.invalid_request("Request body must be a JSON object"))
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _Refusal(
+            raise Refusal(
                 400, bodies.invalid_request("messages: expected a non-empty array of chat messages")
             )
         texts = [message_text(m) for m in messages]
@@ -317,12 +301,12 @@ class Simulator:
         model = self._route(body)
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise _Refusal(400, bodies.invalid_request("max_tokens: expected a positive integer"))
+            raise Refusal(400, bodies.invalid_request("max_tokens: expected a positive integer"))
         tokens = prompt_tokens(messages)
         req = _Request(raw, body, key, messages, digest, model, tokens, max_tokens, fault=None)
         self._check_limits(req, now)
         if tokens + (max_tokens or 0) > model.context_length:
-            raise _Refusal(400, bodies.error(
+            raise Refusal(400, bodies.error(
                 400,
                 f"This endpoint's maximum context length is {model.context_length} tokens. However, you "
                 f"requested about {tokens + (max_tokens or 0)} tokens ({tokens} of text input, "
@@ -333,7 +317,7 @@ class Simulator:
             (t for t in self.config.flagged_terms if any(t in text for text in texts)), None
         )
         if flagged is not None:
-            raise _Refusal(403, bodies.moderation(model, flagged))
+            raise Refusal(403, bodies.moderation(model, flagged))
         return req
 
     def _route(self, body: dict[str, Any]) -> SimModel:
@@ -350,22 +334,22 @@ class Simulator:
             isinstance(body.get("provider"), dict)
             and body["provider"].get("require_parameters") is True
         )
-        last: _Refusal | None = None
+        last: Refusal | None = None
         for model_id in candidates:
             model = MODELS_BY_ID.get(model_id) if isinstance(model_id, str) else None
             if model is None:
-                last = _Refusal(400, bodies.error(
+                last = Refusal(400, bodies.error(
                     400, f"{model_id} is not a valid model ID",
                     {"error_type": "invalid_request"},
                     availability={"code": "model_not_found", "retryable": False, "requested_models": [model_id]},
                 ))  # fmt: skip
             elif model_id in self.config.down_models:
-                last = _Refusal(502, bodies.error(
+                last = Refusal(502, bodies.error(
                     502, "Provider returned error",
                     {"error_type": "provider_unavailable", "provider_name": model.provider, "raw": "upstream connect error"},
                 ))  # fmt: skip
             elif strict and (missing := [p for p in wanted if p not in model.supported_parameters]):
-                last = _Refusal(404, bodies.error(
+                last = Refusal(404, bodies.error(
                     404, f"No endpoints found that can handle the requested parameters: {', '.join(missing)}",
                     {"error_type": "not_found"},
                     availability={"code": "constraint_filtered", "retryable": False, "requested_models": [model_id]},
@@ -419,7 +403,7 @@ class Simulator:
         if cfg.credit_limit is not None:
             remaining = cfg.credit_limit - self.key_usage[req.key]
             if remaining <= 0:
-                raise _Refusal(
+                raise Refusal(
                     402,
                     bodies.payment_required(bodies.OUT_OF_CREDITS),
                 )
@@ -430,7 +414,7 @@ class Simulator:
                     if req.model.completion_price
                     else 0
                 )
-                raise _Refusal(402, bodies.payment_required(
+                raise Refusal(402, bodies.payment_required(
                     f"This request requires more credits, or fewer max_tokens. You requested up to "
                     f"{req.max_tokens} tokens, but can only afford {affordable}. To increase, visit "
                     "https://openrouter.ai/settings/credits and add more credits"
@@ -443,7 +427,7 @@ class Simulator:
         limit: int,
         reset_at: float,
         limit_source: str = "openrouter_shared_capacity",
-    ) -> _Refusal:
+    ) -> Refusal:
         retry_after = max(reset_at - time.time(), 0.0)
         headers = bodies.rate_limit_headers(limit, reset_at, retry_after)
         metadata = {
@@ -451,7 +435,7 @@ class Simulator:
             "limit_source": limit_source,
             "error_type": "rate_limit_exceeded",
         }
-        return _Refusal(429, bodies.error(429, message, metadata), headers)
+        return Refusal(429, bodies.error(429, message, metadata), headers)
 
     # ----------------------------------------------------------------------------------- faults
 
@@ -460,18 +444,18 @@ class Simulator:
     ) -> None:
         """Faults that happen before any answer exists: nothing is billed."""
         if fault is Fault.RESET:
-            _reset_connection(request)
-            raise _Dropped
+            reset_connection(request)
+            raise Dropped
         if fault is Fault.HANG:
-            await self._hold()
-            raise _Refusal(504, bodies.error(504, "Gateway timeout", {"error_type": "timeout"}))
+            await self.hold()
+            raise Refusal(504, bodies.error(504, "Gateway timeout", {"error_type": "timeout"}))
         status = _HTTP_FAULTS.get(fault)
         if status is None:
             return
         if fault is Fault.HTTP_402:
-            raise _Refusal(402, bodies.payment_required(bodies.OUT_OF_CREDITS))
+            raise Refusal(402, bodies.payment_required(bodies.OUT_OF_CREDITS))
         if fault is Fault.HTTP_403:
-            raise _Refusal(403, bodies.moderation(req.model, message_text(req.messages[-1])))
+            raise Refusal(403, bodies.moderation(req.model, message_text(req.messages[-1])))
         headers: dict[str, str] = {}
         message, metadata = _FAULT_MESSAGES[fault]
         metadata = {**metadata, "provider_name": req.model.provider}
@@ -496,9 +480,9 @@ class Simulator:
                 }
             if self.config.enforce_retry_after and retry_after > 0:
                 self.penalty_until[req.key] = now + retry_after
-        raise _Refusal(status, bodies.error(status, message, metadata, **extra), headers)
+        raise Refusal(status, bodies.error(status, message, metadata, **extra), headers)
 
-    async def _hold(self) -> None:
+    async def hold(self) -> None:
         """Keep a connection open until `hang_seconds` pass or the server shuts down."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.closing.wait(), self.config.hang_seconds)
@@ -555,8 +539,8 @@ class Simulator:
                 '{"oops": ' + answer.content[:12], None, answer.completion_tokens, 0, "stop", "stop"
             )
         if gen.streamed:
-            return await self._stream(request, gen, answers[0], fault, delay)
-        return await self._respond(request, gen, answers, fault, delay)
+            return await send_stream(request, self, gen, answers[0], fault, delay)
+        return await send_json(request, self, gen, answers, fault, delay)
 
     def _choices(self, body: dict[str, Any]) -> int:
         """How many choices to answer with: `n` when the simulator honours it, else one."""
@@ -602,193 +586,6 @@ class Simulator:
             self.seen_prefixes.add(prefix)
             return 0
         return min(count_tokens(message_text(first)) + 4, req.prompt_tokens)
-
-    async def _respond(
-        self,
-        request: web.Request,
-        gen: Generation,
-        answers: list[Answer],
-        fault: Fault | None,
-        delay: float,
-    ) -> web.StreamResponse:
-        headers = {"X-Generation-Id": gen.id}
-        answer = answers[0]
-        if fault is Fault.ERROR_BODY:
-            code = random.Random(gen.id).choice((429, 502, 500))
-            payload = bodies.error(
-                code,
-                "Provider returned error",
-                {"provider_name": gen.provider, "raw": "error code: 1015"},
-            )
-        else:
-            payload = bodies.completion(gen, answers)
-            if self.config.omit_cost:
-                for name in ("cost", "cost_details", "is_byok"):
-                    payload["usage"].pop(name)
-            if fault is Fault.CHOICE_ERROR:
-                choice = payload["choices"][0]
-                choice["message"]["content"] = answer.content[: len(answer.content) // 2]
-                choice["finish_reason"] = choice["native_finish_reason"] = "error"
-                choice["error"] = {
-                    "code": 502,
-                    "message": "Upstream provider error mid-generation",
-                    "metadata": {"error_type": "provider_unavailable"},
-                }
-        data = json.dumps(payload).encode()
-
-        keepalive = self.config.keepalive_interval
-        if fault is Fault.STALL or fault is Fault.MID_BODY or (keepalive and delay > keepalive):
-            response = web.StreamResponse(status=200, headers=headers)
-            response.content_type = _JSON
-            if fault is Fault.MID_BODY:
-                response.content_length = len(data)
-            await response.prepare(request)
-            await self._wait(delay, response, keepalive)
-            if fault is Fault.STALL:
-                await self._hold()
-                _reset_connection(request)
-                return response
-            if fault is Fault.MID_BODY:
-                await response.write(data[: len(data) // 2])
-                _reset_connection(request)
-                return response
-            await response.write(data)
-            await response.write_eof()
-            self.counters["status:200"] += 1
-            return response
-
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if fault is Fault.INVALID_JSON:
-            data = data[: len(data) // 2]
-        self.counters["status:200"] += 1
-        return web.Response(body=data, content_type=_JSON, headers=headers)
-
-    async def _wait(
-        self,
-        delay: float,
-        response: web.StreamResponse,
-        keepalive: float | None,
-        beat: bytes = b"\n",
-    ) -> None:
-        """Sleep `delay`, writing `beat` every `keepalive` seconds to keep the connection open."""
-        if not keepalive:
-            await asyncio.sleep(delay)
-            return
-        deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, keepalive))
-            if deadline - time.monotonic() > 0:
-                await response.write(beat)
-
-    async def _stream(
-        self,
-        request: web.Request,
-        gen: Generation,
-        answer: Answer,
-        fault: Fault | None,
-        delay: float,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=200, headers={"X-Generation-Id": gen.id, "Cache-Control": "no-cache"}
-        )
-        response.content_type = "text/event-stream"
-        await response.prepare(request)
-        processing = b": OPENROUTER PROCESSING\n\n"
-        await response.write(processing)
-        await self._wait(delay, response, self.config.keepalive_interval or 1.0, processing)
-
-        def event(payload: Any) -> bytes:
-            return (
-                b"data: "
-                + (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
-                + b"\n\n"
-            )
-
-        words = answer.content.split(" ") if answer.content else []
-        pieces = [
-            " ".join(words[i : i + 4]) + (" " if i + 4 < len(words) else "")
-            for i in range(0, len(words), 4)
-        ]
-        await response.write(
-            event(
-                bodies.chunk(
-                    gen,
-                    [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "finish_reason": None,
-                        }
-                    ],
-                )
-            )
-        )
-        if answer.reasoning:
-            await response.write(
-                event(
-                    bodies.chunk(
-                        gen,
-                        [
-                            {
-                                "index": 0,
-                                "delta": {"reasoning": answer.reasoning},
-                                "finish_reason": None,
-                            }
-                        ],
-                    )
-                )
-            )
-        cut = (
-            len(pieces) // 2
-            if fault in (Fault.MID_BODY, Fault.CHOICE_ERROR, Fault.ERROR_BODY)
-            else len(pieces)
-        )
-        for piece in pieces[:cut]:
-            await response.write(
-                event(
-                    bodies.chunk(
-                        gen, [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]
-                    )
-                )
-            )
-        if fault is Fault.MID_BODY or fault is Fault.STALL or fault is Fault.INVALID_JSON:
-            if fault is Fault.STALL:
-                await self._hold()
-            else:
-                await response.write(b'data: {"id": "' + gen.id.encode())
-            _reset_connection(request)
-            return response
-        if fault in (Fault.CHOICE_ERROR, Fault.ERROR_BODY):
-            error = {
-                "code": 502,
-                "message": "Provider disconnected mid-stream",
-                "metadata": {"error_type": "provider_unavailable"},
-            }
-            await response.write(
-                event(
-                    bodies.chunk(
-                        gen,
-                        [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
-                        error=error,
-                    )
-                )
-            )
-            await response.write_eof()
-            self.counters["status:200"] += 1
-            return response
-        final = {
-            "index": 0,
-            "delta": {},
-            "finish_reason": answer.finish_reason,
-            "native_finish_reason": answer.native_finish_reason,
-        }
-        await response.write(event(bodies.chunk(gen, [final])))
-        await response.write(event(bodies.chunk(gen, [], usage=gen.usage())))
-        await response.write(event(b"[DONE]"))
-        await response.write_eof()
-        self.counters["status:200"] += 1
-        return response
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -842,15 +639,3 @@ def _content_seed(model_id: str, digest: str, body: dict[str, Any]) -> int:
     """Same model, messages, seed and temperature -> same answer."""
     key = f"{model_id}|{digest}|{body.get('seed')}|{body.get('temperature')}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-def _reset_connection(request: web.Request) -> None:
-    """Drop the TCP connection with a reset (SO_LINGER 0), as a crashed upstream would."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
