@@ -32,6 +32,7 @@ from pipeline.simulator.content import (
     prompt_tokens,
 )
 from pipeline.simulator.faults import BILLED_FAULTS, Fault, FaultPicker, FaultSpecError, find_marker
+from pipeline.simulator.limits import Limits
 from pipeline.simulator.replies import Dropped, Refusal, reset_connection, send_json, send_stream
 
 API = "/api/v1"
@@ -82,10 +83,7 @@ class Simulator:
         self.max_per_second = 0
         self.in_flight = 0
         self.max_in_flight = 0
-        self.window: deque[float] = deque()
-        self.free_minute: dict[str, deque[float]] = {}
-        self.free_day: Counter[str] = Counter()
-        self.penalty_until: dict[str, float] = {}
+        self.limits = Limits()
         self.seen_prefixes: set[tuple[str, str]] = set()
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
@@ -113,7 +111,7 @@ class Simulator:
             "billed_tokens": sum(g.prompt_tokens + g.completion_tokens for g in self.ledger),
             "max_requests_per_second": self.max_per_second,
             "max_in_flight": self.max_in_flight,
-            "retry_after_violations": self.counters["retry_after_violations"],
+            "retry_after_violations": self.limits.retry_after_violations,
             "first_request_at": self.first_request_at,
             "last_request_at": self.last_request_at,
         }
@@ -304,7 +302,7 @@ class Simulator:
             raise Refusal(400, bodies.invalid_request("max_tokens: expected a positive integer"))
         tokens = prompt_tokens(messages)
         req = _Request(raw, body, key, messages, digest, model, tokens, max_tokens, fault=None)
-        self._check_limits(req, now)
+        self.limits.check(self.config, key, model, tokens, max_tokens, self.key_usage, now)
         if tokens + (max_tokens or 0) > model.context_length:
             raise Refusal(400, bodies.error(
                 400,
@@ -359,84 +357,6 @@ class Simulator:
         assert last is not None
         raise last
 
-    def _check_limits(self, req: _Request, now: float) -> None:
-        """Retry-After penalties, the server's rate window, free-model caps, then credit."""
-        cfg = self.config
-        penalty = self.penalty_until.get(req.key, 0.0)
-        if now < penalty:
-            self.counters["retry_after_violations"] += 1
-            raise self._rate_limited(
-                req.key, "Rate limit exceeded: retried before Retry-After elapsed.", 1, penalty
-            )
-        if cfg.rate_limit is not None:
-            window = self.window
-            while window and window[0] <= now - cfg.rate_window:
-                window.popleft()
-            if len(window) >= cfg.rate_limit:
-                raise self._rate_limited(
-                    req.key,
-                    "Rate limit exceeded: requests-per-window.",
-                    int(cfg.rate_limit),
-                    window[0] + cfg.rate_window,
-                )
-            window.append(now)
-        if req.model.is_free:
-            minute = self.free_minute.setdefault(req.key, deque())
-            while minute and minute[0] <= now - 60:
-                minute.popleft()
-            if len(minute) >= cfg.free_requests_per_minute:
-                raise self._rate_limited(
-                    req.key,
-                    "Rate limit exceeded: free-models-per-min.",
-                    cfg.free_requests_per_minute,
-                    minute[0] + 60,
-                )
-            if self.free_day[req.key] >= cfg.free_requests_per_day:
-                midnight = (now // 86_400 + 1) * 86_400
-                raise self._rate_limited(
-                    req.key,
-                    "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day",
-                    cfg.free_requests_per_day, midnight, limit_source="openrouter_free_tier_daily",
-                )  # fmt: skip
-            minute.append(now)
-            self.free_day[req.key] += 1
-        if cfg.credit_limit is not None:
-            remaining = cfg.credit_limit - self.key_usage[req.key]
-            if remaining <= 0:
-                raise Refusal(
-                    402,
-                    bodies.payment_required(bodies.OUT_OF_CREDITS),
-                )
-            worst = req.model.charges(req.prompt_tokens, req.max_tokens or 0)[0]
-            if req.max_tokens and worst > remaining:
-                affordable = (
-                    int(remaining / float(req.model.completion_price))
-                    if req.model.completion_price
-                    else 0
-                )
-                raise Refusal(402, bodies.payment_required(
-                    f"This request requires more credits, or fewer max_tokens. You requested up to "
-                    f"{req.max_tokens} tokens, but can only afford {affordable}. To increase, visit "
-                    "https://openrouter.ai/settings/credits and add more credits"
-                ))  # fmt: skip
-
-    def _rate_limited(
-        self,
-        key: str,
-        message: str,
-        limit: int,
-        reset_at: float,
-        limit_source: str = "openrouter_shared_capacity",
-    ) -> Refusal:
-        retry_after = max(reset_at - time.time(), 0.0)
-        headers = bodies.rate_limit_headers(limit, reset_at, retry_after)
-        metadata = {
-            "headers": dict(headers),
-            "limit_source": limit_source,
-            "error_type": "rate_limit_exceeded",
-        }
-        return Refusal(429, bodies.error(429, message, metadata), headers)
-
     # ----------------------------------------------------------------------------------- faults
 
     async def _pre_generation_fault(
@@ -479,7 +399,7 @@ class Simulator:
                     "retry_after": retry_after,
                 }
             if self.config.enforce_retry_after and retry_after > 0:
-                self.penalty_until[req.key] = now + retry_after
+                self.limits.penalise(req.key, now + retry_after)
         raise Refusal(status, bodies.error(status, message, metadata, **extra), headers)
 
     async def hold(self) -> None:
