@@ -97,6 +97,12 @@ class SimConfig:
     # parameters, as OpenAI-compatible servers such as vLLM do. OpenRouter does neither: its
     # chat API has no `n`, so by default the simulator ignores it like any unknown parameter.
     native_n: bool = False
+    # List less in `/models`, as some endpoints do (OpenRouter's spec allows null for both):
+    # every model's `top_provider.max_completion_tokens`, or its `context_length` and
+    # `top_provider.context_length`, as null. Only the listing changes: requests are still
+    # checked against the real context length.
+    omit_max_completion: bool = False
+    omit_context_length: bool = False
 
     def updated(self, changes: Mapping[str, Any]) -> SimConfig:
         """A copy with `changes` applied; JSON-friendly values (lists, strings) are converted."""

@@ -181,11 +181,17 @@ class Simulator:
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        """`GET /models`: the catalogue, with `n` among the parameters under `native_n`."""
+        """`GET /models`: the catalogue, with `n` among the parameters under `native_n` and
+        the limits `omit_max_completion` / `omit_context_length` leave out as null."""
+        cfg = self.config
         data = [model.to_json(_CATALOGUE_CREATED) for model in CATALOGUE]
-        if self.config.native_n:
-            for entry in data:
+        for entry in data:
+            if cfg.native_n:
                 entry["supported_parameters"].append("n")
+            if cfg.omit_max_completion:
+                entry["top_provider"]["max_completion_tokens"] = None
+            if cfg.omit_context_length:
+                entry["context_length"] = entry["top_provider"]["context_length"] = None
         return web.json_response({"data": data, "links": {"next": None}, "total_count": len(data)})
 
     async def key(self, request: web.Request) -> web.Response:
