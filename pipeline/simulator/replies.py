@@ -226,7 +226,5 @@ def _delta(gen: Generation, delta: dict[str, Any]) -> bytes:
 
 def _event(payload: Any) -> bytes:
     """One server-sent event: `data: ` and the payload (JSON unless already bytes)."""
-    return (
-        b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
-        + b"\n\n"
-    )  # fmt: skip
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return b"data: " + data + b"\n\n"
