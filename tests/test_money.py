@@ -253,6 +253,29 @@ def test_a_budget_without_max_tokens_holds_when_answers_run_long(
     assert 0 < billed <= cap, f"the server billed ${billed:.4f} against a cap of ${cap}"
 
 
+def test_a_budget_without_max_tokens_is_refused_up_front_when_no_limit_is_listed(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    """An endpoint whose /models lists neither a completion limit nor a context length leaves
+    the worst case unknown: refused before anything is sent, saying what to set; with
+    max_tokens the same job runs, and with only the context length listed, the context
+    bounds the worst case."""
+    write_input(tmp_path, texts(6))
+    with sim_thread(omit_max_completion=True, omit_context_length=True) as sim:
+        config = str(write_job(tmp_path, sim))
+        refused = run_cli(config, "--max-cost", "1")
+        sent = sim_get(sim, "stats")["requests"]
+        capped = run_cli(config, "--max-cost", "1", "--max-tokens", "20")
+    assert refused.returncode == 1, refused.stderr
+    assert "neither a completion limit nor a context length" in refused.stderr
+    assert "request.max_tokens (--max-tokens)" in refused.stderr and sent == 0
+    assert capped.returncode == 0, capped.stderr
+    (tmp_path / "out.parquet.journal").unlink()
+    with sim_thread(omit_max_completion=True) as sim:
+        by_context = run_cli(str(write_job(tmp_path, sim)), "--max-cost", "1")
+    assert by_context.returncode == 0, by_context.stderr
+
+
 def test_402_reports_the_key_figures_and_preflight_warns(tmp_path: Path, sim_thread: Any) -> None:
     write_input(tmp_path, texts(40))
     with sim_thread(credit_limit=0.0002) as sim:
