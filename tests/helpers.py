@@ -117,3 +117,21 @@ def journaled_positions(folder: Path) -> set[int]:
             return {p for (p,) in db.execute("SELECT position FROM results")}
         except sqlite3.OperationalError:
             return set()
+
+
+# ------------------------------------------------------------------------- golden files
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def check_golden(name: str, actual: str) -> None:
+    """`actual` must equal the file `tests/golden/<name>`; PIPELINE_UPDATE_GOLDEN=1 rewrites it."""
+    path = GOLDEN / name
+    if os.environ.get("PIPELINE_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(actual)
+        return
+    assert path.exists(), f"{path} is missing; write it with PIPELINE_UPDATE_GOLDEN=1"
+    assert actual == path.read_text(), (
+        f"{name} changed; if on purpose, rewrite it with PIPELINE_UPDATE_GOLDEN=1 and review the diff"
+    )

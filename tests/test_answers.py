@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import read_metadata
 from pipeline.answers import AnswerSpec
+from pipeline.records import SHARED
 from tests.helpers import run_cli, sim_get, write_job
 from tests.openapi import validate_component
 
@@ -266,7 +267,7 @@ def test_where_the_endpoint_lists_n_the_samples_come_from_one_request(
     for first in range(0, 15, 3):
         samples = frame.slice(first, 3)
         assert samples["completion"].n_unique() == 3  # three answers, not one copied
-        assert samples["cost_source"].to_list() == ["reported", "shared", "shared"]
+        assert samples["cost_source"].to_list() == ["reported", SHARED, SHARED]
         assert samples["cost_usd"].to_list()[1:] == [0.0, 0.0]
     assert frame["cost_usd"].sum() == pytest.approx(sum(e["cost"] for e in entries), rel=1e-12)
     assert frame["completion_tokens"].sum() == sum(e["completion_tokens"] for e in entries)

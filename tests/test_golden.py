@@ -12,7 +12,6 @@ lines.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -24,24 +23,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import cli_env, run_cli, write_job
+from tests.helpers import check_golden, cli_env, run_cli, write_job
 
-GOLDEN = Path(__file__).parent / "golden"
 CONFIGS = Path(__file__).parent.parent / "configs"
-UPDATE = os.environ.get("PIPELINE_UPDATE_GOLDEN") == "1"
-
-
-def check_golden(name: str, actual: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(actual)
-        return
-    assert path.exists(), f"{path} is missing; write it with PIPELINE_UPDATE_GOLDEN=1"
-    expected = path.read_text()
-    assert actual == expected, (
-        f"{name} changed; if on purpose, rewrite it with PIPELINE_UPDATE_GOLDEN=1 and review the diff"
-    )
 
 
 def pipeline(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,21 +13,17 @@ generation ids, timestamps, rate-limit reset times, the request rate, the loopba
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from pipeline.simulator import RunningSimulator
+from tests import helpers
 from tests.helpers import TEST_KEY, SimFactory, chat_body
-
-GOLDEN = Path(__file__).parent / "golden" / "simulator"
-UPDATE = os.environ.get("PIPELINE_UPDATE_GOLDEN") == "1"
 
 MANAGEMENT_KEY = "sk-or-v1-management-0000000000000"
 OTHER_KEY = "sk-or-v1-other-key-00000000000000000"
@@ -74,15 +70,7 @@ _PROCESSING = b": OPENROUTER PROCESSING\n\n"
 
 def check_golden(name: str, actual: str) -> None:
     """The convention of tests/test_golden.py, in a folder of the simulator's own."""
-    path = GOLDEN / name
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual)
-        return
-    assert path.exists(), f"{path} is missing; write it with PIPELINE_UPDATE_GOLDEN=1"
-    assert actual == path.read_text(), (
-        f"{name} changed; if on purpose, rewrite it with PIPELINE_UPDATE_GOLDEN=1 and review the diff"
-    )
+    helpers.check_golden(f"simulator/{name}", actual)
 
 
 def masked(text: str) -> str:
