@@ -216,7 +216,7 @@ class ChatAnswerer:
         if reservations is not None:
             reservations.settle(reserved, cost)
         if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
-            await self.limits.charge_extra_tokens(completion.total_tokens - row.estimated_tokens)
+            self.limits.charge_extra_tokens(completion.total_tokens - row.estimated_tokens)
         return _answered(row, completion, attempt, latency_ms, cost, source)
 
     def _judge(self, result: Result) -> Verdict | None:

@@ -6,7 +6,8 @@ Requests in flight are capped elsewhere, by the size of the worker pool. Here:
   spaced evenly (a bucket of `rate` per second would allow a burst of twice that across a
   window boundary), and a count of the last second's starts, so no one-second window holds
   more than the configured rate;
-- tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate;
+- tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate, and
+  with what an answer used beyond it when the next request starts;
 - on a 429, *every* worker waits until the server's reset time, and, if that wait is not zero,
   the request rate is halved (from the configured rate, or from the rate actually achieved when
   none is configured), then raised again by 25% for each second without a 429, back up to the
@@ -45,6 +46,7 @@ class Limits:
         self._requests = _spacing_limiter(requests_per_second)
         self._tokens = AsyncLimiter(tokens_per_minute, 60) if tokens_per_minute else None
         self._tokens_max = tokens_per_minute or 0.0
+        self._tokens_owed = 0.0  # used beyond the estimates, paid by the next request
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep
         self.paused_until = 0.0
@@ -61,7 +63,8 @@ class Limits:
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is not None:
-            await self._tokens.acquire(min(float(estimated_tokens), self._tokens_max))
+            tokens, self._tokens_owed = estimated_tokens + self._tokens_owed, 0.0
+            await self._tokens.acquire(min(tokens, self._tokens_max))
         if self.rate is not None:
             await self._hold_window()
         now = self._clock()
@@ -84,10 +87,11 @@ class Limits:
                 return
             await self._sleep(window[0] + WINDOW - now)
 
-    async def charge_extra_tokens(self, tokens: int) -> None:
-        """The answer used more tokens than estimated: charge the difference to the token budget."""
+    def charge_extra_tokens(self, tokens: int) -> None:
+        """The answer used more tokens than estimated: the next request pays the difference
+        (waiting here would hold up, and a stop could cancel, an answer already received)."""
         if self._tokens is not None and tokens > 0:
-            await self._tokens.acquire(min(float(tokens), self._tokens_max))
+            self._tokens_owed += tokens
 
     def rate_limited_for(self, retry_after: float | None) -> None:
         """A 429: pause every worker until the reset time and lower the request rate."""

@@ -226,7 +226,8 @@ def test_token_budget_waits_for_estimates_and_for_usage_beyond_them() -> None:
         await limits.acquire(600)  # a full minute's budget at once
         await limits.acquire(300)  # must wait for 300 tokens to drain: 30 s
         after_estimates = loop.time() - start
-        await limits.charge_extra_tokens(300)  # the answer was 300 tokens longer than estimated
+        limits.charge_extra_tokens(300)  # the answer was 300 tokens longer than estimated
+        await limits.acquire(0)  # the next request pays for them: 30 s more
         return after_estimates, loop.time() - start
 
     after_estimates, total = run_fast(elapsed())
