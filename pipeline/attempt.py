@@ -15,15 +15,15 @@ Each layer returns results or raises a job-wide `JobStopped`; a row-level failur
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from pipeline.answers import AnswerSpec
 from pipeline.client import Completion, OpenRouterClient
-from pipeline.errors import Kind, PermanentError, RetryableError
+from pipeline.errors import JobStopped, Kind, NotSent, PermanentError, RetryableError
 from pipeline.limits import Limits
 from pipeline.money import Catalogue, Reservations, completion_cost
 from pipeline.options import describe
@@ -137,26 +137,32 @@ class ChatAnswerer:
         started = asyncio.get_running_loop().time()
         rejected: Result | None = None  # the last answer turned down, with the spend of all so far
         attempts = invalid = 0
+        turned_down: list[Result] = []  # the last answers turned down, as error rows
         while True:
-            results = await self._retrying(row, attempts, started)
+            try:
+                results = await self._retrying(row, attempts, started)
+            except (JobStopped, NotSent) as exc:
+                # The answers turned down were paid for: they are journaled, retried next run.
+                exc.results = tuple(replace(r, retry_on_resume=True) for r in turned_down)
+                raise
             results[0] = _spend_with(results[0], rejected)
             if results[0].status != OK:
                 return results
             verdicts = [self._judge(result) for result in results]
             if not any(verdicts):
                 return results
-            again = any(verdict.ask_again for verdict in verdicts if verdict)
-            if again and invalid < self.invalid_retries and not self.stopping.is_set():
-                rejected, attempts, invalid = results[0], results[0].attempts, invalid + 1
-                self.retries += 1
-                continue
-            return [
-                dataclasses.replace(
+            turned_down = [
+                replace(
                     result, status=ERROR, error_type=verdict.error_type,
                     error_message=verdict.message, parsed=None,
                 ) if verdict else result
                 for result, verdict in zip(results, verdicts, strict=True)
             ]  # fmt: skip
+            again = any(verdict.ask_again for verdict in verdicts if verdict)
+            if not again or invalid >= self.invalid_retries or self.stopping.is_set():
+                return turned_down
+            rejected, attempts, invalid = results[0], results[0].attempts, invalid + 1
+            self.retries += 1
 
     async def _retrying(self, row: Row, attempts: int, started: float) -> list[Result]:
         """The row's answers, trying again after transient failures until the policy gives up;
@@ -188,7 +194,15 @@ class ChatAnswerer:
             reserved = await reservations.reserve(
                 row.model, row.prompt_tokens, row.max_tokens, row.samples
             )
-        await self.limits.acquire(row.estimated_tokens)
+        try:
+            await self.limits.acquire(row.estimated_tokens)
+            # The budget or the limits may have held this back while the run began to stop.
+            if self.stopping.is_set():
+                raise NotSent
+        except BaseException:
+            if reservations is not None:  # nothing was sent
+                reservations.settle(reserved, 0.0)
+            raise
         sent = time.perf_counter()
         try:
             completion = await self.client.complete(row.body)
@@ -270,7 +284,7 @@ def _answered(
     if row.samples == 1:
         return [first]
     others = [
-        dataclasses.replace(
+        replace(
             first, position=row.slot + i, completion=content, finish_reason=finish,
             prompt_tokens=None, completion_tokens=None, total_tokens=None, reasoning_tokens=None,
             cached_tokens=None, cost_usd=0.0, cost_source=SHARED,
@@ -291,7 +305,7 @@ def _spend_with(result: Result, earlier: Result | None) -> Result:
     summed: dict[str, Any] = {
         name: _plus(getattr(result, name), getattr(earlier, name)) for name in SPEND_FIELDS
     }
-    return dataclasses.replace(result, **summed)
+    return replace(result, **summed)
 
 
 def _plus(a: float | None, b: float | None) -> float | None:

@@ -5,7 +5,8 @@ It knows nothing of requests, money or files: how a row is answered (the chat AP
 provider's batch API, a distributed engine's worker) is the callable's business. A job-wide
 failure (`JobStopped`: 401, 402, the budget) raised by it stops every worker from taking new
 rows; results already handed on stand, the rows in flight finish, and the failure is raised
-once the pool has drained.
+once the pool has drained. A row the answer gives up on because the run is stopping
+(`NotSent`) has no result now: the next run sends it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 
-from pipeline.errors import JobStopped
+from pipeline.errors import JobStopped, NotSent
 from pipeline.records import Result, Row
 
 Answer = Callable[[Row], Awaitable[list[Result]]]
@@ -73,10 +74,13 @@ class Dispatcher:
                 return
             try:
                 results = await answer(row)
-            except JobStopped as exc:
-                if self.stopped is None:
-                    self.stopped = exc
-                self.stopping.set()
+            except (JobStopped, NotSent) as exc:
+                for result in exc.results:  # paid for before the stop
+                    on_result(row, result)
+                if isinstance(exc, JobStopped):
+                    if self.stopped is None:
+                        self.stopped = exc
+                    self.stopping.set()
                 return
             for result in results:
                 on_result(row, result)

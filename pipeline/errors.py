@@ -6,7 +6,7 @@ these in exactly one place each, so the CLI can map every one to a message and a
     │   ├── ConfigError           a config key or flag is wrong (names the key and what is valid)
     │   ├── InputError            an input file, column or row is wrong
     │   └── JournalError          the journal belongs to another job, is locked, or is damaged
-    ├── RequestError              one request failed (never leaves the dispatcher)
+    ├── RequestError              one request failed (never leaves the answer layer, attempt.py)
     │   ├── RetryableError        408, 429, 5xx, timeouts, dropped connections, bad bodies
     │   └── PermanentError        400, 403, 404, 413, 422: this row fails
     ├── JobStopped                exit 4: every further request would fail too; resumable
@@ -14,11 +14,14 @@ these in exactly one place each, so the CLI can map every one to a message and a
     │   ├── CreditsError          402: out of credits
     │   ├── BudgetReached         cost.max_cost would be passed (pipeline.money)
     │   └── TrustError            the endpoint's TLS certificate does not verify
+    ├── NotSent                   the run is stopping: a row's next request is not sent
     ├── Locked                    exit 5: another run holds the job's lock; nothing was touched
     └── Interrupted               exit 130 / 143: SIGINT / SIGTERM, journal flushed; resumable
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class PipelineError(Exception):
@@ -96,9 +99,20 @@ class PermanentError(RequestError):
 
 
 class JobStopped(PipelineError):
-    """A job-wide failure: dispatching stops at once and the journal is kept for a resume."""
+    """A job-wide failure: dispatching stops at once and the journal is kept for a resume.
+
+    `results`: what the row being answered had already been paid for (answers turned down
+    before the stop), to be journaled all the same."""
 
     exit_code = 4
+    results: tuple[Any, ...] = ()
+
+
+class NotSent(PipelineError):
+    """The run began to stop before this row's next request was sent: nothing more is sent
+    for it now (the next run does); `results` as for `JobStopped`."""
+
+    results: tuple[Any, ...] = ()
 
 
 class AuthError(JobStopped):

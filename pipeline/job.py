@@ -180,9 +180,10 @@ class Run:
 
     def stop(self, stop: Stop, grace: float) -> None:
         """Take no more rows; abandon the requests still in flight after `grace` seconds (their
-        rows are sent again by the next run). The first stop counts: a second Ctrl-C while
-        stopping changes nothing, as the journal's flush must finish."""
-        if self.stopped is not None:
+        rows are sent again by the next run). A signal overrides the deadline's stop (its
+        shorter grace, its exit code: a scheduler's SIGTERM is followed by SIGKILL); a second
+        signal changes nothing, as the journal's flush must finish."""
+        if self.stopped is not None and (self.stopped.signum is not None or stop.signum is None):
             return
         self.stopped = stop
         self.progress.event("stopping", reason=stop.reason, message=stop.message)
