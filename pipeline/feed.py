@@ -77,9 +77,13 @@ class Feed:
 def with_earlier_answers(
     batches: Iterator[tuple[list[Row], int]], journal: Journal, cache: ResponseCache | None
 ) -> Iterator[tuple[list[Row], int]]:
-    """The same batches, each row whose request was answered before carrying that answer."""
+    """The same batches, each row whose request was answered before carrying that answer. A
+    request with `n` (several samples at once) is never reused: the journal and the cache
+    give one answer a request, and it has several."""
     for rows, passed in batches:
-        hashes = list({row.request_hash for row in rows if row.body is not None})
+        hashes = list(
+            {row.request_hash for row in rows if row.body is not None and row.samples == 1}
+        )
         answered = journal.answers(hashes)
         cached = cache.lookup([h for h in hashes if h not in answered]) if cache else {}
         for row in rows:

@@ -273,6 +273,26 @@ def test_where_the_endpoint_lists_n_the_samples_come_from_one_request(
     assert frame["completion_tokens"].sum() == sum(e["completion_tokens"] for e in entries)
 
 
+def test_samples_asked_for_in_one_request_are_not_taken_from_a_shared_cache(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    """The cache keeps one answer a request; a request with `n` has several, so a second job
+    asks again rather than fill one slot of three (which crashed its output write)."""
+    write_input(tmp_path, ["Name a colour", "Name a fruit"])
+    cache = str(tmp_path / "cache.sqlite")
+    with sim_thread(native_n=True) as sim:
+        config = str(job(tmp_path, sim, ""))
+        first = run_cli(config, "--n", "3", "--temperature", "1", "--cache", cache)
+        (tmp_path / "out.parquet.journal").unlink()
+        second = run_cli(config, "--n", "3", "--temperature", "1", "--cache", cache)
+        entries = ledger(sim)
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    frame = output(tmp_path)
+    assert frame["status"].to_list() == ["ok"] * 6 and len(entries) == 4
+    assert frame.slice(0, 3)["completion"].n_unique() == 3
+
+
 def test_one_invalid_answer_among_n_asks_for_all_again_and_every_attempt_is_counted(
     tmp_path: Path, sim_thread: Any
 ) -> None:
