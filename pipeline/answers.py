@@ -4,7 +4,7 @@ A job may ask for structured output (`request.response_schema`, any JSON Schema)
 a fixed set of labels (`request.labels`, which builds an enum schema and an instruction). Either
 way the schema is sent as `response_format`, but providers may ignore it, so every answer is
 checked here: `AnswerSpec.check` turns the answer text into canonical JSON (stored in the
-journal) or says what is wrong with it (the dispatcher retries). At the end `AnswerSpec.columns`
+journal) or says what is wrong with it (`attempt.py` asks again). At the end `AnswerSpec.columns`
 turns the stored JSON into Arrow columns whose types come from the schema.
 """
 

@@ -196,6 +196,8 @@ class Budget:
         self.reserved -= reserved
         self.spent += reserved if actual is None else actual
         self._held -= 1
+        if not self._held:
+            self.reserved = 0.0  # what float sums have drifted by
         self._settled.set()
 
 

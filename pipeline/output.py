@@ -271,7 +271,7 @@ class ParquetSink:
         (`RESULT_FIELDS` tuples), in the same order."""
         fields = list(zip(*results, strict=True))  # one tuple per field, transposed in C
         columns = leading + [
-            pa.array(fields[_FIELD_INDEX[c]], type=RESULT_TYPES[c]) for c in RESULT_COLUMNS
+            pa.array(fields[_FIELD_INDEX[c]], type=RESULT_ARROW_TYPES[c]) for c in RESULT_COLUMNS
         ]
         table = inputs
         for name, column in zip(self.names, columns, strict=True):
