@@ -21,7 +21,7 @@ import click
 from pipeline import __version__
 from pipeline import config as config_module
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.options import JOB_OPTIONS, Option
+from pipeline.options import JOB_OPTIONS, Option, show
 
 if TYPE_CHECKING:
     from pipeline.simulator import RunningSimulator
@@ -233,17 +233,14 @@ def exits(fail: Fail = _fail, interrupted: str = INTERRUPTED) -> Iterator[None]:
         fail(str(exc), exc.exit_code)
 
 
-_KINDS: dict[str, dict[str, Any]] = {"int": {"type": int}, "float": {"type": float}, "text": {}}
-
-
 def _click_option(option: Option) -> Any:
-    kwargs = dict(_KINDS.get(option.kind, {}))
+    kwargs: dict[str, Any] = {"metavar": option.metavar}
     if option.kind == "flag":
-        kwargs = {"is_flag": True, "default": None}
+        kwargs.update(is_flag=True, default=None)
     elif option.kind == "choice":
-        kwargs = {"type": click.Choice(list(option.choices))}
-    if option.metavar:
-        kwargs["metavar"] = option.metavar
+        kwargs["type"] = click.Choice(list(option.choices))
+    elif option.kind != "text":
+        kwargs["type"] = {"int": int, "float": float}[option.kind]
     help_text = option.help_with(config_module.default(option.key))
     return click.option(option.flag, option.param, help=help_text, **kwargs)
 
@@ -407,7 +404,7 @@ def estimate(
     "--base-url",
     metavar="URL",
     default=None,
-    help=f"API base URL [default: {config_module.default('request.base_url')}].",
+    help=f"API base URL [default: {show(config_module.default('request.base_url'))}].",
 )
 @click.option("--simulate", is_flag=True, help="List the bundled simulator's models.")
 @click.option("--refresh", is_flag=True, help="Fetch now instead of using the cached list.")
@@ -416,7 +413,7 @@ def estimate(
     type=click.FloatRange(min=0),
     default=None,
     metavar="SECONDS",
-    help=f"Age at which the cached list is refetched [default: {config_module.default('cost.prices_ttl'):g}].",
+    help=f"Age at which the cached list is refetched [default: {show(config_module.default('cost.prices_ttl'))}].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(

@@ -75,13 +75,13 @@ def _sum(values: Any) -> float | None:
 def estimate(config: JobConfig, *, limit: int | None = None, pilot: int | None = None) -> Estimate:
     """Estimate the rows still to do; with `pilot`, first run that many rows for real."""
     pilot_report = None
+    plan = plan_job(config, limit)  # the pilot changes the journal, not the plan
     if pilot:
-        done = _settled_rows(config, plan_job(config, limit))
+        done = _settled_rows(config, plan)
         pilot_limit = done + pilot if limit is None else min(limit, done + pilot)
         pilot_report = run_job(
             config, RunOptions(limit=pilot_limit, quiet=True, write_output=False)
         )
-    plan = plan_job(config, limit)
     done = _settled_rows(config, plan)
     result = asyncio.run(_estimate(plan, api_key(config), done))
     if pilot_report is not None:

@@ -47,17 +47,13 @@ class Row:
 TYPICAL_ANSWER_TOKENS = 256  # an answer's length assumed for rate estimates when unset
 
 
-def _column(arrow_type: str, default: Any = None, *, not_null: bool = False) -> Any:
-    """A field of the output's result columns, with its Arrow type."""
+def _column(
+    arrow_type: str, default: Any = None, *, not_null: bool = False, output: bool = True
+) -> Any:
+    """A field of the result with its Arrow type: an output column, or (`output=False`) one
+    the journal keeps but the output does not show."""
     return field(
-        default=default, metadata={"type": arrow_type, "output": True, "not_null": not_null}
-    )
-
-
-def _kept(arrow_type: str, default: Any = None, *, not_null: bool = False) -> Any:
-    """A field the journal keeps but the output does not show."""
-    return field(
-        default=default, metadata={"type": arrow_type, "output": False, "not_null": not_null}
+        default=default, metadata={"type": arrow_type, "output": output, "not_null": not_null}
     )
 
 
@@ -87,9 +83,11 @@ class Result:
     error_type: str | None = _column("string")
     error_message: str | None = _column("string")
     # A row that failed only because its retries ran out is sent again by the next run.
-    retry_on_resume: bool = _kept("bool", False, not_null=True)
-    request_hash: str | None = _kept("string")
-    parsed: str | None = _kept("string")  # a structured answer, checked, as canonical JSON
+    retry_on_resume: bool = _column("bool", False, not_null=True, output=False)
+    request_hash: str | None = _column("string", output=False)
+    parsed: str | None = _column(
+        "string", output=False
+    )  # a structured answer, checked, as canonical JSON
 
     def as_tuple(self) -> tuple[Any, ...]:
         return _result_values(self)
