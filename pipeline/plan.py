@@ -57,7 +57,7 @@ class JobPlan:
 def plan_job(config: JobConfig, limit: int | None = None) -> JobPlan:
     """Every check that needs no network: input, columns, ids, output columns and path."""
     source = open_source(config.input.path, config.input.format)
-    builder = RequestBuilder(config, source.columns)
+    builder = RequestBuilder(config, source.schema)
     layout = OutputLayout.for_job(config, builder.answers, source.columns)
     output = Path(config.output.path)
     if any(output.resolve() == p.resolve() for p in source.paths):

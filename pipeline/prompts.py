@@ -50,20 +50,41 @@ def template_fields(template: str) -> list[str]:
         if field is None:
             continue
         if not field or spec or conversion:
+            got = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
             raise InputError(
-                f"{describe('prompt.template')}: use plain column names like {{review}}, got {{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                f"{describe('prompt.template')}: {got} is not a column name; write {{{{ and }}}} for a literal brace "
+                f"(e.g. {{{{\"label\": ...}}}}), and {{column}} for a column"
             )
         fields.append(field)
     return fields
 
 
+def as_text(column: str, dtype: pl.DataType) -> pl.Expr:
+    """A column as prompt text: nested values (structs, lists) as compact JSON, which keeps a
+    struct's field names and reads back with `json.loads`; anything else as polars casts it."""
+    value = pl.col(column)
+    if isinstance(dtype, pl.Struct):
+        return value.struct.json_encode()
+    if isinstance(dtype, (pl.List, pl.Array)):
+        # polars encodes structs only: wrap the list in one, then unwrap {"v":...}.
+        encoded = pl.struct(value.alias("v")).struct.json_encode()
+        text = encoded.str.strip_prefix('{"v":').str.strip_suffix("}")
+        return pl.when(value.is_null()).then(None).otherwise(text)
+    if dtype == pl.Binary:
+        raise InputError(
+            f"column '{column}' is binary, which cannot go into a prompt as text; decode it to a string column first"
+        )
+    return value.cast(pl.String)
+
+
 class RequestBuilder:
     """Builds the `Row`s of each input batch for one job."""
 
-    def __init__(self, config: JobConfig, columns: list[str]) -> None:
+    def __init__(self, config: JobConfig, schema: Mapping[str, pl.DataType]) -> None:
         self.config = config
         prompt = config.prompt
-        self._check_columns(columns)
+        self._schema = schema
+        self._check_columns(list(schema))
         self.default_model = config.request.model
         self.variants = config.request.variants
         self.slots = Slots(len(self.variants))
@@ -140,7 +161,7 @@ class RequestBuilder:
                 if literal:
                     parts.append(pl.lit(literal))
                 if field is not None:
-                    parts.append(pl.col(field).cast(pl.String))
+                    parts.append(as_text(field, self._schema[field]))
                     fields.append(field)
             null_column = pl.lit(None, dtype=pl.String)
             for field in reversed(fields):
@@ -149,7 +170,7 @@ class RequestBuilder:
                 )
             return pl.concat_str(parts), null_column
         if prompt.column is not None:
-            return pl.col(prompt.column).cast(pl.String), None
+            return as_text(prompt.column, self._schema[prompt.column]), None
         return None, None
 
     def rows(self, batch: pl.DataFrame, done: set[int] | frozenset[int] = frozenset()) -> list[Row]:

@@ -264,7 +264,7 @@ def test_request_bodies_hash_as_earlier_versions_did(name: str, overrides: dict[
     batch = pl.DataFrame({POSITION: [0, 1], "text": ['héllo\n"x"', "b"]}).with_columns(
         pl.col(POSITION).cast(pl.Int64)
     )
-    rows = RequestBuilder(job, batch.columns).rows(batch)
+    rows = RequestBuilder(job, batch.schema).rows(batch)
     assert [row.request_hash for row in rows] == EARLIER_HASHES[name]
 
 
