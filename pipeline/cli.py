@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import click
 
 from pipeline import __version__
 from pipeline import config as config_module
-from pipeline.errors import Interrupted, PipelineError
+from pipeline.errors import Interrupted, Locked, OutOfTime, PipelineError, Terminated
 from pipeline.options import JOB_OPTIONS, Option, show
 
 if TYPE_CHECKING:
@@ -227,8 +228,8 @@ def exits(fail: Fail = _fail, interrupted: str = INTERRUPTED) -> Iterator[None]:
         yield
     except Interrupted as exc:
         fail(interrupted, exc.exit_code)
-    except KeyboardInterrupt:
-        fail(interrupted, 130)
+    except KeyboardInterrupt as exc:
+        fail(interrupted, getattr(exc, "exit_code", 130))
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
 
@@ -325,11 +326,19 @@ def run(
         _fail(f"--log-file {log_file} cannot be opened: {exc.strerror}", 1)
 
     def fail(message: str, code: int) -> NoReturn:
+        # 5 (the previous run still going) and 6 (out of time, resumes next run) are what a
+        # scheduled job expects: said once where the log goes, never as an `error:` on stderr
+        # that cron would mail every hour.
+        expected = code in (Locked.exit_code, OutOfTime.exit_code)
         if logs.json:
-            print(json_line("error", message=message, exit_code=code), file=stream, flush=True)
+            event = "exit" if expected else "error"
+            print(json_line(event, message=message, exit_code=code), file=stream, flush=True)
         elif stream is not sys.stderr:
-            print(f"error: {message}", file=stream, flush=True)
-        if not logs.json or stream is not sys.stderr:
+            print(message if expected else f"error: {message}", file=stream, flush=True)
+        if expected:
+            if stream is sys.stderr and not logs.json:
+                click.echo(message, err=True)
+        elif not logs.json or stream is not sys.stderr:
             click.echo(f"error: {message}", err=True)
         sys.exit(code)
 
@@ -456,22 +465,42 @@ def models(
 
 
 def main() -> None:
-    """Console-script entry point.
+    """Console-script entry point (after `pipeline.__main__`, which guards the imports).
 
     Leaves without the interpreter's teardown: after a big job, freeing every object and module
     takes a quarter of a second that nobody needs (measured by benchmarks/run.py). Each command
     has closed and renamed its files before it returns; only the streams are left to flush."""
+    _signals_raise()
     try:
-        cli(prog_name="pipeline")
+        code = cli.main(prog_name="pipeline", standalone_mode=False)
     except SystemExit as exc:
         if not isinstance(exc.code, int | None):
             raise
         code = exc.code or 0
-    else:
-        code = 0
+    except click.exceptions.Abort as exc:  # Ctrl-C outside a command's own mapping
+        interrupt = exc.__cause__ or exc.__context__
+        code = getattr(interrupt, "exit_code", 130)
+        click.echo(f"error: {INTERRUPTED}", err=True)
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    code = code if isinstance(code, int) else 0
     if "logging" in sys.modules:
         sys.modules["logging"].shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
+
+
+def _signals_raise() -> None:
+    """SIGINT raises KeyboardInterrupt and SIGTERM its kind `Terminated`, so each phase (reading
+    the input, say) unwinds through its `finally`s to 130 / 143; a run handles both itself."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, terminate)

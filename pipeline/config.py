@@ -225,6 +225,35 @@ def default(key: str) -> Any:
     return None if spec.default_factory is MISSING else spec.default_factory()  # None: required
 
 
+DATA_SUFFIXES = {".csv", ".tsv", ".tab", ".parquet", ".pq", ".jsonl", ".ndjson", ".json"}
+
+
+def _read_toml(config_file: Path) -> dict[str, Any]:
+    """The config file's TOML, or a clear word on what it is instead (a data file given where
+    the config goes is the usual mix-up)."""
+    try:
+        data = config_file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_file} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {config_file} is a folder; give a TOML job file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {config_file} cannot be read: {exc.strerror}") from None
+    if data.startswith(b"PAR1") or config_file.suffix.lower() in DATA_SUFFIXES:
+        raise ConfigError(
+            f"config file {config_file} is a data file, not a TOML job config; give it as --input {config_file}"
+            " (with a config file or --template / --prompt-column)"
+        )
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {config_file} is not a TOML file (not UTF-8 text); give a TOML job file such as configs/example.toml"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+
+
 def load(
     config_file: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> JobConfig:
@@ -235,13 +264,7 @@ def load(
     raw: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     base_dir = Path.cwd()
     if config_file is not None:
-        try:
-            with config_file.open("rb") as f:
-                document = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {config_file} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+        document = _read_toml(config_file)
         base_dir = config_file.resolve().parent
         _check_keys(document, config_file)
         for section, values in document.items():

@@ -146,3 +146,10 @@ class Interrupted(PipelineError):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.exit_code = 128 + signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt wherever the program is (outside a run,
+    whose own handler stops it gracefully), so every phase exits 143 and cleans up alike."""
+
+    exit_code = 143

@@ -285,7 +285,7 @@ class Run:
                 await writing
             progress.close()
             self.report.retries = answerer.retries
-            _restore_signals()
+            _restore_signals(self._outer_signals)
         self._raise_if_stopped()
 
     def _raise_if_stopped(self) -> None:
@@ -321,7 +321,8 @@ class Run:
             message = f"received {name}: finishing in-flight requests, then saving the journal"
             self.stop(Stop(name, message, signum), SHUTDOWN_GRACE)
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        self._outer_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for signum in self._outer_signals:
             loop.add_signal_handler(signum, handle, signum)
 
     def _on_deadline(self) -> asyncio.TimerHandle | None:
@@ -332,7 +333,7 @@ class Run:
         if max_runtime is None:
             return None
         grace = min(60.0, 0.1 * max_runtime)
-        message = f"--max-runtime: {grace:.0f}s left, finishing in-flight requests, then saving the journal"
+        message = f"--max-runtime: {grace:.3g}s left, finishing in-flight requests, then saving the journal"
         stop = Stop("max_runtime", message)
         # time.monotonic() is the loop's clock
         stop_at = self.options.started + max_runtime - grace
@@ -367,7 +368,10 @@ def _prompt_text(row: Row) -> str | None:
     return content if isinstance(content, str) else json.dumps(content)
 
 
-def _restore_signals() -> None:
+def _restore_signals(handlers: dict[signal.Signals, Any]) -> None:
+    """Give the signals back to the handlers they had before the run (the CLI's)."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum, handler in handlers.items():
         loop.remove_signal_handler(signum)
+        if handler is not None:
+            signal.signal(signum, handler)

@@ -53,7 +53,7 @@ def template_fields(template: str) -> list[str]:
             got = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
             raise InputError(
                 f"{describe('prompt.template')}: {got} is not a column name; write {{{{ and }}}} for a literal brace "
-                f"(e.g. {{{{\"label\": ...}}}}), and {{column}} for a column"
+                f'(e.g. {{{{"label": ...}}}}), and {{column}} for a column'
             )
         fields.append(field)
     return fields

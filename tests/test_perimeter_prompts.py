@@ -12,7 +12,11 @@ from tests.helpers import run_cli, sim_get, write_job
 
 
 def sent_prompts(sim: Any) -> list[str]:
-    bodies = [e["body"] for e in sim_get(sim, "requests")["data"] if e["path"].endswith("/chat/completions")]
+    bodies = [
+        e["body"]
+        for e in sim_get(sim, "requests")["data"]
+        if e["path"].endswith("/chat/completions")
+    ]
     return sorted(body["messages"][-1]["content"] for body in bodies)
 
 
@@ -22,7 +26,7 @@ def test_nested_columns_render_as_json_in_a_template(tmp_path: Path, sim_thread:
     pl.DataFrame(
         {
             "id": ["a", "b"],
-            "meta": [{"n": 1, "p": "x\"y"}, {"n": None, "p": "q"}],
+            "meta": [{"n": 1, "p": 'x"y'}, {"n": None, "p": "q"}],
             "tags": [["red", "big"], []],
         }
     ).write_parquet(tmp_path / "in.parquet")
@@ -52,7 +56,10 @@ def test_a_null_nested_value_is_a_row_error_like_any_null(tmp_path: Path, sim_th
     assert done.returncode == 3, done.stderr
     assert prompts == ['T=["x"]']
     out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out["error_message"].to_list()[1] == "column 'tags' is null, so the template cannot be filled"
+    assert (
+        out["error_message"].to_list()[1]
+        == "column 'tags' is null, so the template cannot be filled"
+    )
 
 
 def test_a_nested_prompt_column_is_sent_as_json(tmp_path: Path, sim_thread: Any) -> None:

@@ -151,7 +151,7 @@ def test_max_runtime_stops_in_time_with_the_journal_intact_and_the_next_run_fini
     assert stopped.returncode == 6, stopped.stderr
     assert took < 3 + 1.5  # the limit counts from the start of the job; start-up and exit on top
     events = [json.loads(line) for line in stopped.stderr.splitlines()]
-    assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 6
+    assert events[-1]["event"] == "exit" and events[-1]["exit_code"] == 6
     assert any(e["event"] == "stopping" and e["reason"] == "max_runtime" for e in events)
     assert 0 < journaled == first < 120  # every answer that was paid for is in the journal
     assert not written  # the output appears only when every row is done
