@@ -350,14 +350,14 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
             f"set exactly one prompt source: {describe('prompt.column')}, {describe('prompt.template')} "
             f"or {describe('prompt.messages_column')}{given}"
         )
-    base_url = v.string("request.base_url")
+    base_url = v.string("request.base_url", empty_is_unset=False)
     if base_url is not None and not base_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"{describe('request.base_url')} must start with http:// or https://, got {base_url!r}"
         )
     request = _given(
         RequestConfig,
-        model=v.string("request.model"),
+        model=v.string("request.model", empty_is_unset=False),
         base_url=base_url.rstrip("/") if base_url is not None else None,
         temperature=v.number("request.temperature", low=0, high=2),
         top_p=v.number("request.top_p", low=0, high=1, low_open=True),

@@ -40,8 +40,13 @@ class RawValues:
             raise ConfigError(f"{describe(key)} is required")
         return value
 
-    def string(self, key: str) -> str | None:
+    def string(self, key: str, empty_is_unset: bool = True) -> str | None:
+        """A string, or None when unset. For a key where an empty value most likely comes from an
+        empty shell variable (`--model "$MODEL"`), `empty_is_unset=False` refuses it rather than
+        quietly running with the default."""
         value = self._get(key)
+        if value == "" and not empty_is_unset:
+            raise self._fail(key, "a non-empty string", value)
         if value is None or value == "":
             return None
         if not isinstance(value, str):
