@@ -144,6 +144,11 @@ def cli() -> None:
     is_flag=True,
     help="Honour `n` (several choices per answer) like an OpenAI-compatible server; OpenRouter has no `n`.",
 )
+@click.option(
+    "--strict-openai",
+    is_flag=True,
+    help="Refuse (400) body fields OpenAI's chat API does not know, like a strict OpenAI-compatible server.",
+)
 def simulate(
     host: str,
     port: int,
@@ -162,6 +167,7 @@ def simulate(
     flagged_terms: tuple[str, ...],
     omit_cost: bool,
     native_n: bool,
+    strict_openai: bool,
 ) -> None:
     """Serve a local OpenRouter simulator until Ctrl-C.
 
@@ -190,6 +196,7 @@ def simulate(
             flagged_terms=flagged_terms,
             omit_cost=omit_cost,
             native_n=native_n,
+            strict_openai=strict_openai,
         )
     except FaultSpecError as exc:
         raise click.BadParameter(str(exc)) from None

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +98,16 @@ class RequestConfig:
     cache: str | None = None
     # Talk to the bundled simulator instead of base_url (no key, no network).
     simulate: bool = False
+    # Whether base_url is OpenRouter, which takes fields OpenAI's API does not know (the
+    # `provider` routing a schema adds); None: OpenRouter's host or the simulator.
+    openrouter: bool | None = None
+
+    @property
+    def is_openrouter(self) -> bool:
+        if self.openrouter is not None:
+            return self.openrouter
+        host = urllib.parse.urlsplit(self.base_url).hostname or ""
+        return self.simulate or host == "openrouter.ai" or host.endswith(".openrouter.ai")
 
     def body_params(self) -> dict[str, Any]:
         """Everything besides `model` and `messages` that goes into each request body."""
@@ -186,6 +197,8 @@ class JobConfig:
         request = asdict(self.request)
         for item in ("referer", "title", "key_file", "timeout", "connect_timeout", "cache"):
             request.pop(item)
+        if request["openrouter"] is None:  # detected from base_url, which is here already
+            del request["openrouter"]
         if self.request.simulate:
             request["base_url"] = "(simulator)"  # its port changes every run; answers do not
         # As JSON would hold it (lists, not tuples), so a stored one compares equal.
@@ -380,6 +393,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         extra=v.table("request.extra"),
         cache=v.string("request.cache"),
         simulate=bool(v.raw["request"].get("simulate")),
+        openrouter=v.flag("request.openrouter") if "openrouter" in v.raw["request"] else None,
     )
     _check_request(request, prompt)
     limits = _given(

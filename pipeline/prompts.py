@@ -274,12 +274,14 @@ def answer_spec(config: JobConfig) -> AnswerSpec | None:
 
 
 def request_params(config: JobConfig, answers: AnswerSpec | None) -> dict[str, Any]:
-    """The body parameters every row shares. Asking for a schema also restricts routing to
-    providers that honour `response_format` (`provider.require_parameters`), unless the
-    config says otherwise."""
+    """The body parameters every row shares. Asking for a schema also restricts OpenRouter's
+    routing to providers that honour `response_format` (`provider.require_parameters`), unless
+    the config says otherwise; other endpoints do not know `provider`, and a strict one refuses
+    a field it does not know."""
     params = config.request.body_params()
     if answers is not None:
         params["response_format"] = answers.response_format
+    if answers is not None and config.request.is_openrouter:
         provider = dict(params.get("provider") or {})
         provider.setdefault("require_parameters", True)
         params["provider"] = provider

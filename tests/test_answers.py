@@ -75,7 +75,9 @@ def test_schema_answers_become_typed_columns_and_requests_ask_for_the_schema(
     write_input(tmp_path, [f"Review {i}: the kettle is fine" for i in range(12)])
     (tmp_path / "schema.json").write_text(json.dumps(PRODUCT_SCHEMA))
     with sim_thread() as sim:
-        done = run_cli(str(job(tmp_path, sim, 'response_schema = "schema.json"\n')))
+        done = run_cli(
+            str(job(tmp_path, sim, 'response_schema = "schema.json"\nopenrouter = true\n'))
+        )
         logged = sim_get(sim, "requests")["data"]
     assert done.returncode == 0, done.stderr
     body = logged[0]["body"]

@@ -192,6 +192,28 @@ def invalid_request(message: str) -> dict[str, Any]:
     return error(400, message, {"error_type": "invalid_request"})
 
 
+# The body fields of OpenAI's `POST /chat/completions` (its API reference, 2025): what a strict
+# OpenAI-compatible server accepts.
+OPENAI_CHAT_FIELDS = frozenset({
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop",
+    "store", "stream", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs",
+    "top_p", "user", "verbosity", "web_search_options",
+})  # fmt: skip
+
+
+def unrecognized_argument(name: str) -> dict[str, Any]:
+    """OpenAI's 400 for a body field it does not know."""
+    return {
+        "error": {
+            "message": f"Unrecognized request argument supplied: {name}",
+            "type": "invalid_request_error", "param": None, "code": None,
+        }
+    }  # fmt: skip
+
+
 OUT_OF_CREDITS = "Insufficient credits. Add more using https://openrouter.ai/credits"
 
 

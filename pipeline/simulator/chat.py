@@ -125,6 +125,8 @@ def _validate(
     key = sim.authenticate(request)
     if not isinstance(body, dict):
         raise Refusal(400, bodies.invalid_request("Request body must be a JSON object"))
+    if sim.config.strict_openai and (unknown := sorted(set(body) - bodies.OPENAI_CHAT_FIELDS)):
+        raise Refusal(400, bodies.unrecognized_argument(unknown[0]))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Refusal(

@@ -103,6 +103,9 @@ class SimConfig:
     # checked against the real context length.
     omit_max_completion: bool = False
     omit_context_length: bool = False
+    # Refuse (400) any chat body field OpenAI's API does not know, as strict OpenAI-compatible
+    # servers do: OpenRouter's own fields (`provider`, `models`, `reasoning`...) included.
+    strict_openai: bool = False
 
     def updated(self, changes: Mapping[str, Any]) -> SimConfig:
         """A copy with `changes` applied; JSON-friendly values (lists, strings) are converted."""
