@@ -3,7 +3,7 @@ environment. Flags override the file. Every message names the key (and its flag)
 be valid. Relative paths in a file are relative to that file, so a cron job can run from anywhere.
 
 ```toml
-[input]    path, format, id_column, incremental, reprocess_changed
+[input]    path, format, delimiter, id_column, incremental, reprocess_changed
 [prompt]   column | template | messages_column, system, model_column, param_columns
 [request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
            max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
@@ -51,7 +51,8 @@ SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"  # what --simulate r
 @dataclass(frozen=True, slots=True)
 class InputConfig:
     path: str
-    format: str | None = None  # csv | parquet | jsonl; by extension when unset
+    format: str | None = None  # csv | tsv | parquet | jsonl; by extension when unset
+    delimiter: str | None = None  # of CSV fields; "," (a tab for tsv) when unset
     id_column: str | None = None
     # The input grows between runs (rows appended, new files in a glob): only new rows are sent.
     incremental: bool = False
@@ -340,7 +341,8 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
     input_cfg = _given(
         InputConfig,
         path=v.required("input.path"),
-        format=v.choice("input.format", ("csv", "parquet", "jsonl")),
+        format=v.choice("input.format", ("csv", "tsv", "parquet", "jsonl")),
+        delimiter=_delimiter(v.string("input.delimiter")),
         id_column=v.string("input.id_column"),
         incremental=v.flag("input.incremental"),
         reprocess_changed=v.flag("input.reprocess_changed"),
@@ -429,6 +431,16 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         reconcile_timeout=v.number("cost.reconcile_timeout", low=0),
     )
     return JobConfig(input_cfg, prompt, request, limits, retry, output, cost)
+
+
+def _delimiter(value: str | None) -> str | None:
+    """One character; `\\t` (as a shell passes it) is a tab."""
+    value = "\t" if value == "\\t" else value
+    if value is not None and (len(value) != 1 or value in '"\r\n'):
+        raise ConfigError(
+            f"{describe('input.delimiter')} must be one character other than a quote or newline, got {value!r}"
+        )
+    return value
 
 
 def _given(cls: type[T], **values: Any) -> T:

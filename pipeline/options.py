@@ -42,8 +42,9 @@ def show(value: Any) -> str:
 
 # In the order `--help` lists them.
 JOB_OPTIONS: tuple[Option, ...] = (
-    Option("input.path", "--input", "Input file or glob (CSV, Parquet, JSONL).", metavar="PATH"),
-    Option("input.format", "--input-format", "Input format, when the extension does not say.", "choice", choices=("csv", "parquet", "jsonl")),
+    Option("input.path", "--input", "Input file or glob (CSV, TSV, Parquet, JSONL).", metavar="PATH"),
+    Option("input.format", "--input-format", "Input format, when the extension does not say.", "choice", choices=("csv", "tsv", "parquet", "jsonl")),
+    Option("input.delimiter", "--delimiter", "Field delimiter of CSV input (default: ',', a tab for tsv).", metavar="CHAR"),
     Option("input.incremental", "--incremental", "The input grows between runs: send only rows not done before.", "flag"),
     Option("input.reprocess_changed", "--reprocess-changed", "With --incremental: send rows that changed since they were done again.", "flag"),
     Option("output.path", "--output", "Output Parquet file.", metavar="PATH"),

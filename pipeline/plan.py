@@ -23,7 +23,7 @@ from pipeline.money import Catalogue, most_output_tokens, unknown_limit
 from pipeline.options import describe
 from pipeline.output import OutputLayout
 from pipeline.prompts import RequestBuilder
-from pipeline.source import Source, open_source
+from pipeline.source import POSITION, Source, open_source
 
 VALIDATION_BATCH_ROWS = 50_000  # rows per batch of the validation pass
 # Descriptors beyond one per request in flight: the journal, input files, stdio, the loop.
@@ -56,7 +56,7 @@ class JobPlan:
 
 def plan_job(config: JobConfig, limit: int | None = None) -> JobPlan:
     """Every check that needs no network: input, columns, ids, output columns and path."""
-    source = open_source(config.input.path, config.input.format)
+    source = open_source(config.input.path, config.input.format, config.input.delimiter)
     builder = RequestBuilder(config, source.schema)
     layout = OutputLayout.for_job(config, builder.answers, source.columns)
     output = Path(config.output.path)
@@ -110,14 +110,17 @@ def validate_rows(
 
     The pass reads the input a batch at a time, so memory stays flat with the row count: ids
     are kept only as 64-bit hashes (8 bytes a row), and only when two hashes meet is the input
-    searched for the actual duplicate."""
+    read again for the actual duplicate."""
     id_column = config.input.id_column
     aggregates = [pl.len().alias("rows")]
     if builder.prompt_expr is not None:
         aggregates.append(builder.prompt_expr.str.len_chars().sum().alias("chars"))
     if id_column:
-        aggregates.append(pl.col(id_column).null_count().alias("nulls"))
+        ids = pl.col(id_column)
+        aggregates.append(ids.null_count().alias("nulls"))
+        aggregates.append(pl.col(POSITION).filter(ids.is_null()).first().alias("first_null"))
     rows = chars = nulls = 0
+    first_null = None
     id_hashes = []
     try:
         for batch in source.batches(limit, size=VALIDATION_BATCH_ROWS):
@@ -126,6 +129,8 @@ def validate_rows(
             chars += stats.get("chars") or 0
             if id_column:
                 nulls += stats["nulls"]
+                if first_null is None:
+                    first_null = stats["first_null"]
                 id_hashes.append(batch[id_column].drop_nulls().hash())
     except pl.exceptions.PolarsError as exc:
         raise InputError(
@@ -133,18 +138,33 @@ def validate_rows(
         ) from None
     if rows == 0:
         raise InputError(f"input {source.pattern} has no rows")
-    if id_column and id_hashes and pl.concat(id_hashes).n_unique() < rows - nulls:
-        ids = pl.col(id_column)
-        example = source.lazy(limit).select(ids.filter(ids.is_duplicated()).first()).collect()
-        if example.height and example.item() is not None:  # not just two hashes colliding
-            raise InputError(
-                f"{describe('input.id_column')} '{id_column}' has duplicate values (e.g. {example.item()!r}); ids must be unique"
-            )
-    if nulls:
+    if id_column and first_null is not None:
         raise InputError(
-            f"{describe('input.id_column')} '{id_column}' is null in {nulls} row(s); ids must be present"
+            f"{describe('input.id_column')} '{id_column}' is null in {nulls} row(s), the first at "
+            f"{source.locate(first_null)}; ids must be present"
         )
+    if id_column and id_hashes:
+        hashes = pl.concat(id_hashes)
+        if hashes.n_unique() < len(hashes):
+            _refuse_duplicate(source, id_column, hashes.filter(hashes.is_duplicated()), limit)
     return rows, chars if builder.prompt_expr is not None else None
+
+
+def _refuse_duplicate(source: Source, id_column: str, twice: pl.Series, limit: int | None) -> None:
+    """Read the input again for the ids whose hashes met, and name the first one given twice
+    (none, when only the hashes collided)."""
+    ids = pl.col(id_column)
+    seen = []
+    for batch in source.batches(limit, size=VALIDATION_BATCH_ROWS):
+        seen.append(batch.select(ids, POSITION).filter(ids.hash().is_in(twice.implode())))
+        found = pl.concat(seen).filter(ids.is_duplicated())
+        if found.height:
+            value = found[id_column][0]
+            where = found.filter(ids == value)[POSITION][:2].to_list()
+            raise InputError(
+                f"{describe('input.id_column')} '{id_column}' has duplicate values (e.g. {value!r}) "
+                f"at {source.locate(where[0])} and {source.locate(where[1])}); ids must be unique"
+            )
 
 
 def check_models(config: JobConfig, catalogue: Catalogue | None) -> None:

@@ -1,17 +1,26 @@
-"""Reading the input: CSV, Parquet or JSONL, one file or a glob, in batches of bounded size.
+"""Reading the input: CSV (or TSV), Parquet or JSONL, one file or a glob, in batches of bounded
+size.
 
 CSV columns are read as strings: batch-wise type inference could change a column's type half way
 through a file, and `"007"` should stay `"007"`. Parquet and JSONL keep their own types.
+
+The files of a glob are matched by column name into one schema (`reconcile`): the first file's
+columns in its order, then columns first seen in later files; a column a file lacks is null in
+its rows; a type that differs is widened where no value can change (see `_widen`), else refused
+naming both files. A folder that gains a column over time (`incoming/*.parquet`) so still reads
+as one table and writes as one output.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import io
 import itertools
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +29,49 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.options import describe
 
 POSITION = "__pipeline_position"
 FORMATS = {
     ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
     ".parquet": "parquet",
     ".pq": "parquet",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
+DELIMITERS = {"csv": ",", "tsv": "\t"}
 POOL = pa.default_memory_pool()
 BATCH_ROWS = 2_000  # small: the first requests wait for only one batch (the next is prepared ahead)
 
 
 @dataclass(frozen=True)
 class Source:
-    """The input files of a job, in a stable order, with their schema."""
+    """The input files of a job, in a stable order, with their one (reconciled) schema."""
 
     pattern: str
     paths: tuple[Path, ...]
-    format: str
-    schema: pl.Schema
+    format: str  # csv | tsv | parquet | jsonl
+    arrow: pa.Schema  # what every batch is conformed to
+    delimiter: str = ","
+    # The position of each file's first row, learnt as the files are read (to name a row).
+    starts: dict[Path, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def schema(self) -> pl.Schema:
+        return _polars_schema(self.arrow)
 
     @property
     def columns(self) -> list[str]:
-        return list(self.schema.names())
+        return list(self.arrow.names)
 
-    def lazy(self, limit: int | None = None) -> pl.LazyFrame:
-        frame = _scan(self.paths, self.format)
-        if limit is not None:
-            frame = frame.head(limit)
-        return frame
+    def locate(self, position: int) -> str:
+        """Where the row at input `position` is: `file row N`, N counting data rows from 1."""
+        # The last file starting at or before it (an empty file starts where the next does).
+        path, start = next((p, s) for p, s in reversed(self.starts.items()) if s <= position)
+        return f"{path} row {position - start + 1}"
 
     def batches(
         self, limit: int | None = None, size: int = BATCH_ROWS, first: int | None = None
@@ -75,11 +94,14 @@ class Source:
         keeps its exact Arrow types (string, not large_string), so the output can too."""
         position = 0
         want = min(first or size, size)
-        try:
-            for chunk in self._chunks(size):
+        for path in self.paths:
+            self.starts[path] = position
+            for chunk in self._chunks(path, size):
                 table = (
                     pa.Table.from_batches([chunk]) if isinstance(chunk, pa.RecordBatch) else chunk
                 )
+                if table.schema != self.arrow:
+                    table = _conform(table, self.arrow)
                 if limit is not None and position + table.num_rows > limit:
                     table = table.slice(0, limit - position)
                 offset = 0
@@ -96,17 +118,20 @@ class Source:
                 POOL.release_unused()
                 if limit is not None and position >= limit:
                     return
-        except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
-            raise InputError(f"input {self.pattern} cannot be read: {_first_line(exc)}") from None
 
-    def _chunks(self, size: int) -> Iterator[pa.RecordBatch | pa.Table]:
-        for path in self.paths:
+    def _chunks(self, path: Path, size: int) -> Iterator[pa.RecordBatch | pa.Table]:
+        """One file's rows; a file that cannot be read is named, with the line where known."""
+        try:
             if self.format == "parquet":
                 yield from pq.ParquetFile(path).iter_batches(batch_size=size)
-            elif self.format == "csv":
-                yield from self._csv_chunks(path)
-            else:
+            elif self.format == "jsonl":
                 yield from self._jsonl_chunks(path, size)
+            else:
+                yield from self._csv_chunks(path)
+        except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+            if self.format in DELIMITERS:
+                raise _csv_error(path, self.delimiter, exc) from None
+            raise InputError(f"input file {path} cannot be read: {_first_line(exc)}") from None
 
     def _csv_chunks(self, path: Path) -> Iterator[pa.RecordBatch]:
         # Every column a string, an empty field null: what polars' infer_schema=False reads.
@@ -114,15 +139,30 @@ class Source:
             column_types=dict.fromkeys(self.columns, pa.string()),
             null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False,
         )  # fmt: skip
-        yield from pacsv.open_csv(
-            path, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=convert
-        )
+        # newlines_in_values: a quoted value may span lines, also across the reader's blocks
+        # (without it the reader loses sync there); it costs nothing measurable read serially.
+        parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True)
+        last = None
+        for last in pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=1 << 20), parse_options=parse,
+            convert_options=convert,
+        ):  # fmt: skip
+            yield last
+        if last is not None and last.num_rows:
+            _check_closed(path, last.column(last.num_columns - 1)[-1].as_py(), self.delimiter)
 
     def _jsonl_chunks(self, path: Path, size: int) -> Iterator[pa.Table]:
         # JSON Lines holds one object per line, so a run of lines is a valid smaller file.
+        schema = self.schema
+        line = 1
         with path.open("rb") as f:
             while lines := list(itertools.islice(f, size)):
-                yield pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=self.schema).to_arrow()
+                try:
+                    frame = pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=schema)
+                except pl.exceptions.PolarsError as exc:
+                    raise _json_error(path, lines, line, exc) from None
+                yield frame.to_arrow()
+                line += len(lines)
 
     def fingerprint(self) -> list[dict[str, Any]]:
         """Name, size and content hash of each file: a resumed job must read the same rows."""
@@ -134,8 +174,9 @@ class Source:
         return prints
 
 
-def open_source(pattern: str, fmt: str | None = None) -> Source:
-    """Find the files, check they can be read, and read their schema (no rows yet)."""
+def open_source(pattern: str, fmt: str | None = None, delimiter: str | None = None) -> Source:
+    """Find the files, check they can be read, and read and reconcile their schemas (no rows
+    yet)."""
     paths = _expand(pattern)
     formats = {fmt or _format_of(p) for p in paths}
     if len(formats) > 1:
@@ -143,16 +184,120 @@ def open_source(pattern: str, fmt: str | None = None) -> Source:
             f"{describe('input.path')} {pattern} matches files of different formats ({', '.join(sorted(formats))}); use one format"
         )
     (kind,) = formats
+    if delimiter is not None and kind not in DELIMITERS:
+        raise ConfigError(f"{describe('input.delimiter')} applies to CSV input, not {kind}")
+    delimiter = delimiter or DELIMITERS.get(kind, ",")
     for path in paths:
         if path.stat().st_size == 0:
             raise InputError(f"input file {path} is empty")
+    schemas = [(path, _file_schema(path, kind, delimiter)) for path in paths]
+    return Source(pattern, paths, kind, reconcile(schemas, kind), delimiter)
+
+
+def reconcile(schemas: list[tuple[Path, pa.Schema]], kind: str) -> pa.Schema:
+    """One schema for all the files: columns by name, in order of first appearance; nullable
+    when some file lacks the column; types widened by `_widen` or refused naming both files."""
+    fields: dict[str, tuple[pa.Field, Path]] = {}
+    for path, schema in schemas:
+        for new in schema:
+            if new.name not in fields:
+                fields[new.name] = (new, path)
+                continue
+            old, where = fields[new.name]
+            widened = _widen(old.type, new.type, json_numbers=kind == "jsonl")
+            if widened is None:
+                raise InputError(
+                    f"input files {where} and {path} disagree on column '{new.name}' "
+                    f"({old.type} and {new.type}); make them one type, or read them separately"
+                )
+            fields[new.name] = (pa.field(new.name, widened, old.nullable or new.nullable), where)
+    if len(schemas) > 1:  # a column some file lacks is null in that file's rows
+        common = set.intersection(*(set(schema.names) for _, schema in schemas))
+        for name, (old, where) in fields.items():
+            if name not in common:
+                fields[name] = (old.with_nullable(True), where)
+    return pa.schema([f for f, _ in fields.values()])
+
+
+def _widen(a: pa.DataType, b: pa.DataType, json_numbers: bool) -> pa.DataType | None:
+    """The type that holds every value of both without changing one, or None.
+
+    Integers widen to the wider integer (signed when either is); integers of at most 32 bits
+    and floats widen to float64, which holds them exactly. A 64-bit integer with a float is
+    refused for Parquet (float64 rounds past 2**53) but widened for JSONL, whose numbers are
+    one type that JSON itself does not split into ints and floats."""
+    t = pa.types
+    if a == b:
+        return a
+    if t.is_null(a) or t.is_null(b):
+        return b if t.is_null(a) else a
+    if all(t.is_string(x) or t.is_large_string(x) for x in (a, b)):  # one of each
+        return pa.large_string()
+    if t.is_integer(a) and t.is_integer(b):
+        if t.is_signed_integer(a) == t.is_signed_integer(b):
+            return a if a.bit_width >= b.bit_width else b
+        signed, unsigned = (a, b) if t.is_signed_integer(a) else (b, a)
+        if signed.bit_width > unsigned.bit_width:
+            return signed
+        return pa.int64() if unsigned.bit_width < 64 else None
+    if t.is_floating(a) and t.is_floating(b):
+        return a if a.bit_width >= b.bit_width else b
+    if t.is_floating(a) or t.is_floating(b):
+        number = b if t.is_floating(a) else a
+        if t.is_integer(number) and (number.bit_width <= 32 or json_numbers):
+            return pa.float64()
+    return None
+
+
+def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
+    """`table` (one file's rows) in the reconciled schema: columns by name, null where absent."""
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in target
+    ]
+    return pa.Table.from_arrays(columns, schema=target)
+
+
+def _file_schema(path: Path, kind: str, delimiter: str) -> pa.Schema:
+    """One file's schema. JSONL is inferred from every line: a key first seen late, or a float
+    late in a column of ints, must not be dropped or refused half way through the run."""
     try:
-        schema = _scan(paths, kind).collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:
+        if kind == "parquet":
+            return pq.read_schema(path)
+        if kind == "jsonl":
+            schema = pl.scan_ndjson(path, infer_schema_length=None).collect_schema()
+            return pl.DataFrame(schema=schema).to_arrow().schema
+        header = pl.scan_csv(path, separator=delimiter, infer_schema=False).collect_schema()
+        # polars renames a repeated header (`text_duplicated_0`); the rows are read by pyarrow,
+        # which keeps the names as written: read them as written.
+        with pacsv.open_csv(
+            path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string())),
+        ) as reader:  # fmt: skip
+            names = reader.schema.names
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise InputError(
+                f"input file {path} has the column '{repeated[0]}' more than once; give each column its own name"
+            )
+        return pa.schema([(name, pa.string()) for name in names])
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        if kind == "jsonl":
+            with path.open("rb") as f:
+                raise _json_error(path, f, 1, exc) from None
+        if kind in DELIMITERS and "utf-8" in str(exc).lower():
+            raise _csv_error(path, delimiter, exc) from None
+        shown = "csv" if kind in DELIMITERS else kind
         raise InputError(
-            f"input file {_culprit(paths, kind)} cannot be read as {kind}: {_first_line(exc)}"
+            f"input file {path} cannot be read as {shown}: {_first_line(exc)}"
         ) from None
-    return Source(pattern, paths, kind, schema)
+
+
+def _polars_schema(arrow: pa.Schema) -> pl.Schema:
+    frame = pl.from_arrow(arrow.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame.schema
 
 
 def _expand(pattern: str) -> tuple[Path, ...]:
@@ -177,28 +322,86 @@ def _format_of(path: Path) -> str:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(
-            f"input file {path}: cannot tell the format from '{path.suffix}'; set {describe('input.format')} to csv, parquet or jsonl"
+            f"input file {path}: cannot tell the format from '{path.suffix}'; set {describe('input.format')} to csv, tsv, parquet or jsonl"
         )
     return kind
 
 
-def _scan(paths: tuple[Path, ...], kind: str) -> pl.LazyFrame:
-    sources = [str(p) for p in paths]
-    if kind == "csv":
-        return pl.scan_csv(sources, infer_schema=False)
-    if kind == "parquet":
-        return pl.scan_parquet(sources)
-    return pl.scan_ndjson(sources, infer_schema_length=1000)
+# ----------------------------------------------------------- naming the line that is wrong
+# These run only once reading has failed, so they may take their time.
 
 
-def _culprit(paths: tuple[Path, ...], kind: str) -> Path:
-    """With several files, find the one that fails to read."""
-    for path in paths:
+def _check_closed(path: Path, last_value: Any, delimiter: str) -> None:
+    """Refuse a quote still open at the end of the file. The CSV reader accepts it, and the
+    value then holds every line after the quote. Only the last value of the last row can be
+    such a value (elsewhere the row comes out a field short, which the reader refuses), and it
+    is one when the file ends with it, quoted but unclosed, at the start of a field."""
+    if not isinstance(last_value, str):
+        return
+    tail = b'"' + last_value.encode().replace(b'"', b'""')
+    size = path.stat().st_size
+    start = size - len(tail)
+    if start < 0:
+        return
+    with path.open("rb") as f:
+        f.seek(max(start - 1, 0))
+        before = f.read(1) if start > 0 else b"\n"
+        if f.read() != tail or before not in (delimiter.encode(), b"\n", b"\r"):
+            return
+        f.seek(0)
+        line = f.read(start).count(b"\n") + 1
+    raise InputError(
+        f"input file {path}:{line}: a quote opened here is never closed, so every line after "
+        'it would be one value; close it (a quote inside a quoted value is written "")'
+    )
+
+
+def _csv_error(path: Path, delimiter: str, exc: BaseException) -> InputError:
+    """The first record the CSV reader stumbled on, by line: not UTF-8, or the wrong number of
+    fields. Found with Python's csv module, which reads quotes as the Arrow reader does."""
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, [])
+        line = reader.line_num + 1
+        for record in reader:
+            for name, value in zip(header, record, strict=False):
+                if any("\udc80" <= ch <= "\udcff" for ch in value):
+                    return InputError(
+                        f"input file {path}:{line} cannot be read: column '{name}' is not UTF-8; re-encode the "
+                        f"file, e.g. `iconv -f latin1 -t utf-8 {path} > utf8.csv`"
+                    )
+            if len(record) != len(header):
+                return InputError(
+                    f"input file {path}:{line} is not valid CSV: {len(record)} fields where the "
+                    f"header has {len(header)}; check its quotes and delimiters"
+                )
+            line = reader.line_num + 1
+    if any("\udc80" <= ch <= "\udcff" for ch in "".join(header)):
+        return InputError(f"input file {path}:1: the header is not UTF-8; re-encode the file")
+    return InputError(f"input file {path} cannot be read as csv: {_first_line(exc)}")
+
+
+def _json_error(
+    path: Path, lines: Any, first: int, exc: BaseException
+) -> InputError:  # lines: an iterable of bytes
+    """The first of `lines` (numbered from `first`) that is not one JSON object."""
+    for number, raw in enumerate(lines, start=first):
+        if not raw.strip():
+            continue
         try:
-            _scan((path,), kind).collect_schema()
-        except (pl.exceptions.PolarsError, OSError):
-            return path
-    return paths[0]
+            value = json.loads(raw)
+        except UnicodeDecodeError:
+            return InputError(
+                f"input file {path}:{number} is not UTF-8; re-encode the file, e.g. "
+                f"`iconv -f latin1 -t utf-8 {path} > utf8.jsonl`"
+            )
+        except json.JSONDecodeError as error:
+            return InputError(
+                f"input file {path}:{number} is not valid JSON: {error.msg} at character {error.colno}"
+            )
+        if not isinstance(value, dict):
+            return InputError(f"input file {path}:{number} is not a JSON object, one per line")
+    return InputError(f"input file {path} cannot be read as jsonl: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
