@@ -272,11 +272,7 @@ def _file_schema(path: Path, kind: str, delimiter: str) -> pa.Schema:
         header = pl.scan_csv(path, separator=delimiter, infer_schema=False).collect_schema()
         # polars renames a repeated header (`text_duplicated_0`); the rows are read by pyarrow,
         # which keeps the names as written: read them as written.
-        with pacsv.open_csv(
-            path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string())),
-        ) as reader:  # fmt: skip
-            names = reader.schema.names
+        names = _csv_header(path, delimiter) or list(header)
         if repeated := sorted({n for n in names if names.count(n) > 1}):
             raise InputError(
                 f"input file {path} has the column '{repeated[0]}' more than once; give each column its own name"
@@ -292,6 +288,15 @@ def _file_schema(path: Path, kind: str, delimiter: str) -> pa.Schema:
         raise InputError(
             f"input file {path} cannot be read as {shown}: {_first_line(exc)}"
         ) from None
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str] | None:
+    """The header's names as written (None if it is not UTF-8: the read says where)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        try:
+            return next(csv.reader(f, delimiter=delimiter), None)
+        except (UnicodeDecodeError, csv.Error):
+            return None
 
 
 def _polars_schema(arrow: pa.Schema) -> pl.Schema:
