@@ -31,7 +31,7 @@ from pipeline.errors import CreditsError, Interrupted, JobStopped, OutOfTime
 from pipeline.feed import Feed, with_earlier_answers
 from pipeline.journal import Journal, JournalWriter
 from pipeline.limits import Limits
-from pipeline.lock import JobLock
+from pipeline.lock import job_locks
 from pipeline.money import (
     Budget,
     Catalogue,
@@ -98,7 +98,7 @@ def run_job(config: JobConfig, options: RunOptions | None = None) -> JobReport:
     if it cannot finish."""
     options = options or RunOptions()
     check_folders(config)
-    with JobLock(config.output.journal_path):
+    with job_locks(config.output.journal_path, Path(config.output.path)):
         ensure_open_files(config.limits.concurrency)
         plan = plan_job(config, options.limit)
         key = api_key(config)
