@@ -13,7 +13,8 @@ these in exactly one place each, so the CLI can map every one to a message and a
     │   ├── AuthError             401: the key is missing, wrong or disabled
     │   ├── CreditsError          402: out of credits
     │   ├── BudgetReached         cost.max_cost would be passed (pipeline.money)
-    │   └── TrustError            the endpoint's TLS certificate does not verify
+    │   ├── TrustError            the endpoint's TLS certificate does not verify
+    │   └── DiskFull              the journal or the output cannot be written (full disk, quota)
     ├── NotSent                   the run is stopping: a row's next request is not sent
     ├── Locked                    exit 5: another run holds the job's lock; nothing was touched
     └── Interrupted               exit 130 / 143: SIGINT / SIGTERM, journal flushed; resumable
@@ -21,6 +22,8 @@ these in exactly one place each, so the CLI can map every one to a message and a
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 
@@ -125,6 +128,33 @@ class CreditsError(JobStopped):
 
 class TrustError(JobStopped):
     """The endpoint's TLS certificate failed verification (which cannot be switched off)."""
+
+
+class DiskFull(JobStopped):
+    """The journal or the output could not be written: a full disk, a quota, a file size
+    limit. What was committed stays; the next run, once there is room, resumes."""
+
+
+# errno values of a write that found no room: no space, a quota, a file size limit (ulimit -f).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a failed write (an OSError, or sqlite3's) found no room. SQLite says SQLITE_FULL
+    for ENOSPC, but a plain write error (SQLITE_IOERR_WRITE, "disk I/O error") for EFBIG and
+    EDQUOT."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        return bool(name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"))
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_message(what: str, path: object, exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        detail = os.strerror(exc.errno)  # pyarrow's own wording is long
+    else:
+        detail = str(exc).strip().splitlines()[0]
+    return f"cannot write {what} {path}: the disk is full, or a quota or file size limit is reached ({detail})"
 
 
 class Locked(PipelineError):

@@ -27,11 +27,11 @@ from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient, connect
 from pipeline.config import JobConfig, api_key
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import CreditsError, Interrupted, JobStopped, OutOfTime
+from pipeline.errors import CreditsError, DiskFull, Interrupted, JobStopped, OutOfTime, UserError
 from pipeline.feed import Feed, with_earlier_answers
 from pipeline.journal import Journal, JournalWriter
 from pipeline.limits import Limits
-from pipeline.lock import JobLock
+from pipeline.lock import job_locks
 from pipeline.money import (
     Budget,
     Catalogue,
@@ -98,7 +98,7 @@ def run_job(config: JobConfig, options: RunOptions | None = None) -> JobReport:
     if it cannot finish."""
     options = options or RunOptions()
     check_folders(config)
-    with JobLock(config.output.journal_path):
+    with job_locks(config.output.journal_path, Path(config.output.path)):
         ensure_open_files(config.limits.concurrency)
         plan = plan_job(config, options.limit)
         key = api_key(config)
@@ -135,6 +135,7 @@ class Run:
         self.options = options
         self.builder = plan.builder.for_catalogue(catalogue)
         self.stopped: Stop | None = None
+        self.sent = 0  # rows this run sent (a full disk then stops it resumable, not refused)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Run:
@@ -209,13 +210,20 @@ class Run:
         report.job_totals = self.journal.totals(below=plan.slots)
         report.changed = self.feed.changed
         if self.output is not None:
-            self.output.finish(
-                {
-                    "tool": "prompt-pipeline", "version": __version__,
-                    "config_fingerprint": config.fingerprint_hash(),
-                    "model": config.request.model, **report.job_totals.as_dict(),
-                }
-            )  # fmt: skip
+            try:
+                self.output.finish(
+                    {
+                        "tool": "prompt-pipeline", "version": __version__,
+                        "config_fingerprint": config.fingerprint_hash(),
+                        "model": config.request.model, **report.job_totals.as_dict(),
+                    }
+                )  # fmt: skip
+            except JobStopped as exc:  # the output cannot be written
+                if self.sent:
+                    raise
+                raise UserError(
+                    f"{exc}".replace("; every answer", ". Nothing was sent; every answer")
+                ) from None
             report.write_seconds = self.output.final_seconds
             report.write_cpu_seconds = self.output.cpu_seconds
         return report
@@ -240,6 +248,7 @@ class Run:
         limits = Limits(config.limits.requests_per_second, config.limits.tpm)
         stopping = asyncio.Event()
         self.writer = JournalWriter(self.journal, self.cache, on_commit=self._committed)
+        self.writer.on_failure = self._journal_full
         answerer = ChatAnswerer(
             self.client, limits, RetryPolicy.from_config(config.retry), catalogue=self.catalogue,
             reservations=Reservations(self.budget, self.catalogue, config.request.fallback_models or ())
@@ -262,6 +271,7 @@ class Run:
         progress, log_prompts = self.progress, self.progress.logs.prompts
 
         def finished(row: Row, result: Result) -> None:
+            self.sent += 1
             self.writer.add(result)
             prompt = _prompt_text(row) if log_prompts and result.status != OK else None
             progress.update(result, answerer.retries, limits.rate_limited, prompt)
@@ -288,13 +298,28 @@ class Run:
             _restore_signals(self._outer_signals)
         self._raise_if_stopped()
 
+    def _journal_full(self, _failure: DiskFull) -> None:
+        """A commit found no room: send nothing more (its answers could not be saved); the
+        results wait in memory, and each later flush tries them again."""
+        message = "stopping: the journal cannot be written, no more requests will be sent"
+        self.stop(Stop("disk_full", message), SHUTDOWN_GRACE)
+
     def _raise_if_stopped(self) -> None:
-        if self.stopped is None:
-            return
-        if self.stopped.signum is not None:
+        if self.stopped is not None and self.stopped.signum is not None:
             raise Interrupted(self.stopped.signum)
         left = self.plan.slots - self.journal.settled_count(below=self.plan.slots)
-        if left:
+        failure, unsaved = self.writer.failure, self.writer.unsaved
+        if failure is not None and (unsaved or left):
+            lost = (
+                f"{unsaved:,} answer(s) could not be saved and will be sent again; "
+                if unsaved
+                else ""
+            )
+            raise DiskFull(
+                f"{failure}; stopped sending. {lost}the journal keeps every other answer: free some "
+                "space and run the same command again (rows saved are not paid again)"
+            )
+        if self.stopped is not None and left:
             raise OutOfTime(
                 f"--max-runtime reached: stopped sending and saved the journal, {left:,} row(s) left; the next run resumes"
             )

@@ -14,14 +14,14 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.cache import ResponseCache
-from pipeline.errors import JournalError
+from pipeline.errors import DiskFull, JournalError, disk_full_message, is_disk_full
 from pipeline.records import (
     API,
     NOT_NULL,
@@ -173,7 +173,7 @@ class Journal:
     def _check(self, fingerprint: dict[str, Any], incremental: bool) -> None:
         stored = self.meta()
         if not stored:
-            with self._db:
+            with _refused_when_full(self.path), self._db:
                 self._db.executemany(
                     "INSERT INTO meta (name, value) VALUES (?, ?)",
                     [
@@ -287,7 +287,7 @@ class Journal:
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
         if attempts:
-            with self._guard, self._db:
+            with self._guard, self._full_stops(), self._db:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO lost_attempts (generation_id, position, kind) VALUES (?, ?, ?)",
                     attempts,
@@ -303,13 +303,24 @@ class Journal:
             ]
 
     def reconcile(self, costs: dict[str, float]) -> None:
-        with self._guard, self._db:
+        with self._guard, self._full_stops(), self._db:
             self._db.executemany(
                 "UPDATE lost_attempts SET cost_usd = ? WHERE generation_id = ?",
                 [(c, g) for g, c in costs.items()],
             )
 
     # ----------------------------------------------------------------------------- writes
+
+    @contextlib.contextmanager
+    def _full_stops(self) -> Iterator[None]:
+        """A commit the disk has no room for is rolled back (the journal stays whole) and
+        stops the job: every later commit would fail too."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            raise DiskFull(disk_full_message("journal", self.path, exc)) from None
 
     def write(self, results: list[Result]) -> list[tuple[Any, ...]]:
         """Commit `results` in one transaction (durable once this returns); returns them as
@@ -322,7 +333,7 @@ class Journal:
             tuple(chain.from_iterable(values[start : start + ROWS_PER_INSERT]))
             for start in range(0, whole, ROWS_PER_INSERT)
         )
-        with self._guard, self._db:
+        with self._guard, self._full_stops(), self._db:
             self._db.executemany(_INSERT_MANY, runs)
             self._db.executemany(_INSERT, values[whole:])
         return values
@@ -348,6 +359,14 @@ class JournalWriter:
         self._lost: list[tuple[str, int, str]] = []
         self._flushing = asyncio.Lock()
         self._stopped = asyncio.Event()
+        # Set when a commit found the disk full: its results wait for the next attempt.
+        self.failure: DiskFull | None = None
+        self.on_failure: Callable[[DiskFull], None] | None = None
+
+    @property
+    def unsaved(self) -> int:
+        """Results not committed (yet)."""
+        return len(self._pending)
 
     def add(self, result: Result) -> None:
         self._pending.append(result)
@@ -360,7 +379,13 @@ class JournalWriter:
             batch, self._pending = self._pending, []
             lost, self._lost = self._lost, []
             if batch or lost:
-                await asyncio.to_thread(self._write, batch, lost)
+                try:
+                    await asyncio.to_thread(self._write, batch, lost)
+                except DiskFull as exc:  # kept, and tried again: room may be made
+                    self._pending[:0], self._lost[:0] = batch, lost
+                    first, self.failure = self.failure is None, exc
+                    if first and self.on_failure is not None:
+                        self.on_failure(exc)
 
     def _write(self, batch: list[Result], lost: list[tuple[str, int, str]]) -> None:
         self.journal.record_lost(lost)  # before the rows: a row's lost attempts are never missed
@@ -420,7 +445,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     torn WAL; it is only an index, so with the job lock held it is dropped and rebuilt from the
     WAL, whose torn frames fail their checksums and are ignored. Anything else damaged is refused."""
     try:
-        return _open_checked(path)
+        with _refused_when_full(path):
+            return _open_checked(path)
     except sqlite3.DatabaseError as exc:
         failure: sqlite3.DatabaseError = exc
     index = Path(f"{path}-shm")
@@ -436,6 +462,20 @@ def _connect(path: Path) -> sqlite3.Connection:
     raise JournalError(
         f"journal {path} is damaged ({detail}); move it aside and re-run, or re-run with --restart"
     )
+
+
+@contextlib.contextmanager
+def _refused_when_full(path: Path) -> Iterator[None]:
+    """Opening the journal on a full disk: refused before anything is sent (exit 1), never
+    called damaged (which would suggest --restart)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if not is_disk_full(exc):
+            raise
+        raise JournalError(
+            f"{disk_full_message('journal', path, exc)}; nothing was sent. Free some space and run again"
+        ) from None
 
 
 def _open_checked(path: Path) -> sqlite3.Connection:

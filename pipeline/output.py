@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.answers import AnswerSpec
-from pipeline.errors import InputError
+from pipeline.errors import DiskFull, InputError, JobStopped, disk_full_message, is_disk_full
 from pipeline.journal import Journal, every
 from pipeline.options import describe
 from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, RESULT_TYPES, Row, Slots
@@ -276,26 +276,41 @@ class ParquetSink:
         table = inputs
         for name, column in zip(self.names, columns, strict=True):
             table = table.append_column(pa.field(name, column.type), column)
-        if self._writer is None:
-            self._schema = table.schema
-            dictionary = [name for name in self._schema.names if name not in self._plain]
-            self._writer = pq.ParquetWriter(
-                self.tmp, self._schema, compression="zstd", use_dictionary=dictionary
-            )
-        elif table.schema != self._schema:
-            table = table.cast(self._schema)
-        self._writer.write_table(table)
+        with self._stops_on_failure():
+            if self._writer is None:
+                self._schema = table.schema
+                dictionary = [name for name in self._schema.names if name not in self._plain]
+                self._writer = pq.ParquetWriter(
+                    self.tmp, self._schema, compression="zstd", use_dictionary=dictionary
+                )
+            elif table.schema != self._schema:
+                table = table.cast(self._schema)
+            self._writer.write_table(table)
 
     def commit(self, metadata: dict[str, Any]) -> None:
         """Finish the file with `metadata`, make it durable, then move it into place."""
         if self._writer is None:
             raise InputError("the input has no rows to write")
-        self._writer.add_key_value_metadata({"pipeline": json.dumps(metadata, sort_keys=True)})
-        self._writer.close()
-        self._writer = None
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        with self._stops_on_failure():
+            self._writer.add_key_value_metadata({"pipeline": json.dumps(metadata, sort_keys=True)})
+            self._writer.close()
+            self._writer = None
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+
+    @contextlib.contextmanager
+    def _stops_on_failure(self) -> Iterator[None]:
+        """The output could not be written (a full disk, most likely): every answer is in the
+        journal, so the job stops resumable, and the next run writes the file without sending."""
+        try:
+            yield
+        except OSError as exc:
+            then = "every answer is saved in the journal: free some space and run the same command again (nothing is paid again)"
+            if is_disk_full(exc):
+                raise DiskFull(f"{disk_full_message('output', self.path, exc)}; {then}") from None
+            reason = exc.strerror or str(exc).strip().splitlines()[0]
+            raise JobStopped(f"cannot write output {self.path} ({reason}); {then}") from None
 
     def discard(self) -> None:
         if self._writer is not None:

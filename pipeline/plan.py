@@ -2,13 +2,17 @@
 `estimate` share.
 
 Order matters for the promise "bad input: nothing sent, nothing written": the input is
-readable, the columns are there, the ids unique, the output takes new files and is not the
-input; then, once the endpoint's `/models` is known, the models exist and a budget can hold.
+readable, the columns are there, the ids unique; the output and journal take new files and
+are neither the input nor each other (`check_folders`, before anything); then, once the
+endpoint's `/models` is known, the models exist and a budget can hold.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import glob
+import os
 import resource
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ import polars as pl
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError
+from pipeline.lock import lock_path
 from pipeline.money import Catalogue, most_output_tokens, unknown_limit
 from pipeline.options import describe
 from pipeline.output import OutputLayout
@@ -59,32 +64,114 @@ def plan_job(config: JobConfig, limit: int | None = None) -> JobPlan:
     source = open_source(config.input.path, config.input.format, config.input.delimiter)
     builder = RequestBuilder(config, source.schema)
     layout = OutputLayout.for_job(config, builder.answers, source.columns)
-    output = Path(config.output.path)
-    if any(output.resolve() == p.resolve() for p in source.paths):
-        raise InputError(
-            f"{describe('output.path')} {output} is the input file; choose another output path"
-        )
     rows, prompt_chars = validate_rows(source, config, builder, limit)
     return JobPlan(config, source, builder, layout, rows, prompt_chars, limit)
 
 
 def check_folders(config: JobConfig) -> None:
-    """The output and journal folders exist and take new files (tried, not guessed: root passes
-    every permission check, yet a read-only or immutable folder still refuses)."""
+    """The output and journal can be written where they are named, and the run's files are
+    distinct from the input and from each other (before the lock: `<journal>.lock` might be
+    the input)."""
+    output = Path(config.output.path)
     for path, key in (
-        (Path(config.output.path), describe("output.path")),
+        (output, describe("output.path")),
         (config.output.journal_path, describe("output.journal")),
     ):
-        folder = path.parent
-        if not folder.is_dir():
-            raise InputError(f"{key} {path}: folder {folder} does not exist; create it first")
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".pipeline-probe-"):
-                pass
-        except OSError as exc:
+        _check_writable(path, key)
+    check_distinct(config)  # before the name: an output that is the input says so
+    if output.suffix.lower() in OTHER_FORMATS:
+        raise InputError(
+            f"{describe('output.path')} {output}: the output is written as Parquet, not {output.suffix}; "
+            "name it .parquet or .pq"
+        )
+
+
+# Data formats the output is not written in: a name ending so is a mistake. Any other name,
+# none at all included, is the user's to choose; the file is Parquet all the same.
+OTHER_FORMATS = frozenset(
+    {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".txt", ".xlsx", ".xls", ".arrow", ".feather", ".avro", ".orc"}
+)  # fmt: skip
+
+
+def _check_writable(path: Path, key: str) -> None:
+    """The file is a regular file or absent, in a folder that takes new files (tried, not
+    guessed: root passes every permission check, yet a read-only or immutable folder still
+    refuses)."""
+    if path.is_dir():
+        raise InputError(
+            f"{key} {path} is a folder; name the file to write in it, e.g. {path / 'out.parquet'}"
+        )
+    if path.exists() and not path.is_file():
+        raise InputError(f"{key} {path} is not a regular file; name a file to write")
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{key} {path}: {folder} is not a folder but a file; choose another path")
+    if not folder.is_dir():
+        raise InputError(f"{key} {path}: folder {folder} does not exist; create it first")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pipeline-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"{key} {path}: folder {folder} is not writable ({exc.strerror})"
+        ) from None
+
+
+def check_distinct(config: JobConfig) -> None:
+    """The input files, the output and the journal (with the files each brings: lock files,
+    sqlite's `-wal` / `-shm`, the unfinished output) are all different files, whatever the
+    spelling: symlinks, `..` and hard links included. Otherwise `--restart` would delete the
+    input, or the output overwrite the paid answers."""
+    output, journal = Path(config.output.path), config.output.journal_path
+    written = {
+        describe("output.path"): (output, [output, lock_path(Path(os.path.realpath(output)))]),
+        describe("output.journal"): (
+            journal,
+            [journal, *(Path(f"{journal}{s}") for s in ("-wal", "-shm")), lock_path(journal)],
+        ),
+    }
+    files = [(path, _identity(path)) for path in _input_files(config.input.path)]
+    for key, (named, paths) in written.items():
+        for path in paths:
+            for input_file, identity in files:
+                if _identity(path) == identity:
+                    what = f"{named}" if path == named else f"{named}: its file {path}"
+                    raise InputError(
+                        f"{key} {what} is the input file {input_file}; choose another path"
+                    )
+    (out_key, (out, out_paths)), (journal_key, (_, journal_paths)) = written.items()
+    taken = {_identity(p) for p in out_paths}
+    for path in journal_paths:
+        if _identity(path) in taken:
             raise InputError(
-                f"{key} {path}: folder {folder} is not writable ({exc.strerror})"
-            ) from None
+                f"{journal_key} {journal} and {out_key} {out} would share the file {path}: the output "
+                "would overwrite the journal of the answers paid for; choose another journal path"
+            )
+    # A dead run's unfinished output (`.NAME.tmp-PID`) is deleted when the next one starts.
+    for input_file, _ in files:
+        if fnmatch.fnmatch(input_file.name, f".{out.name}.tmp-*") and _identity(
+            input_file.parent
+        ) == _identity(out.parent):
+            raise InputError(
+                f"{out_key} {out}: the input file {input_file} has the name of an unfinished output "
+                "and would be deleted; rename it or choose another output path"
+            )
+
+
+def _identity(path: Path) -> tuple[object, ...]:
+    """What a file is: its device and inode when it exists, else its real path."""
+    try:
+        status = path.stat()
+    except OSError:
+        return (os.path.realpath(path),)
+    return (status.st_dev, status.st_ino)
+
+
+def _input_files(pattern: str) -> list[Path]:
+    """The input's files as far as they exist (reading them, later, says what is missing)."""
+    if glob.has_magic(pattern):
+        return [Path(p) for p in glob.glob(pattern, recursive=True)]
+    return [Path(pattern)] if Path(pattern).exists() else []
 
 
 def ensure_open_files(concurrency: int) -> None:
