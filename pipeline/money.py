@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import JobStopped
+from pipeline.errors import JobStopped, TrustError, Unreachable, UserError
 from pipeline.options import describe
 
 if TYPE_CHECKING:
@@ -289,18 +289,48 @@ class Reservations:
 
 
 async def load_catalogue(
-    client: OpenRouterClient, config: JobConfig, *, refresh: bool = False
+    client: OpenRouterClient, config: JobConfig, *, refresh: bool = False, required: bool = False
 ) -> Catalogue | None:
-    """Prices from `/models`: from the disk cache when fresh, else fetched (and cached)."""
+    """Prices from `/models`: from the disk cache when fresh, else fetched (and cached). An
+    endpoint that cannot be reached raises `Unreachable`: every request would fail too. One
+    without a model list gives None, or with `required` a `UserError` saying why."""
     endpoint = "(simulator)" if config.request.simulate else config.request.base_url
     if not refresh and (cached := cached_listing(endpoint, config.cost.prices_ttl)) is not None:
         body, fetched_at = cached
         return Catalogue.from_response(body, fetched_at)
-    body = await client.get_json("/models")
-    if body is None:
+    url = f"{client.base_url}/models"
+    try:
+        status, body = await client.fetch_json("/models")
+    except TrustError as exc:
+        if required:
+            raise UserError(f"{url} did not answer with a model list: {exc}") from None
+        raise
+    except Unreachable as exc:
+        if required:
+            raise UserError(f"{url} did not answer with a model list: {exc.cause}") from None
+        if exc.connected:
+            return None  # connected, but no answer: the requests themselves will tell
+        raise Unreachable(
+            f"{exc}; nothing was sent. Check {describe('request.base_url')} and that the endpoint "
+            "is up, then re-run the same command.",
+            exc.cause, connected=False,
+        ) from None  # fmt: skip
+    listed = isinstance(body, dict) and isinstance(body.get("data"), list)
+    if status != 200 or not listed:
+        if required:
+            raise UserError(f"{url} did not answer with a model list: {_answer(status, body)}")
         return None
     store_listing(endpoint, body)
     return Catalogue.from_response(body, time.time())
+
+
+def _answer(status: int, body: Any) -> str:
+    """What an endpoint said instead of a model list, in one line."""
+    if status != 200:
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        return f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    return "HTTP 200 without a `data` list of models"
 
 
 async def credit_warning(

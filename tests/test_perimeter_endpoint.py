@@ -1,0 +1,149 @@
+"""The endpoint's perimeter: an endpoint that cannot be reached (or stops answering) stops the
+job once, by name, resumably; `pipeline models` lists what an OpenAI-compatible server lists and
+says why when it cannot; `pipeline estimate` sends nothing, so it needs no key."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import polars as pl
+
+from pipeline.simulator import SimConfig, SimulatorThread
+from pipeline.simulator.runner import start
+from tests.helpers import FAST, cli_env, run_cli, sim_get, sim_post, start_cli, wait_for, write_job
+
+
+def write_input(folder: Path, n: int) -> None:
+    pl.DataFrame(
+        {"id": [f"k{i}" for i in range(n)], "text": [f"item {i}: bright lamp" for i in range(n)]}
+    ).write_csv(folder / "in.csv")
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class SimOnPort(SimulatorThread):
+    """A simulator thread on a given port: the endpoint "comes back" at the same address."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(SimConfig().updated(FAST))
+        self._port = port
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(
+            start(self._config, self._host, self._port), self._loop
+        )
+        self.running = future.result(timeout=10)
+        return self.running
+
+
+def at(base_url: str) -> Any:
+    """What `write_job` needs of a simulator to aim a job at `base_url`."""
+    return SimpleNamespace(base_url=base_url)
+
+
+def pipeline_cli(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Any `pipeline` command in a subprocess, the way a user runs it (no key by default)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True, text=True, env=cli_env(key), timeout=60, check=False,
+    )  # fmt: skip
+
+
+def one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+# ------------------------------------------------------------- 10. unreachable endpoints
+
+
+def test_refused_at_start_stops_once_by_name_and_the_rerun_resumes(tmp_path: Path) -> None:
+    write_input(tmp_path, 12)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/api/v1"
+    config = write_job(tmp_path, at(base_url))
+    done = run_cli(str(config))
+    assert done.returncode == 4, done.stderr
+    line = one_error_line(done.stderr)
+    assert f"cannot reach {base_url}: connection refused" in line
+    assert not (tmp_path / "out.parquet").exists()  # no file of error rows never answered
+
+    with SimOnPort(port) as sim:
+        again = run_cli(str(config))
+        stats = sim_get(sim, "stats")
+    assert again.returncode == 0, again.stderr
+    assert stats["requests"] == 12
+    assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 12
+
+
+def test_an_endpoint_that_stops_answering_mid_run_stops_the_job_and_resumes_paying_once(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    rows = 400
+    write_input(tmp_path, rows)
+    with sim_thread(latency=0.01) as sim:
+        config = str(write_job(tmp_path, sim, extra="[limits]\nconcurrency = 4\n"))
+        proc = start_cli(config)
+        wait_for(lambda: len(sim_get(sim, "ledger")["data"]) >= 20, what="some rows answered")
+        sim_post(sim, "config", {"fault_rates": {"reset": 1.0}})  # every request: reset
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 4, stderr
+        line = one_error_line(stderr)
+        assert sim.base_url in line and "answered no request" in line, line
+        assert not (tmp_path / "out.parquet").exists()
+
+        sim_post(sim, "config", {"fault_rates": {}})
+        again = run_cli(config)
+        ledger = sim_get(sim, "ledger")["data"]
+    assert again.returncode == 0, again.stderr
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * rows
+    paid = Counter(e["messages_digest"] for e in ledger if e["outcome"] == "ok")
+    assert len(paid) == rows and paid.most_common(1)[0][1] == 1  # nothing paid twice
+
+
+def test_a_sprinkle_of_resets_is_retried_per_row_and_never_stops_the_job(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    write_input(tmp_path, 200)
+    with sim_thread(fault_rates={"reset": 0.15}, seed=5) as sim:
+        config = write_job(
+            tmp_path,
+            sim,
+            extra="[retry]\nbackoff_base = 0\nmax_attempts = 6\n[limits]\nconcurrency = 4\n",
+        )
+        done = run_cli(str(config))
+        stats = sim_get(sim, "stats")
+    assert done.returncode == 0, done.stderr
+    assert stats["faults"].get("reset", 0) > 10  # the resets really happened
+
+
+def test_tls_to_a_plain_http_port_stops_at_once_naming_the_handshake(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    write_input(tmp_path, 6)
+    with sim_thread() as sim:
+        base_url = sim.base_url.replace("http://", "https://")
+        config = write_job(tmp_path, at(base_url))
+        done = run_cli(str(config))
+        stats = sim_get(sim, "stats")
+    assert done.returncode == 4, done.stderr
+    line = one_error_line(done.stderr)
+    assert f"cannot reach {base_url}: TLS handshake failed" in line
+    assert stats["requests"] == 0
+    assert not (tmp_path / "out.parquet").exists()
