@@ -5,6 +5,7 @@ says why when it cannot; `pipeline estimate` sends nothing, so it needs no key."
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -14,10 +15,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import polars as pl
+from aiohttp import web
 
 from pipeline.simulator import SimConfig, SimulatorThread
 from pipeline.simulator.runner import start
 from tests.helpers import FAST, cli_env, run_cli, sim_get, sim_post, start_cli, wait_for, write_job
+from tests.test_security import Recorder
 
 
 def write_input(folder: Path, n: int) -> None:
@@ -147,3 +150,77 @@ def test_tls_to_a_plain_http_port_stops_at_once_naming_the_handshake(
     assert f"cannot reach {base_url}: TLS handshake failed" in line
     assert stats["requests"] == 0
     assert not (tmp_path / "out.parquet").exists()
+
+
+# --------------------------------------------------- 11. `pipeline models`, OpenAI-style
+
+OPENAI_MODELS = {
+    "object": "list",
+    "data": [
+        {"id": "llama-3-8b", "object": "model", "created": 1700000000, "owned_by": "vllm"},
+        {"id": "qwen2-7b", "object": "model", "created": 1700000001, "owned_by": "vllm"},
+    ],
+}
+
+
+def openai_server(request: web.Request) -> web.Response:
+    """A plain OpenAI-compatible server: models without prices, answers without cost."""
+    if request.path.endswith("/models"):
+        return web.json_response(OPENAI_MODELS)
+    if request.path.endswith("/chat/completions"):
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
+            "model": "llama-3-8b",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        })  # fmt: skip
+    return web.json_response({"error": {"message": "not found"}}, status=404)
+
+
+def test_models_lists_an_openai_compatible_servers_models_with_the_price_unknown() -> None:
+    with Recorder("127.0.0.1", openai_server) as server:
+        base_url = f"http://127.0.0.1:{server.port}/v1"
+        listed = pipeline_cli("models", "--base-url", base_url)
+        as_json = pipeline_cli("models", "--base-url", base_url, "--json", "--refresh")
+    assert listed.returncode == 0, listed.stderr
+    assert "llama-3-8b" in listed.stdout and "qwen2-7b" in listed.stdout
+    assert "2 model(s)" in listed.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    entries = json.loads(as_json.stdout)
+    assert [e["id"] for e in entries] == ["llama-3-8b", "qwen2-7b"]
+    assert entries[0]["prompt_per_million"] is None  # unknown, never a made-up 0
+
+
+def test_a_run_against_an_openai_compatible_server_works_with_the_cost_null(
+    tmp_path: Path,
+) -> None:
+    write_input(tmp_path, 3)
+    with Recorder("127.0.0.1", openai_server) as server:
+        base_url = f"http://127.0.0.1:{server.port}/v1"
+        config = write_job(tmp_path, at(base_url))
+        done = run_cli(str(config), "--model", "llama-3-8b")
+    assert done.returncode == 0, done.stderr
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * 3
+    assert out["cost_usd"].null_count() == 3
+
+
+def test_models_says_why_when_the_server_does_not_list_models() -> None:
+    refused_url = f"http://127.0.0.1:{free_port()}/api/v1"
+    refused = pipeline_cli("models", "--base-url", refused_url)
+    assert refused.returncode == 1, refused.stderr
+    line = one_error_line(refused.stderr)
+    assert f"{refused_url}/models did not answer with a model list" in line
+    assert "connection refused" in line
+
+    for status in (400, 401, 500):
+
+        def failing(request: web.Request, status: int = status) -> web.Response:
+            return web.json_response({"error": {"message": f"nope {status}"}}, status=status)
+
+        with Recorder("127.0.0.1", failing) as server:
+            done = pipeline_cli("models", "--base-url", f"http://127.0.0.1:{server.port}/v1")
+        assert done.returncode == 1, done.stderr
+        line = one_error_line(done.stderr)
+        assert f"HTTP {status}" in line and f"nope {status}" in line, line
