@@ -224,3 +224,20 @@ def test_models_says_why_when_the_server_does_not_list_models() -> None:
         assert done.returncode == 1, done.stderr
         line = one_error_line(done.stderr)
         assert f"HTTP {status}" in line and f"nope {status}" in line, line
+
+
+# ---------------------------------------------------------- 21. estimate needs no key
+
+
+def test_estimate_needs_no_key_but_a_pilot_does(tmp_path: Path, sim_thread: Any) -> None:
+    write_input(tmp_path, 5)
+    with sim_thread() as sim:
+        config = str(write_job(tmp_path, sim))
+        estimated = pipeline_cli("estimate", config, key=None)
+        pilot = pipeline_cli("estimate", config, "--pilot", "2", key=None)
+        stats = sim_get(sim, "stats")
+    assert estimated.returncode == 0, estimated.stderr
+    assert "5" in estimated.stdout
+    assert pilot.returncode == 1, pilot.stderr
+    assert "no API key" in one_error_line(pilot.stderr)
+    assert stats["requests"] == 0
