@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -19,7 +20,16 @@ from aiohttp import web
 
 from pipeline.simulator import SimConfig, SimulatorThread
 from pipeline.simulator.runner import start
-from tests.helpers import FAST, cli_env, run_cli, sim_get, sim_post, start_cli, wait_for, write_job
+from tests.helpers import (
+    FAST,
+    cli_env,
+    run_cli,
+    sim_get,
+    sim_post,
+    start_cli,
+    wait_for,
+    write_job,
+)
 from tests.test_security import Recorder
 
 
@@ -39,8 +49,8 @@ def free_port() -> int:
 class SimOnPort(SimulatorThread):
     """A simulator thread on a given port: the endpoint "comes back" at the same address."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(SimConfig().updated(FAST))
+    def __init__(self, port: int, **overrides: Any) -> None:
+        super().__init__(SimConfig().updated({**FAST, **overrides}))
         self._port = port
 
     def __enter__(self) -> Any:
@@ -118,6 +128,33 @@ def test_an_endpoint_that_stops_answering_mid_run_stops_the_job_and_resumes_payi
     assert out["status"].to_list() == ["ok"] * rows
     paid = Counter(e["messages_digest"] for e in ledger if e["outcome"] == "ok")
     assert len(paid) == rows and paid.most_common(1)[0][1] == 1  # nothing paid twice
+
+
+def test_an_endpoint_that_goes_away_mid_run_stops_the_job_and_the_rerun_finishes_it(
+    tmp_path: Path,
+) -> None:
+    rows = 400
+    write_input(tmp_path, rows)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/api/v1"
+    config = str(write_job(tmp_path, at(base_url), extra="[limits]\nconcurrency = 4\n"))
+    with SimOnPort(port, latency=0.01) as sim:
+        proc = start_cli(config)
+        wait_for(lambda: len(sim_get(sim, "ledger")["data"]) >= 20, what="some rows answered")
+    _, stderr = proc.communicate(timeout=60)  # the simulator is gone: connection refused
+    assert proc.returncode == 4, stderr
+    assert f"cannot reach {base_url}: connection refused" in one_error_line(stderr)
+    assert not (tmp_path / "out.parquet").exists()
+    with sqlite3.connect(tmp_path / "out.parquet.journal") as db:
+        (done_before,) = db.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()
+    assert 0 < done_before < rows
+
+    with SimOnPort(port) as sim:
+        again = run_cli(config)
+        stats = sim_get(sim, "stats")
+    assert again.returncode == 0, again.stderr
+    assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * rows
+    assert stats["requests"] == rows - done_before  # only the rows not answered before
 
 
 def test_a_sprinkle_of_resets_is_retried_per_row_and_never_stops_the_job(
