@@ -269,10 +269,12 @@ class ChatAnswerer:
             if exc.kind == Kind.CONNECTION_FAILED
             else f"{self.client.base_url} answered no request: {exc.message}"
         )
+        check = f"{describe('request.base_url')} and that the endpoint is up"
+        if exc.kind == Kind.TIMEOUT:  # perhaps only slow: every answer takes longer than allowed
+            check += f", or raise {describe('request.timeout')}"
         return Unreachable(
             f"{what} ({count} attempts in a row unanswered); stopped with the journal saved. Check "
-            f"{describe('request.base_url')} and that the endpoint is up, then re-run the same command "
-            "to resume: rows done are not sent again",
+            f"{check}, then re-run the same command to resume: rows done are not sent again",
             exc.message,
             connected=exc.kind != Kind.CONNECTION_FAILED,
         )

@@ -157,6 +157,20 @@ def test_an_endpoint_that_goes_away_mid_run_stops_the_job_and_the_rerun_finishes
     assert stats["requests"] == rows - done_before  # only the rows not answered before
 
 
+def test_an_endpoint_that_holds_every_request_unanswered_stops_the_job_naming_the_timeout(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    write_input(tmp_path, 8)
+    with sim_thread(fault_rates={"hang": 1.0}) as sim:
+        config = write_job(tmp_path, sim, extra="[limits]\nconcurrency = 2\n")
+        done = run_cli(str(config), "--timeout", "0.3")
+    assert done.returncode == 4, done.stderr
+    line = one_error_line(done.stderr)
+    assert f"{sim.base_url} answered no request: no complete answer within the timeout" in line
+    assert "raise request.timeout (--timeout)" in line
+    assert not (tmp_path / "out.parquet").exists()
+
+
 def test_a_sprinkle_of_resets_is_retried_per_row_and_never_stops_the_job(
     tmp_path: Path, sim_thread: Any
 ) -> None:
