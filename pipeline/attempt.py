@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from pipeline.answers import AnswerSpec
 from pipeline.client import Completion, OpenRouterClient
-from pipeline.errors import JobStopped, Kind, NotSent, PermanentError, RetryableError
+from pipeline.errors import JobStopped, Kind, NotSent, PermanentError, RetryableError, Unreachable
 from pipeline.limits import Limits
 from pipeline.money import Catalogue, Reservations, completion_cost
 from pipeline.options import describe
@@ -33,6 +33,14 @@ from pipeline.retry import RetryPolicy
 # Failures after the server accepted the request: it may have generated, and billed, an answer
 # that never reached us. Their generation ids are kept for reconciliation.
 LOST_ANSWER_KINDS = frozenset({Kind.TIMEOUT, Kind.CONNECTION_DROPPED, Kind.INVALID_JSON})
+# Failures where no response came back at all (no status, no headers).
+NO_RESPONSE_KINDS = frozenset(
+    {Kind.CONNECTION_FAILED, Kind.CONNECTION_DROPPED, Kind.CONNECTION_ERROR, Kind.TIMEOUT}
+)
+# The endpoint counts as gone when a row gives up with every attempt unanswered, no request of
+# the run got a response meanwhile, and at least this many attempts in a row went unanswered.
+# A sprinkle of resets never meets it: other rows' answers come in between.
+UNREACHABLE_STREAK = 3
 SPEND_FIELDS = (
     "cost_usd",
     "prompt_tokens",
@@ -81,6 +89,8 @@ class ChatAnswerer:
         self.on_lost = on_lost
         self._sleep = sleep
         self.retries = 0
+        self._responses = 0  # attempts the endpoint answered (with anything, even an error)
+        self._unanswered = 0  # attempts in a row, across rows, it did not
         self._inflight: dict[str, asyncio.Future[Result] | None] = {}
         self._recent: OrderedDict[str, Result] = OrderedDict()
 
@@ -168,6 +178,7 @@ class ChatAnswerer:
         """The row's answers, trying again after transient failures until the policy gives up;
         `attempts` were made before (answers turned down), since `started`."""
         clock = asyncio.get_running_loop().time
+        responses, all_unanswered = self._responses, True
         while True:
             attempts += 1
             try:
@@ -175,7 +186,13 @@ class ChatAnswerer:
             except RetryableError as exc:
                 delay = self.policy.delay(attempts, exc.retry_after)
                 elapsed = clock() - started
+                all_unanswered = all_unanswered and _unanswered(exc)
                 if self.policy.gives_up(attempts, elapsed, delay):
+                    if (
+                        all_unanswered and self._responses == responses
+                        and self._unanswered >= UNREACHABLE_STREAK
+                    ):  # fmt: skip
+                        raise self._gone(exc) from None
                     message = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f}s; last: {exc.message}"
                     return _failed(row, exc.kind, message, attempts, retry_on_resume=True)
                 self.retries += 1
@@ -207,6 +224,7 @@ class ChatAnswerer:
         try:
             completion = await self.client.complete(row.body)
         except RetryableError as exc:
+            self._heard(not _unanswered(exc))
             lost = exc.generation_id is not None and exc.kind in LOST_ANSWER_KINDS
             if lost:
                 self.on_lost((exc.generation_id or "", row.slot, exc.kind))
@@ -218,6 +236,7 @@ class ChatAnswerer:
                 self.limits.rate_limited_for(exc.retry_after)
             raise
         except PermanentError:
+            self._heard(True)
             if reservations is not None:
                 reservations.settle(reserved, 0.0)
             raise
@@ -225,6 +244,7 @@ class ChatAnswerer:
             if reservations is not None:  # stopped or cancelled mid-request: assume it was billed
                 reservations.settle(reserved, None)
             raise
+        self._heard(True)
         latency_ms = (time.perf_counter() - sent) * 1000
         cost, source = completion_cost(completion, self.catalogue, row.model)
         if reservations is not None:
@@ -232,6 +252,32 @@ class ChatAnswerer:
         if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
             self.limits.charge_extra_tokens(completion.total_tokens - row.estimated_tokens)
         return _answered(row, completion, attempt, latency_ms, cost, source)
+
+    def _heard(self, answered: bool) -> None:
+        """Count an attempt the endpoint answered, or one it did not."""
+        if answered:
+            self._responses += 1
+            self._unanswered = 0
+        else:
+            self._unanswered += 1
+
+    def _gone(self, exc: RetryableError) -> Unreachable:
+        """The job-wide stop for an endpoint that answers nothing any more."""
+        count = self._unanswered
+        what = (
+            exc.message
+            if exc.kind == Kind.CONNECTION_FAILED
+            else f"{self.client.base_url} answered no request: {exc.message}"
+        )
+        check = f"{describe('request.base_url')} and that the endpoint is up"
+        if exc.kind == Kind.TIMEOUT:  # perhaps only slow: every answer takes longer than allowed
+            check += f", or raise {describe('request.timeout')}"
+        return Unreachable(
+            f"{what} ({count} attempts in a row unanswered); stopped with the journal saved. Check "
+            f"{check}, then re-run the same command to resume: rows done are not sent again",
+            exc.message,
+            connected=exc.kind != Kind.CONNECTION_FAILED,
+        )
 
     def _judge(self, result: Result) -> Verdict | None:
         """Why a delivered answer is not a good one; None if it is good. A good structured
@@ -265,6 +311,11 @@ class ChatAnswerer:
                 ask_again=False,
             )
         return Verdict(Kind.INVALID_ANSWER, problem, ask_again=True)
+
+
+def _unanswered(exc: RetryableError) -> bool:
+    """True when the endpoint gave no response at all: no status, no headers."""
+    return exc.kind in NO_RESPONSE_KINDS and exc.status is None and exc.generation_id is None
 
 
 def _answered(

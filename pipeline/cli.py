@@ -458,11 +458,9 @@ def models(
 
         async def fetch() -> Any:
             async with connect(config, key) as client:
-                return await load_catalogue(client, config, refresh=refresh)
+                return await load_catalogue(client, config, refresh=refresh, required=True)
 
         catalogue = asyncio.run(fetch())
-    if catalogue is None:
-        _fail(f"{config.request.base_url}/models did not answer with a model list", 1)
     found = catalogue.search(search)
     if as_json:
         click.echo(json.dumps(render.models_json(found), indent=2))

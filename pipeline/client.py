@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from pipeline.errors import (
     RequestError,
     RetryableError,
     TrustError,
+    Unreachable,
 )
 
 if TYPE_CHECKING:
@@ -113,6 +116,11 @@ class OpenRouterClient:
                 generation_id = resp.headers.get("X-Generation-Id")
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise self._untrusted(exc) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Nothing reached the server: nothing was billed.
+            raise RetryableError(Kind.CONNECTION_FAILED, str(self._unreachable(exc))) from None
         except TimeoutError:
             raise RetryableError(
                 Kind.TIMEOUT,
@@ -124,15 +132,6 @@ class OpenRouterClient:
                 Kind.CONNECTION_DROPPED,
                 f"the connection dropped mid-answer: {_short(exc)}",
                 generation_id=generation_id,
-            ) from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TrustError(
-                f"the TLS certificate of {self.url} does not verify ({_short(exc)}); fix the endpoint's "
-                "certificate or the system's CA bundle (SSL_CERT_FILE): verification stays on"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise RetryableError(
-                Kind.CONNECTION_FAILED, f"cannot connect to {self.url}: {_short(exc)}"
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             raise RetryableError(
@@ -167,7 +166,16 @@ class OpenRouterClient:
         return body if status == 200 else None
 
     async def get_status_json(self, path: str, **params: str) -> tuple[int, Any]:
-        """Like `get_json`, with the status (0 when the request itself failed)."""
+        """Like `get_json`, with the status (0 when no response came)."""
+        try:
+            return await self.fetch_json(path, **params)
+        except Unreachable:
+            return 0, None
+
+    async def fetch_json(self, path: str, **params: str) -> tuple[int, Any]:
+        """GET `base_url + path`: the status and the JSON body (None if not JSON). Raises
+        `Unreachable` when no response came (`connected` says whether the connection was made),
+        `TrustError` when the certificate does not verify."""
         assert self._session is not None, "use `async with OpenRouterClient(...)`"
         try:
             async with self._session.get(
@@ -178,8 +186,42 @@ class OpenRouterClient:
                     return resp.status, json.loads(raw)
                 except ValueError:
                     return resp.status, None
-        except (aiohttp.ClientError, TimeoutError):
-            return 0, None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise self._untrusted(exc) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        except TimeoutError:
+            raise Unreachable(
+                f"no answer from {self.base_url}{path} within the timeout",
+                "no answer within the timeout (request.timeout / --timeout)",
+                connected=True,
+            ) from None
+        except aiohttp.ClientError as exc:
+            cause = f"the server closed the connection: {_short(exc)}"
+            raise Unreachable(f"{self.base_url}{path}: {cause}", cause, connected=True) from None
+
+    def _unreachable(self, exc: aiohttp.ClientError) -> Unreachable:
+        """Why a connection to the endpoint could not be made, in a user's words."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            cause = "no connection within the connect timeout (request.connect_timeout)"
+        elif isinstance(exc, aiohttp.ClientSSLError):
+            cause = f"TLS handshake failed ({_short(exc.os_error)})"
+        elif isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+            exc.os_error, socket.gaierror
+        ):
+            cause = f"host {exc.host!r} not found ({exc.os_error.strerror})"
+        elif isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
+            # By errno: asyncio words a refusal "Connect call failed ('127.0.0.1', 8089)".
+            cause = os.strerror(exc.os_error.errno).lower()
+        else:
+            cause = _short(exc)
+        return Unreachable(f"cannot reach {self.base_url}: {cause}", cause, connected=False)
+
+    def _untrusted(self, exc: aiohttp.ClientConnectorCertificateError) -> TrustError:
+        return TrustError(
+            f"the TLS certificate of {self.url} does not verify ({_short(exc)}); fix the endpoint's "
+            "certificate or the system's CA bundle (SSL_CERT_FILE): verification stays on"
+        )
 
 
 @contextlib.asynccontextmanager

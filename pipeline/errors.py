@@ -14,7 +14,8 @@ these in exactly one place each, so the CLI can map every one to a message and a
     │   ├── CreditsError          402: out of credits
     │   ├── BudgetReached         cost.max_cost would be passed (pipeline.money)
     │   ├── TrustError            the endpoint's TLS certificate does not verify
-    │   └── DiskFull              the journal or the output cannot be written (full disk, quota)
+    │   ├── DiskFull              the journal or the output cannot be written (full disk, quota)
+    │   └── Unreachable           the endpoint cannot be reached, or stopped answering
     ├── NotSent                   the run is stopping: a row's next request is not sent
     ├── Locked                    exit 5: another run holds the job's lock; nothing was touched
     └── Interrupted               exit 130 / 143: SIGINT / SIGTERM, journal flushed; resumable
@@ -155,6 +156,17 @@ def disk_full_message(what: str, path: object, exc: BaseException) -> str:
     else:
         detail = str(exc).strip().splitlines()[0]
     return f"cannot write {what} {path}: the disk is full, or a quota or file size limit is reached ({detail})"
+
+
+class Unreachable(JobStopped):
+    """The endpoint answers no request: connecting fails (refused, DNS, TLS), or every
+    request since some point failed before any response came back. `cause` is the reason
+    alone ("connection refused"); `connected`, whether a connection was made at all."""
+
+    def __init__(self, message: str, cause: str, *, connected: bool) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.connected = connected
 
 
 class Locked(PipelineError):

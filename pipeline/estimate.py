@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.client import connect
-from pipeline.config import JobConfig, api_key
+from pipeline.config import JobConfig, api_key, read_api_key
 from pipeline.feed import Feed
 from pipeline.job import RunOptions, run_job
 from pipeline.journal import Journal, describe_changes
@@ -83,7 +83,10 @@ def estimate(config: JobConfig, *, limit: int | None = None, pilot: int | None =
             config, RunOptions(limit=pilot_limit, quiet=True, write_output=False)
         )
     done = _settled_rows(config, plan)
-    result = asyncio.run(_estimate(plan, api_key(config), done))
+    # Only `/models` is asked, which needs no key: one is sent only if set (the pilot's run
+    # above needs it, and asks for it).
+    key = api_key(config) if config.request.simulate else read_api_key(config) or ""
+    result = asyncio.run(_estimate(plan, key, done))
     if pilot_report is not None:
         result.pilot = _extrapolate(pilot_report.job_totals, result)
     return result

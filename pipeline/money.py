@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import JobStopped
+from pipeline.errors import JobStopped, TrustError, Unreachable, UserError
 from pipeline.options import describe
 
 if TYPE_CHECKING:
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """One model's listing: context and per-token USD prices."""
+    """One model's listing: context and per-token USD prices; `priced` False when the endpoint
+    lists the model without prices (OpenAI-compatible servers), whose prices then read 0."""
 
     id: str
     name: str
@@ -42,6 +43,7 @@ class ModelPrice:
     request: Decimal = Decimal(0)
     cache_read: Decimal | None = None
     supported_parameters: frozenset[str] = frozenset()
+    priced: bool = True
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """USD for a request: tokens x prices (cached prompt tokens at the cache-read price)."""
@@ -55,12 +57,19 @@ class ModelPrice:
         return float(total)
 
     def per_million(self, price: Decimal) -> str:
+        if not self.priced:
+            return "?"
         return f"{price * 1_000_000:.4f}".rstrip("0").rstrip(".") if price else "0"
 
     @classmethod
     def from_listing(cls, entry: dict[str, Any]) -> ModelPrice | None:
-        """Parse one `/models` entry; None if it has no usable prices (router pseudo-models)."""
-        pricing = entry.get("pricing") or {}
+        """Parse one `/models` entry (None without an id); unpriced if it lists no usable
+        prices (OpenAI-compatible servers, router pseudo-models)."""
+        model_id = entry.get("id")
+        if not isinstance(model_id, str) or not model_id:
+            return None
+        pricing = entry.get("pricing")
+        pricing = pricing if isinstance(pricing, dict) else {}
         try:
             prompt, completion = (
                 Decimal(str(pricing["prompt"])),
@@ -72,13 +81,17 @@ class ModelPrice:
                 if pricing.get("input_cache_read")
                 else None
             )
+            # "-1" marks routers whose price depends on the model they pick
+            priced = prompt >= 0 and completion >= 0
         except (KeyError, InvalidOperation):
-            return None
-        if prompt < 0 or completion < 0:
-            return None  # "-1" marks routers whose price depends on the model they pick
-        top = entry.get("top_provider") or {}
+            priced = False
+        if not priced:
+            prompt = completion = request = Decimal(0)
+            cache_read = None
+        top = entry.get("top_provider")
+        top = top if isinstance(top, dict) else {}
         return cls(
-            id=str(entry.get("id")),
+            id=model_id,
             name=str(entry.get("name") or entry.get("id")),
             context_length=entry.get("context_length") or top.get("context_length"),
             max_completion_tokens=top.get("max_completion_tokens"),
@@ -89,18 +102,21 @@ class ModelPrice:
             supported_parameters=frozenset(
                 p for p in entry.get("supported_parameters") or () if isinstance(p, str)
             ),
+            priced=priced,
         )
 
 
 class Catalogue:
-    """Prices by model id."""
+    """Every listed model by id; `get` gives only those with prices."""
 
     def __init__(self, models: list[ModelPrice], fetched_at: float) -> None:
         self.models = {m.id: m for m in models}
         self.fetched_at = fetched_at
 
     def get(self, model_id: str | None) -> ModelPrice | None:
-        return self.models.get(model_id) if model_id else None
+        """The model's prices; None if it is not listed, or listed without prices."""
+        price = self.models.get(model_id) if model_id else None
+        return price if price is not None and price.priced else None
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self.models
@@ -289,18 +305,48 @@ class Reservations:
 
 
 async def load_catalogue(
-    client: OpenRouterClient, config: JobConfig, *, refresh: bool = False
+    client: OpenRouterClient, config: JobConfig, *, refresh: bool = False, required: bool = False
 ) -> Catalogue | None:
-    """Prices from `/models`: from the disk cache when fresh, else fetched (and cached)."""
+    """Prices from `/models`: from the disk cache when fresh, else fetched (and cached). An
+    endpoint that cannot be reached raises `Unreachable`: every request would fail too. One
+    without a model list gives None, or with `required` a `UserError` saying why."""
     endpoint = "(simulator)" if config.request.simulate else config.request.base_url
     if not refresh and (cached := cached_listing(endpoint, config.cost.prices_ttl)) is not None:
         body, fetched_at = cached
         return Catalogue.from_response(body, fetched_at)
-    body = await client.get_json("/models")
-    if body is None:
+    url = f"{client.base_url}/models"
+    try:
+        status, body = await client.fetch_json("/models")
+    except TrustError as exc:
+        if required:
+            raise UserError(f"{url} did not answer with a model list: {exc}") from None
+        raise
+    except Unreachable as exc:
+        if required:
+            raise UserError(f"{url} did not answer with a model list: {exc.cause}") from None
+        if exc.connected:
+            return None  # connected, but no answer: the requests themselves will tell
+        raise Unreachable(
+            f"{exc}; nothing was sent. Check {describe('request.base_url')} and that the endpoint "
+            "is up, then re-run the same command.",
+            exc.cause, connected=False,
+        ) from None  # fmt: skip
+    listed = isinstance(body, dict) and isinstance(body.get("data"), list)
+    if status != 200 or not listed:
+        if required:
+            raise UserError(f"{url} did not answer with a model list: {_answer(status, body)}")
         return None
     store_listing(endpoint, body)
     return Catalogue.from_response(body, time.time())
+
+
+def _answer(status: int, body: Any) -> str:
+    """What an endpoint said instead of a model list, in one line."""
+    if status != 200:
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        return f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    return "HTTP 200 without a `data` list of models"
 
 
 async def credit_warning(

@@ -120,9 +120,11 @@ def models(found: list[ModelPrice]) -> str:
 
 
 def models_json(found: list[ModelPrice]) -> list[dict[str, Any]]:
+    # A model listed without prices has them null: unknown, never a made-up 0.
     return [
         {"id": m.id, "name": m.name, "context_length": m.context_length,
-         "prompt_per_million": float(m.prompt * 1_000_000), "completion_per_million": float(m.completion * 1_000_000)}
+         "prompt_per_million": float(m.prompt * 1_000_000) if m.priced else None,
+         "completion_per_million": float(m.completion * 1_000_000) if m.priced else None}
         for m in found
     ]  # fmt: skip
 
