@@ -179,16 +179,21 @@ async def _estimate(plan: JobPlan, key: str, done: int) -> Estimate:
 
 
 def _extrapolate(totals: Totals, after: Estimate) -> dict[str, Any]:
-    """From what the pilot rows really cost, the cost of the rows still to do."""
+    """From what the pilot rows really cost, the cost of the rows still to do: unknown when
+    any of the pilot's spend is (its `cost_usd` is then what is known of it, if anything)."""
     rows = sum(m.rows for m in totals.by_model.values())
     cost = totals.true_cost_usd
-    per_row = cost / rows if rows else None
+    per_row = cost / rows if cost is not None and rows else None
     remaining = sum(m.rows for m in after.by_model.values())
+    projected = per_row * remaining if per_row is not None else None
     return {
         "rows": rows,
-        "cost_usd": cost,
+        "cost_usd": cost if cost is not None else totals.cost_usd,
+        "rows_cost_unknown": totals.rows_cost_unknown,
         "cost_per_row_usd": per_row,
         "completion_tokens_per_row": totals.completion_tokens / rows if rows else None,
-        "projected_remaining_usd": per_row * remaining if per_row is not None else None,
-        "projected_total_usd": cost + per_row * remaining if per_row is not None else None,
+        "projected_remaining_usd": projected,
+        "projected_total_usd": cost + projected
+        if cost is not None and projected is not None
+        else None,
     }

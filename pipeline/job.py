@@ -164,7 +164,7 @@ class Run:
             )
             self.budget = None
             if config.cost.max_cost is not None:
-                spent = self.journal.totals(below=plan.slots).true_cost_usd
+                spent = self.journal.totals(below=plan.slots).known_spend_usd
                 self.budget = Budget(config.cost.max_cost, spent)
             self.progress = Progress(
                 plan.slots, self.report.skipped, quiet=options.quiet, budget=self.budget,

@@ -78,18 +78,30 @@ BEGIN
     INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
 END;
 """
-_TOTALS = """SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
+# A cost that was paid for (not a reuse's or a shared sample's known 0): with none of these,
+# a job whose rows have no cost has an unknown total, not $0.
+_PRICED = (
+    "cost_usd IS NOT NULL AND (cost_source IS NULL OR cost_source NOT IN ('reused', 'shared'))"
+)
+_TOTALS = f"""SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
     COALESCE(SUM(CASE WHEN response_source = 'api' THEN prompt_tokens END), 0),
     COALESCE(SUM(CASE WHEN response_source = 'api' THEN completion_tokens END), 0),
     SUM(cost_usd), COALESCE(SUM(response_source = 'duplicate'), 0), COALESCE(SUM(response_source = 'cache'), 0),
-    COALESCE(SUM(status = 'ok' AND cost_usd IS NULL), 0)
-    FROM results WHERE {where}"""
-_BY_MODEL = """SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd)
-    FROM results WHERE {where} AND response_source = 'api' AND status = 'ok'
+    COALESCE(SUM(status = 'ok' AND cost_usd IS NULL), 0), COALESCE(SUM({_PRICED}), 0)
+    FROM results WHERE {{where}}"""
+_BY_MODEL = f"""SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
+    SUM(cost_usd IS NULL), SUM({_PRICED})
+    FROM results WHERE {{where}} AND response_source = 'api' AND status = 'ok'
     GROUP BY response_model ORDER BY response_model"""
 _LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
     COALESCE(SUM(cost_usd IS NULL), 0) FROM lost_attempts"""
 _REPLACED = "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM replaced_answers WHERE {where}"
+
+
+def _cost(total: float | None, unknown: int, priced: int) -> float | None:
+    """A total of rows' costs: unknown when rows lack a cost and none was paid for, else the
+    sum of the known ones (a lower bound while `unknown` rows have none)."""
+    return None if unknown and not priced else total or 0.0
 
 
 def _null(value: None) -> None:
@@ -268,14 +280,16 @@ class Journal:
                 if self._has_table("replaced_answers")  # not in a journal from before it, read-only
                 else (0, 0.0)
             )
-        rows, ok, failed, prompt, completion, cost, duplicates, cache_hits, unknown = row
+        rows, ok, failed, prompt, completion, cost, duplicates, cache_hits, unknown, priced = row
         return Totals(
-            rows, ok, failed, prompt, completion, cost or 0.0, duplicates, cache_hits, unknown,
+            rows, ok, failed, prompt, completion, _cost(cost, unknown, priced), duplicates,
+            cache_hits, unknown,
             by_model={
-                model or "(unknown)": ModelTotals(n, p or 0, c or 0, usd or 0.0)
-                for model, n, p, c, usd in by_model
+                model or "(unknown)": ModelTotals(n, p or 0, c or 0, _cost(usd, none, paid), none)
+                for model, n, p, c, usd, none, paid in by_model
             },
-            lost_attempts=lost[0], paid_twice_requests=lost[1], paid_twice_cost_usd=lost[2],
+            lost_attempts=lost[0], paid_twice_requests=lost[1],
+            paid_twice_cost_usd=None if lost[3] else lost[2],  # unknown while any is unpriced
             lost_attempts_unreconciled=lost[3], replaced_answers=replaced[0],
             replaced_cost_usd=replaced[1],
         )  # fmt: skip

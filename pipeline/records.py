@@ -144,35 +144,49 @@ class ModelTotals:
     rows: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    # None when no row's cost is known; else a lower bound if `rows_cost_unknown`.
+    cost_usd: float | None = 0.0
+    rows_cost_unknown: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Totals:
     """The whole job's figures, from its journal: counts, tokens (of answers from the API), the
-    rows' cost and the spend that is in no row (lost attempts, replaced answers)."""
+    rows' cost and the spend that is in no row (lost attempts, replaced answers).
+
+    Money that cannot be known is None, never a made-up 0: `cost_usd` is None when no row's
+    cost is known, and only a lower bound while `rows_cost_unknown` rows have none;
+    `paid_twice_cost_usd` is None while a lost attempt is not priced yet, and `true_cost_usd`
+    is None when any of its parts is unknown."""
 
     rows: int = 0
     ok: int = 0
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0
     duplicates_reused: int = 0
     cache_hits: int = 0
     rows_cost_unknown: int = 0
     by_model: dict[str, ModelTotals] = field(default_factory=dict)
     lost_attempts: int = 0
     paid_twice_requests: int = 0
-    paid_twice_cost_usd: float = 0.0
+    paid_twice_cost_usd: float | None = 0.0
     lost_attempts_unreconciled: int = 0
     replaced_answers: int = 0
     replaced_cost_usd: float = 0.0
 
     @property
-    def true_cost_usd(self) -> float:
+    def true_cost_usd(self) -> float | None:
         """Everything the job was billed: its rows, lost attempts and replaced answers."""
+        if self.rows_cost_unknown or self.cost_usd is None or self.paid_twice_cost_usd is None:
+            return None
         return self.cost_usd + self.paid_twice_cost_usd + self.replaced_cost_usd
+
+    @property
+    def known_spend_usd(self) -> float:
+        """What is known to be spent (the budget's starting point): unknown parts count 0."""
+        return (self.cost_usd or 0.0) + (self.paid_twice_cost_usd or 0.0) + self.replaced_cost_usd
 
     def as_dict(self) -> dict[str, Any]:
         """As the output's metadata and the JSON summary hold them."""

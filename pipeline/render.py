@@ -21,7 +21,8 @@ def summary(report: JobReport, reprocess_changed: bool) -> str:
     lines = [
         f"done: {report.total_rows:,} rows: {t.ok:,} ok, {t.failed:,} failed "
         f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
-        f"  cost ${t.cost_usd:.6f} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens",
+        f"  cost {_usd(t.cost_usd, t.rows_cost_unknown)} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens"
+        + _left_out(t.rows_cost_unknown, ": the endpoint reported none and lists no price"),
     ]
     if t.duplicates_reused or t.cache_hits:
         lines.append(
@@ -29,20 +30,18 @@ def summary(report: JobReport, reprocess_changed: bool) -> str:
         )
     extra_spend = []  # paid for, yet in no row's cost
     if t.lost_attempts:
+        billed = f"{t.paid_twice_requests} attempt(s) billed although their answer never arrived"
         extra_spend.append(
-            f"{t.paid_twice_requests} attempt(s) billed although their answer never arrived cost ${t.paid_twice_cost_usd:.6f}"
-            + (
-                f"; {t.lost_attempts_unreconciled} not yet known (a later run checks again)"
-                if t.lost_attempts_unreconciled
-                else ""
-            )
+            f"{billed}; {t.lost_attempts_unreconciled} not yet known (a later run checks again)"
+            if t.paid_twice_cost_usd is None
+            else f"{billed} cost ${t.paid_twice_cost_usd:.6f}"
         )
     if t.replaced_answers:
         extra_spend.append(
             f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost ${t.replaced_cost_usd:.6f}"
         )
     if extra_spend:
-        lines.append(f"  true spend ${t.true_cost_usd:.6f}: {'; '.join(extra_spend)}")
+        lines.append(f"  true spend {_usd(t.true_cost_usd)}: {'; '.join(extra_spend)}")
     if report.changed:
         again = (
             "sent again"
@@ -50,26 +49,24 @@ def summary(report: JobReport, reprocess_changed: bool) -> str:
             else "kept their earlier answers; --reprocess-changed sends them again"
         )
         lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")
-    if t.rows_cost_unknown:
-        lines.append(
-            f"  {t.rows_cost_unknown:,} row(s) have no cost: the endpoint reported none and lists no price"
-        )
     by_model = t.by_model
     if len(by_model) > 1:
         for model, m in by_model.items():
             lines.append(
-                f"  {model}: {m.rows:,} rows, {m.prompt_tokens:,} + {m.completion_tokens:,} tokens, ${m.cost_usd:.6f}"
+                f"  {model}: {m.rows:,} rows, {m.prompt_tokens:,} + {m.completion_tokens:,} tokens, "
+                f"{_usd(m.cost_usd, m.rows_cost_unknown)}{_left_out(m.rows_cost_unknown)}"
             )
     return "\n".join(lines)
 
 
 def status(figures: dict[str, Any]) -> str:
     """`pipeline status`: how far a job is."""
+    unknown = figures["rows_cost_unknown"]
     running = f"running (pid {figures['lock_holder']})" if figures["running"] else "not running"
     return (
         f"{figures['rows']:,} rows: {figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed), "
         f"{figures['remaining']:,} to do; {running}\n"
-        f"spent ${figures['cost_usd']:.6f} (true ${figures['true_cost_usd']:.6f}); "
+        f"spent {_usd(figures['cost_usd'], unknown)}{_left_out(unknown)}, true {_usd(figures['true_cost_usd'])}; "
         f"{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute\n"
         f"output {figures['output']}: {'written' if figures['output_exists'] else 'not written yet'}"
     )
@@ -100,11 +97,25 @@ def estimate(result: Estimate) -> str:
     lines += [f"note: {note}" for note in result.notes]
     if result.pilot:
         p = result.pilot
+        lower = p["cost_per_row_usd"] is None and p["rows"] > 0  # some of its spend is unknown
         lines.append(
-            f"pilot: {p['rows']} rows cost ${p['cost_usd']:.6f} (${p['cost_per_row_usd'] or 0:.6f} per row); "
-            f"projected for the rest: ${p['projected_remaining_usd'] or 0:.4f}, whole job: ${p['projected_total_usd'] or 0:.4f}"
+            f"pilot: {p['rows']} rows cost {_usd(p['cost_usd'], lower)}{_left_out(p['rows_cost_unknown'])}, "
+            f"{_usd(p['cost_per_row_usd'])} per row; projected for the rest: "
+            f"{_usd(p['projected_remaining_usd'], digits=4)}, whole job: {_usd(p['projected_total_usd'], digits=4)}"
         )
     return "\n".join(lines)
+
+
+def _usd(value: float | None, lower_bound: int | bool = False, digits: int = 6) -> str:
+    """An amount of money: "unknown" for None (never a made-up $0), "at least" a lower bound."""
+    if value is None:
+        return "unknown"
+    return f"{'at least ' if lower_bound else ''}${value:.{digits}f}"
+
+
+def _left_out(rows: int, why: str = "") -> str:
+    """What a total leaves out, said after it."""
+    return f" ({rows:,} row{'' if rows == 1 else 's'} without a cost{why})" if rows else ""
 
 
 def models(found: list[ModelPrice]) -> str:

@@ -42,6 +42,7 @@ def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
         "remaining": slots - settled,
         "cost_usd": totals.cost_usd,
         "true_cost_usd": totals.true_cost_usd,
+        "rows_cost_unknown": totals.rows_cost_unknown,
         "prompt_tokens": totals.prompt_tokens,
         "completion_tokens": totals.completion_tokens,
         "by_model": totals.as_dict()["by_model"],

@@ -93,6 +93,9 @@ class SimConfig:
     request_log_size: int = 10_000
     # Answer like a plain OpenAI-compatible server: `usage` without `cost` or `cost_details`.
     omit_cost: bool = False
+    # List every model in `/models` with the price "-1" (unknown, as OpenRouter lists its
+    # routers): with `omit_cost`, nothing tells a client what an answer cost.
+    omit_prices: bool = False
     # Honour `n` (several choices in one answer) and list it among every model's supported
     # parameters, as OpenAI-compatible servers such as vLLM do. OpenRouter does neither: its
     # chat API has no `n`, so by default the simulator ignores it like any unknown parameter.

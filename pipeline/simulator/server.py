@@ -182,7 +182,8 @@ class Simulator:
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /models`: the catalogue, with `n` among the parameters under `native_n` and
-        the limits `omit_max_completion` / `omit_context_length` leave out as null."""
+        the limits `omit_max_completion` / `omit_context_length` leave out as null (and the prices
+        `omit_prices` leaves unknown)."""
         cfg = self.config
         data = [model.to_json(_CATALOGUE_CREATED) for model in CATALOGUE]
         for entry in data:
@@ -192,6 +193,8 @@ class Simulator:
                 entry["top_provider"]["max_completion_tokens"] = None
             if cfg.omit_context_length:
                 entry["context_length"] = entry["top_provider"]["context_length"] = None
+            if cfg.omit_prices:
+                entry["pricing"] = {**entry["pricing"], "prompt": "-1", "completion": "-1"}
         return web.json_response({"data": data, "links": {"next": None}, "total_count": len(data)})
 
     async def key(self, request: web.Request) -> web.Response:
