@@ -29,7 +29,7 @@ from pipeline.config import JobConfig, api_key
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import CreditsError, DiskFull, Interrupted, JobStopped, OutOfTime, UserError
 from pipeline.feed import Feed, with_earlier_answers
-from pipeline.journal import Journal, JournalWriter
+from pipeline.journal import Journal
 from pipeline.limits import Limits
 from pipeline.lock import job_locks
 from pipeline.money import (
@@ -47,6 +47,7 @@ from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS
 from pipeline.records import OK, TYPICAL_ANSWER_TOKENS, Result, Row, Totals
 from pipeline.retry import RetryPolicy
+from pipeline.writer import JournalWriter
 
 SHUTDOWN_GRACE = 1.0  # seconds in-flight requests get to finish after Ctrl-C / SIGTERM
 

@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 
 from pipeline.answers import AnswerSpec
 from pipeline.errors import DiskFull, InputError, JobStopped, disk_full_message, is_disk_full
-from pipeline.journal import Journal, every
+from pipeline.journal import Journal
 from pipeline.options import describe
 from pipeline.records import RESULT_COLUMNS, RESULT_FIELDS, RESULT_TYPES, Row, Slots
+from pipeline.writer import every
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig

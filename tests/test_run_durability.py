@@ -174,8 +174,9 @@ async def test_stopping_the_writer_waits_for_a_commit_under_way(tmp_path: Path) 
     import asyncio
     import threading
 
-    from pipeline.journal import Journal, JournalWriter
+    from pipeline.journal import Journal
     from pipeline.records import OK, Result
+    from pipeline.writer import JournalWriter
 
     with Journal.open(tmp_path / "j", {}) as journal:
         write, started, release = journal.write, threading.Event(), threading.Event()
