@@ -57,6 +57,21 @@ def big_input(folder: Path, rows: int = 1_500_000) -> Path:
     return path
 
 
+def signal_while_reading(
+    folder: Path, sim_thread: Any, signum: int, command: str, *args: str
+) -> tuple[subprocess.Popen[str], str, int]:
+    """Start `pipeline COMMAND` on a big input, send `signum` once it has the input open; the
+    child, its stderr and the requests the simulator saw."""
+    source = big_input(folder)
+    with sim_thread() as sim:
+        config = write_job(folder, sim)
+        child = start(command, str(config), *args)
+        wait_for(lambda: holds_open(child.pid, source) or child.poll() is not None, what="reading")
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=60)
+        return child, err, sim_get(sim, "stats")["requests"]
+
+
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 
 
@@ -90,16 +105,9 @@ def test_a_signal_while_starting_exits_128_plus_signal_without_a_traceback(
 def test_a_signal_during_validation_is_130_or_143_with_a_json_error_event(
     tmp_path: Path, sim_thread: Any, signum: int
 ) -> None:
-    source = big_input(tmp_path)
-    with sim_thread() as sim:
-        config = write_job(tmp_path, sim)
-        child = start("run", str(config), "--log-format", "json")
-        wait_for(
-            lambda: holds_open(child.pid, source) or child.poll() is not None, what="validation"
-        )
-        child.send_signal(signum)
-        _, err = child.communicate(timeout=60)
-        sent = sim_get(sim, "stats")["requests"]
+    child, err, sent = signal_while_reading(
+        tmp_path, sim_thread, signum, "run", "--log-format", "json"
+    )
     assert child.returncode == 128 + signum, err
     events = [json.loads(line) for line in err.strip().splitlines()]
     assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 128 + signum, err
@@ -111,13 +119,7 @@ def test_a_signal_during_validation_is_130_or_143_with_a_json_error_event(
 def test_sigterm_while_status_or_estimate_reads_the_input_is_143(
     tmp_path: Path, sim_thread: Any, command: str
 ) -> None:
-    source = big_input(tmp_path)
-    with sim_thread() as sim:
-        config = write_job(tmp_path, sim)
-        child = start(command, str(config))
-        wait_for(lambda: holds_open(child.pid, source) or child.poll() is not None, what="reading")
-        child.send_signal(signal.SIGTERM)
-        _, err = child.communicate(timeout=60)
+    child, err, _ = signal_while_reading(tmp_path, sim_thread, signal.SIGTERM, command)
     assert child.returncode == 143, err
     assert err.startswith("error: interrupted") and "Traceback" not in err, err
 

@@ -20,22 +20,27 @@ def sent_prompts(sim: Any) -> list[str]:
     return sorted(body["messages"][-1]["content"] for body in bodies)
 
 
+def run_parquet(
+    folder: Path, sim_thread: Any, frame: pl.DataFrame, prompt: str
+) -> tuple[Any, list[str]]:
+    """Run a job over `frame` (as Parquet) with `prompt`; the run and the prompts it sent."""
+    frame.write_parquet(folder / "in.parquet")
+    with sim_thread() as sim:
+        done = run_cli(str(write_job(folder, sim, input_name="in.parquet", prompt=prompt)))
+        return done, sent_prompts(sim)
+
+
 def test_nested_columns_render_as_json_in_a_template(tmp_path: Path, sim_thread: Any) -> None:
     """A struct keeps its field names and a list is a JSON array: what a model can read, and
     what `json.loads` gives back (before, a struct lost its keys and a list was refused)."""
-    pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "id": ["a", "b"],
             "meta": [{"n": 1, "p": 'x"y'}, {"n": None, "p": "q"}],
             "tags": [["red", "big"], []],
         }
-    ).write_parquet(tmp_path / "in.parquet")
-    with sim_thread() as sim:
-        config = write_job(
-            tmp_path, sim, input_name="in.parquet", prompt='template = "M={meta} T={tags}"'
-        )
-        done = run_cli(str(config))
-        prompts = sent_prompts(sim)
+    )
+    done, prompts = run_parquet(tmp_path, sim_thread, frame, 'template = "M={meta} T={tags}"')
     assert done.returncode == 0, done.stderr
     assert prompts == sorted(
         [
@@ -48,11 +53,8 @@ def test_nested_columns_render_as_json_in_a_template(tmp_path: Path, sim_thread:
 
 
 def test_a_null_nested_value_is_a_row_error_like_any_null(tmp_path: Path, sim_thread: Any) -> None:
-    pl.DataFrame({"id": ["a", "b"], "tags": [["x"], None]}).write_parquet(tmp_path / "in.parquet")
-    with sim_thread() as sim:
-        config = write_job(tmp_path, sim, input_name="in.parquet", prompt='template = "T={tags}"')
-        done = run_cli(str(config))
-        prompts = sent_prompts(sim)
+    frame = pl.DataFrame({"id": ["a", "b"], "tags": [["x"], None]})
+    done, prompts = run_parquet(tmp_path, sim_thread, frame, 'template = "T={tags}"')
     assert done.returncode == 3, done.stderr
     assert prompts == ['T=["x"]']
     out = pl.read_parquet(tmp_path / "out.parquet")
@@ -63,13 +65,8 @@ def test_a_null_nested_value_is_a_row_error_like_any_null(tmp_path: Path, sim_th
 
 
 def test_a_nested_prompt_column_is_sent_as_json(tmp_path: Path, sim_thread: Any) -> None:
-    pl.DataFrame({"id": ["a"], "doc": [{"title": "t", "body": "b"}]}).write_parquet(
-        tmp_path / "in.parquet"
-    )
-    with sim_thread() as sim:
-        config = write_job(tmp_path, sim, input_name="in.parquet", prompt='column = "doc"')
-        done = run_cli(str(config))
-        prompts = sent_prompts(sim)
+    frame = pl.DataFrame({"id": ["a"], "doc": [{"title": "t", "body": "b"}]})
+    done, prompts = run_parquet(tmp_path, sim_thread, frame, 'column = "doc"')
     assert done.returncode == 0, done.stderr
     assert prompts == ['{"title":"t","body":"b"}']
 
