@@ -157,16 +157,14 @@ def run(
         # scheduled job expects: said once where the log goes, never as an `error:` on stderr
         # that cron would mail every hour.
         expected = code in (Locked.exit_code, OutOfTime.exit_code)
+        line = message if expected else f"error: {message}"
         if logs.json:
             event = "exit" if expected else "error"
             print(json_line(event, message=message, exit_code=code), file=stream, flush=True)
-        elif stream is not sys.stderr:
-            print(message if expected else f"error: {message}", file=stream, flush=True)
-        if expected:
-            if stream is sys.stderr and not logs.json:
-                click.echo(message, err=True)
-        elif not logs.json or stream is not sys.stderr:
-            click.echo(f"error: {message}", err=True)
+        else:
+            print(line, file=stream, flush=True)
+        if stream is not sys.stderr and not expected:  # an error also reaches stderr
+            click.echo(line, err=True)
         sys.exit(code)
 
     with exits(fail):
