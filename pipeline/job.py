@@ -41,7 +41,7 @@ from pipeline.money import (
     load_catalogue,
     reconcile,
 )
-from pipeline.output import FinalSlots, OutputWriter
+from pipeline.output import ANSWERS_KEPT, FinalSlots, OutputWriter
 from pipeline.plan import JobPlan, check_folders, check_models, ensure_open_files, plan_job
 from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS
@@ -136,7 +136,6 @@ class Run:
         self.options = options
         self.builder = plan.builder.for_catalogue(catalogue)
         self.stopped: Stop | None = None
-        self.sent = 0  # rows this run sent (a full disk then stops it resumable, not refused)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Run:
@@ -219,12 +218,10 @@ class Run:
                         "model": config.request.model, **report.job_totals.as_dict(),
                     }
                 )  # fmt: skip
-            except JobStopped as exc:  # the output cannot be written
-                if self.sent:
-                    raise
-                raise UserError(
-                    f"{exc}".replace("; every answer", ". Nothing was sent; every answer")
-                ) from None
+            except JobStopped as exc:  # the output cannot be written: resumable once sending began
+                if self.progress.tally.done:
+                    raise type(exc)(f"{exc}; {ANSWERS_KEPT}") from None
+                raise UserError(f"{exc}. Nothing was sent; {ANSWERS_KEPT}") from None
             report.write_seconds = self.output.final_seconds
             report.write_cpu_seconds = self.output.cpu_seconds
         return report
@@ -248,8 +245,9 @@ class Run:
         config = self.config
         limits = Limits(config.limits.requests_per_second, config.limits.tpm)
         stopping = asyncio.Event()
-        self.writer = JournalWriter(self.journal, self.cache, on_commit=self._committed)
-        self.writer.on_failure = self._journal_full
+        self.writer = JournalWriter(
+            self.journal, self.cache, on_commit=self._committed, on_failure=self._journal_full
+        )
         answerer = ChatAnswerer(
             self.client, limits, RetryPolicy.from_config(config.retry), catalogue=self.catalogue,
             reservations=Reservations(self.budget, self.catalogue, config.request.fallback_models or ())
@@ -272,7 +270,6 @@ class Run:
         progress, log_prompts = self.progress, self.progress.logs.prompts
 
         def finished(row: Row, result: Result) -> None:
-            self.sent += 1
             self.writer.add(result)
             prompt = _prompt_text(row) if log_prompts and result.status != OK else None
             progress.update(result, answerer.retries, limits.rate_limited, prompt)

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import DiskFull, JournalError, disk_full_message, is_disk_full
+from pipeline.errors import (
+    DiskFull,
+    JournalError,
+    PipelineError,
+    disk_full_message,
+    is_disk_full,
+)
 from pipeline.records import (
     NOT_NULL,
     RESULT_FIELDS,
@@ -35,6 +41,8 @@ from pipeline.records import (
 FLUSH_INTERVAL = 0.1
 # The layout of the tables; a journal of another layout is refused, never misread.
 JOURNAL_FORMAT = 3
+OPENING_FULL = "; nothing was sent. Free some space and run again"
+JOURNAL_SUFFIXES = ("", "-wal", "-shm")  # the database and sqlite's files beside it
 
 _SQL_TYPES = {
     "string": "TEXT",
@@ -139,9 +147,9 @@ class Journal:
         """Open (or create) the journal at `path` and check it against this job's fingerprint
         (an incremental job's input may grow: its files are not compared).
 
-        The caller holds the job's `JobLock`."""
+        The caller holds the job's lock (`lock.job_locks`)."""
         if restart:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in JOURNAL_SUFFIXES:
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         db = _connect(path)
         journal = cls(path, db)
@@ -181,7 +189,7 @@ class Journal:
     def _check(self, fingerprint: dict[str, Any], incremental: bool) -> None:
         stored = self.meta()
         if not stored:
-            with _refused_when_full(self.path), self._db:
+            with _when_full(self.path, JournalError, OPENING_FULL), self._db:
                 self._db.executemany(
                     "INSERT INTO meta (name, value) VALUES (?, ?)",
                     [
@@ -297,7 +305,7 @@ class Journal:
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
         if attempts:
-            with self._guard, self._full_stops(), self._db:
+            with self._guard, _when_full(self.path), self._db:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO lost_attempts (generation_id, position, kind) VALUES (?, ?, ?)",
                     attempts,
@@ -313,24 +321,13 @@ class Journal:
             ]
 
     def reconcile(self, costs: dict[str, float]) -> None:
-        with self._guard, self._full_stops(), self._db:
+        with self._guard, _when_full(self.path), self._db:
             self._db.executemany(
                 "UPDATE lost_attempts SET cost_usd = ? WHERE generation_id = ?",
                 [(c, g) for g, c in costs.items()],
             )
 
     # ----------------------------------------------------------------------------- writes
-
-    @contextlib.contextmanager
-    def _full_stops(self) -> Iterator[None]:
-        """A commit the disk has no room for is rolled back (the journal stays whole) and
-        stops the job: every later commit would fail too."""
-        try:
-            yield
-        except sqlite3.Error as exc:
-            if not is_disk_full(exc):
-                raise
-            raise DiskFull(disk_full_message("journal", self.path, exc)) from None
 
     def write(self, results: list[Result]) -> list[tuple[Any, ...]]:
         """Commit `results` in one transaction (durable once this returns); returns them as
@@ -343,7 +340,7 @@ class Journal:
             tuple(chain.from_iterable(values[start : start + ROWS_PER_INSERT]))
             for start in range(0, whole, ROWS_PER_INSERT)
         )
-        with self._guard, self._full_stops(), self._db:
+        with self._guard, _when_full(self.path), self._db:
             self._db.executemany(_INSERT_MANY, runs)
             self._db.executemany(_INSERT, values[whole:])
         return values
@@ -379,7 +376,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     torn WAL; it is only an index, so with the job lock held it is dropped and rebuilt from the
     WAL, whose torn frames fail their checksums and are ignored. Anything else damaged is refused."""
     try:
-        with _refused_when_full(path):
+        with _when_full(path, JournalError, OPENING_FULL):
             return _open_checked(path)
     except sqlite3.DatabaseError as exc:
         failure: sqlite3.DatabaseError = exc
@@ -399,17 +396,16 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
-def _refused_when_full(path: Path) -> Iterator[None]:
-    """Opening the journal on a full disk: refused before anything is sent (exit 1), never
-    called damaged (which would suggest --restart)."""
+def _when_full(path: Path, error: type[PipelineError] = DiskFull, then: str = "") -> Iterator[None]:
+    """A write the disk has no room for becomes `error`: mid-run a `DiskFull` that stops the job
+    (the commit rolled back, the journal whole; every later commit would fail too); when opening,
+    a refusal before anything is sent, never "damaged" (which would suggest --restart)."""
     try:
         yield
     except sqlite3.Error as exc:
         if not is_disk_full(exc):
             raise
-        raise JournalError(
-            f"{disk_full_message('journal', path, exc)}; nothing was sent. Free some space and run again"
-        ) from None
+        raise error(disk_full_message("journal", path, exc) + then) from None
 
 
 def _open_checked(path: Path) -> sqlite3.Connection:

@@ -24,6 +24,11 @@ def lock_path(path: Path) -> Path:
     return Path(f"{path}.lock")
 
 
+def output_key(output: Path) -> Path:
+    """What an output's lock is keyed on: its real path, so two spellings of one file meet."""
+    return Path(os.path.realpath(output))
+
+
 def lock_holder(journal: Path) -> str | None:
     """The pid of the run holding this job's lock, or None when no run does (checked by
     trying the lock, never by trusting the pid file)."""
@@ -104,7 +109,7 @@ def job_locks(journal: Path, output: Path) -> contextlib.ExitStack:
         )  # fmt: skip
         stack.enter_context(
             FileLock(
-                Path(os.path.realpath(output)),
+                output_key(output),
                 f"another job (pid {{pid}}) is writing output {output}; this run changed nothing. "
                 "Give each job its own output path",
             )

@@ -252,13 +252,21 @@ def result_names(
     return names
 
 
+ANSWERS_KEPT = "every answer is saved in the journal: free some space and run the same command again (nothing is paid again)"
+
+
+def unfinished_name(output: Path, run: str) -> str:
+    """The name an output has while `run` (a pid, or a glob's `*`) writes it."""
+    return f".{output.name}.tmp-{run}"
+
+
 class ParquetSink:
     """Writes the output file aside and renames it into place on `commit()`."""
 
     def __init__(self, path: Path, names: list[str]) -> None:
         self.path = path
         self.names = names
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.tmp = path.with_name(unfinished_name(path, str(os.getpid())))
         results = zip(names[-len(RESULT_COLUMNS) :], RESULT_COLUMNS, strict=True)
         self._plain = {name for name, column in results if column in _NO_DICTIONARY}
         self._writer: pq.ParquetWriter | None = None
@@ -303,15 +311,16 @@ class ParquetSink:
     @contextlib.contextmanager
     def _stops_on_failure(self) -> Iterator[None]:
         """The output could not be written (a full disk, most likely): every answer is in the
-        journal, so the job stops resumable, and the next run writes the file without sending."""
+        journal, so the job stops resumable, and the next run writes the file without sending.
+        The message leaves the journal's part (`ANSWERS_KEPT`) to `job`, which knows whether
+        anything was sent."""
         try:
             yield
         except OSError as exc:
-            then = "every answer is saved in the journal: free some space and run the same command again (nothing is paid again)"
             if is_disk_full(exc):
-                raise DiskFull(f"{disk_full_message('output', self.path, exc)}; {then}") from None
+                raise DiskFull(disk_full_message("output", self.path, exc)) from None
             reason = exc.strerror or str(exc).strip().splitlines()[0]
-            raise JobStopped(f"cannot write output {self.path} ({reason}); {then}") from None
+            raise JobStopped(f"cannot write output {self.path} ({reason})") from None
 
     def discard(self) -> None:
         if self._writer is not None:
@@ -322,7 +331,7 @@ class ParquetSink:
 
 def _remove_dead_parts(path: Path) -> None:
     """Delete unfinished files a killed run left beside `path` (named for its process id)."""
-    for part in path.parent.glob(f".{path.name}.tmp-*"):
+    for part in path.parent.glob(unfinished_name(path, "*")):
         pid = part.name.rsplit("-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
             part.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import glob
 import os
 import resource
 import tempfile
@@ -23,12 +22,13 @@ import polars as pl
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError
-from pipeline.lock import lock_path
+from pipeline.journal import JOURNAL_SUFFIXES
+from pipeline.lock import lock_path, output_key
 from pipeline.money import Catalogue, most_output_tokens, unknown_limit
 from pipeline.options import describe
-from pipeline.output import OutputLayout
+from pipeline.output import OutputLayout, unfinished_name
 from pipeline.prompts import RequestBuilder
-from pipeline.source import POSITION, Source, open_source
+from pipeline.source import POSITION, Source, expand, open_source
 
 VALIDATION_BATCH_ROWS = 50_000  # rows per batch of the validation pass
 # Descriptors beyond one per request in flight: the journal, input files, stdio, the loop.
@@ -123,37 +123,34 @@ def check_distinct(config: JobConfig) -> None:
     spelling: symlinks, `..` and hard links included. Otherwise `--restart` would delete the
     input, or the output overwrite the paid answers."""
     output, journal = Path(config.output.path), config.output.journal_path
-    written = {
-        describe("output.path"): (output, [output, lock_path(Path(os.path.realpath(output)))]),
-        describe("output.journal"): (
-            journal,
-            [journal, *(Path(f"{journal}{s}") for s in ("-wal", "-shm")), lock_path(journal)],
-        ),
+    out_key, journal_key = describe("output.path"), describe("output.journal")
+    inputs = {_identity(path): path for path in _input_files(config.input.path)}
+    out_files = {_identity(p): p for p in (output, lock_path(output_key(output)))}
+    journal_files = {
+        _identity(p): p
+        for p in (*(Path(f"{journal}{s}") for s in JOURNAL_SUFFIXES), lock_path(journal))
     }
-    files = [(path, _identity(path)) for path in _input_files(config.input.path)]
-    for key, (named, paths) in written.items():
-        for path in paths:
-            for input_file, identity in files:
-                if _identity(path) == identity:
-                    what = f"{named}" if path == named else f"{named}: its file {path}"
-                    raise InputError(
-                        f"{key} {what} is the input file {input_file}; choose another path"
-                    )
-    (out_key, (out, out_paths)), (journal_key, (_, journal_paths)) = written.items()
-    taken = {_identity(p) for p in out_paths}
-    for path in journal_paths:
-        if _identity(path) in taken:
+    for key, named, files in ((out_key, output, out_files), (journal_key, journal, journal_files)):
+        for identity, path in files.items():
+            if identity in inputs:
+                what = f"{named}" if path == named else f"{named}: its file {path}"
+                raise InputError(
+                    f"{key} {what} is the input file {inputs[identity]}; choose another path"
+                )
+    for identity, path in journal_files.items():
+        if identity in out_files:
             raise InputError(
-                f"{journal_key} {journal} and {out_key} {out} would share the file {path}: the output "
+                f"{journal_key} {journal} and {out_key} {output} would share the file {path}: the output "
                 "would overwrite the journal of the answers paid for; choose another journal path"
             )
     # A dead run's unfinished output (`.NAME.tmp-PID`) is deleted when the next one starts.
-    for input_file, _ in files:
-        if fnmatch.fnmatch(input_file.name, f".{out.name}.tmp-*") and _identity(
-            input_file.parent
-        ) == _identity(out.parent):
+    folder = _identity(output.parent)
+    for input_file in inputs.values():
+        if fnmatch.fnmatch(input_file.name, unfinished_name(output, "*")) and (
+            _identity(input_file.parent) == folder
+        ):
             raise InputError(
-                f"{out_key} {out}: the input file {input_file} has the name of an unfinished output "
+                f"{out_key} {output}: the input file {input_file} has the name of an unfinished output "
                 "and would be deleted; rename it or choose another output path"
             )
 
@@ -167,11 +164,12 @@ def _identity(path: Path) -> tuple[object, ...]:
     return (status.st_dev, status.st_ino)
 
 
-def _input_files(pattern: str) -> list[Path]:
+def _input_files(pattern: str) -> tuple[Path, ...]:
     """The input's files as far as they exist (reading them, later, says what is missing)."""
-    if glob.has_magic(pattern):
-        return [Path(p) for p in glob.glob(pattern, recursive=True)]
-    return [Path(pattern)] if Path(pattern).exists() else []
+    try:
+        return expand(pattern)
+    except InputError:
+        return ()
 
 
 def ensure_open_files(concurrency: int) -> None:

@@ -14,6 +14,7 @@ as one table and writes as one output.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -59,8 +60,8 @@ class Source:
     # The position of each file's first row, learnt as the files are read (to name a row).
     starts: dict[Path, int] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def schema(self) -> pl.Schema:
+    @functools.cached_property
+    def schema(self) -> pl.Schema:  # asked for by every JSONL chunk: built once
         return _polars_schema(self.arrow)
 
     @property
@@ -177,7 +178,7 @@ class Source:
 def open_source(pattern: str, fmt: str | None = None, delimiter: str | None = None) -> Source:
     """Find the files, check they can be read, and read and reconcile their schemas (no rows
     yet)."""
-    paths = _expand(pattern)
+    paths = expand(pattern)
     formats = {fmt or _format_of(p) for p in paths}
     if len(formats) > 1:
         raise InputError(
@@ -305,7 +306,7 @@ def _polars_schema(arrow: pa.Schema) -> pl.Schema:
     return frame.schema
 
 
-def _expand(pattern: str) -> tuple[Path, ...]:
+def expand(pattern: str) -> tuple[Path, ...]:
     if glob.has_magic(pattern):
         paths = tuple(
             Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()

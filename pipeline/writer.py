@@ -24,6 +24,7 @@ class JournalWriter:
         cache: ResponseCache | None = None,
         interval: float = FLUSH_INTERVAL,
         on_commit: Callable[[list[tuple[Any, ...]]], None] | None = None,
+        on_failure: Callable[[DiskFull], None] | None = None,
     ) -> None:
         self.journal = journal
         self.cache = cache
@@ -36,7 +37,7 @@ class JournalWriter:
         self._stopped = asyncio.Event()
         # Set when a commit found the disk full: its results wait for the next attempt.
         self.failure: DiskFull | None = None
-        self.on_failure: Callable[[DiskFull], None] | None = None
+        self.on_failure = on_failure  # told once, when a commit first finds the disk full
 
     @property
     def unsaved(self) -> int:
