@@ -178,7 +178,7 @@ class ChatAnswerer:
         """The row's answers, trying again after transient failures until the policy gives up;
         `attempts` were made before (answers turned down), since `started`."""
         clock = asyncio.get_running_loop().time
-        responses, all_unanswered = self._responses, True
+        responses = self._responses  # unchanged: no attempt anywhere got a response since
         while True:
             attempts += 1
             try:
@@ -186,12 +186,8 @@ class ChatAnswerer:
             except RetryableError as exc:
                 delay = self.policy.delay(attempts, exc.retry_after)
                 elapsed = clock() - started
-                all_unanswered = all_unanswered and _unanswered(exc)
                 if self.policy.gives_up(attempts, elapsed, delay):
-                    if (
-                        all_unanswered and self._responses == responses
-                        and self._unanswered >= UNREACHABLE_STREAK
-                    ):  # fmt: skip
+                    if self._responses == responses and self._unanswered >= UNREACHABLE_STREAK:
                         raise self._gone(exc) from None
                     message = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f}s; last: {exc.message}"
                     return _failed(row, exc.kind, message, attempts, retry_on_resume=True)

@@ -56,7 +56,7 @@ def exits(fail: Fail = _fail, interrupted: str = INTERRUPTED) -> Iterator[None]:
     except Interrupted as exc:
         fail(interrupted, exc.exit_code)
     except KeyboardInterrupt as exc:
-        fail(interrupted, getattr(exc, "exit_code", 130))
+        fail(interrupted, _interrupt_code(exc))
     except PipelineError as exc:
         fail(str(exc), exc.exit_code)
 
@@ -302,7 +302,7 @@ def main() -> None:
         code = exc.code or 0
     except click.exceptions.Abort as exc:  # Ctrl-C outside a command's own mapping
         interrupt = exc.__cause__ or exc.__context__
-        code = getattr(interrupt, "exit_code", 130)
+        code = _interrupt_code(interrupt)
         click.echo(f"error: {INTERRUPTED}", err=True)
     except click.ClickException as exc:
         exc.show()
@@ -323,7 +323,12 @@ def _signals_raise() -> None:
     def terminate(signum: int, frame: object) -> None:
         raise Terminated()
 
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, terminate)
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: terminate}
+    for signum, handler in handlers.items():
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored (nohup): stays ignored
+            signal.signal(signum, handler)
+
+
+def _interrupt_code(exc: BaseException | None) -> int:
+    """130 for Ctrl-C's KeyboardInterrupt, 143 for SIGTERM's `Terminated`."""
+    return getattr(exc, "exit_code", 130)

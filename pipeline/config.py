@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
-from pipeline.options import describe
+from pipeline.options import FORMAT_NAMES, INPUT_FORMATS, describe
 from pipeline.values import RawValues
 
 DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
@@ -239,7 +239,7 @@ def default(key: str) -> Any:
     return None if spec.default_factory is MISSING else spec.default_factory()  # None: required
 
 
-DATA_SUFFIXES = {".csv", ".tsv", ".tab", ".parquet", ".pq", ".jsonl", ".ndjson", ".json"}
+DATA_SUFFIXES = {*INPUT_FORMATS, ".json"}
 
 
 def _read_toml(config_file: Path) -> dict[str, Any]:
@@ -341,7 +341,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
     input_cfg = _given(
         InputConfig,
         path=v.required("input.path"),
-        format=v.choice("input.format", ("csv", "tsv", "parquet", "jsonl")),
+        format=v.choice("input.format", FORMAT_NAMES),
         delimiter=_delimiter(v.string("input.delimiter")),
         id_column=v.string("input.id_column"),
         incremental=v.flag("input.incremental"),

@@ -315,15 +315,19 @@ async def load_catalogue(
         body, fetched_at = cached
         return Catalogue.from_response(body, fetched_at)
     url = f"{client.base_url}/models"
+
+    def refuse(why: object) -> UserError:
+        return UserError(f"{url} did not answer with a model list: {why}")
+
     try:
         status, body = await client.fetch_json("/models")
     except TrustError as exc:
         if required:
-            raise UserError(f"{url} did not answer with a model list: {exc}") from None
+            raise refuse(exc) from None
         raise
     except Unreachable as exc:
         if required:
-            raise UserError(f"{url} did not answer with a model list: {exc.cause}") from None
+            raise refuse(exc.cause) from None
         if exc.connected:
             return None  # connected, but no answer: the requests themselves will tell
         raise Unreachable(
@@ -334,7 +338,7 @@ async def load_catalogue(
     listed = isinstance(body, dict) and isinstance(body.get("data"), list)
     if status != 200 or not listed:
         if required:
-            raise UserError(f"{url} did not answer with a model list: {_answer(status, body)}")
+            raise refuse(_answer(status, body))
         return None
     store_listing(endpoint, body)
     return Catalogue.from_response(body, time.time())

@@ -41,9 +41,16 @@ def show(value: Any) -> str:
 
 
 # In the order `--help` lists them.
+# Input files by extension: what `input.format` may name, and what a data file looks like.
+INPUT_FORMATS = {
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".ndjson": "jsonl",
+}  # fmt: skip
+FORMAT_NAMES = tuple(dict.fromkeys(INPUT_FORMATS.values()))  # csv, tsv, parquet, jsonl
+
 JOB_OPTIONS: tuple[Option, ...] = (
     Option("input.path", "--input", "Input file or glob (CSV, TSV, Parquet, JSONL).", metavar="PATH"),
-    Option("input.format", "--input-format", "Input format, when the extension does not say.", "choice", choices=("csv", "tsv", "parquet", "jsonl")),
+    Option("input.format", "--input-format", "Input format, when the extension does not say.", "choice", choices=FORMAT_NAMES),
     Option("input.delimiter", "--delimiter", "Field delimiter of CSV input (default: ',', a tab for tsv).", metavar="CHAR"),
     Option("input.incremental", "--incremental", "The input grows between runs: send only rows not done before.", "flag"),
     Option("input.reprocess_changed", "--reprocess-changed", "With --incremental: send rows that changed since they were done again.", "flag"),

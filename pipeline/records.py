@@ -181,7 +181,7 @@ class Totals:
         """Everything the job was billed: its rows, lost attempts and replaced answers."""
         if self.rows_cost_unknown or self.cost_usd is None or self.paid_twice_cost_usd is None:
             return None
-        return self.cost_usd + self.paid_twice_cost_usd + self.replaced_cost_usd
+        return self.known_spend_usd
 
     @property
     def known_spend_usd(self) -> float:

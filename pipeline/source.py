@@ -31,18 +31,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.options import describe
+from pipeline.options import INPUT_FORMATS, describe
 
 POSITION = "__pipeline_position"
-FORMATS = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".tab": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-}
 DELIMITERS = {"csv": ",", "tsv": "\t"}
 POOL = pa.default_memory_pool()
 BATCH_ROWS = 2_000  # small: the first requests wait for only one batch (the next is prepared ahead)
@@ -325,7 +316,7 @@ def expand(pattern: str) -> tuple[Path, ...]:
 
 
 def _format_of(path: Path) -> str:
-    kind = FORMATS.get(path.suffix.lower())
+    kind = INPUT_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(
             f"input file {path}: cannot tell the format from '{path.suffix}'; set {describe('input.format')} to csv, tsv, parquet or jsonl"
