@@ -168,18 +168,21 @@ class OpenRouterClient:
     async def get_status_json(self, path: str, **params: str) -> tuple[int, Any]:
         """Like `get_json`, with the status (0 when no response came)."""
         try:
-            return await self.fetch_json(path, **params)
+            return await self.fetch_json(path, params=params)
         except Unreachable:
             return 0, None
 
-    async def fetch_json(self, path: str, **params: str) -> tuple[int, Any]:
-        """GET `base_url + path`: the status and the JSON body (None if not JSON). Raises
-        `Unreachable` when no response came (`connected` says whether the connection was made),
-        `TrustError` when the certificate does not verify."""
+    async def fetch_json(
+        self, path: str, *, params: dict[str, str] | None = None, post: bytes | None = None
+    ) -> tuple[int, Any]:
+        """GET `base_url + path` (POST `post` if given): the status and the JSON body (None if
+        not JSON). Raises `Unreachable` when no response came (`connected` says whether the
+        connection was made), `TrustError` when the certificate does not verify."""
         assert self._session is not None, "use `async with OpenRouterClient(...)`"
+        method = "GET" if post is None else "POST"
         try:
-            async with self._session.get(
-                self.base_url + path, params=params, allow_redirects=False
+            async with self._session.request(
+                method, self.base_url + path, params=params, data=post, allow_redirects=False
             ) as resp:
                 raw = await resp.read()
                 try:

@@ -336,12 +336,28 @@ async def load_catalogue(
             exc.cause, connected=False,
         ) from None  # fmt: skip
     listed = isinstance(body, dict) and isinstance(body.get("data"), list)
+    if status == 404 and await _no_chat_route(client):
+        raise UserError(
+            f"{client.base_url} answers 404 to both /models and /chat/completions, so it is not "
+            f"the root of an OpenAI-compatible API: {describe('request.base_url')} usually ends "
+            "in its API path (OpenRouter: https://openrouter.ai/api/v1; most servers: .../v1)"
+        )
     if status != 200 or not listed:
         if required:
             raise refuse(_answer(status, body))
         return None
     store_listing(endpoint, body)
     return Catalogue.from_response(body, time.time())
+
+
+async def _no_chat_route(client: OpenRouterClient) -> bool:
+    """Whether the endpoint has no chat route either: an empty body is refused (400, never
+    billed) where the route exists, and a wrong API path answers 404 to it too."""
+    try:
+        status, _ = await client.fetch_json("/chat/completions", post=b"{}")
+    except Unreachable:
+        return False  # the requests themselves will tell
+    return status == 404
 
 
 def _answer(status: int, body: Any) -> str:

@@ -277,6 +277,45 @@ def test_models_says_why_when_the_server_does_not_list_models() -> None:
         assert f"HTTP {status}" in line and f"nope {status}" in line, line
 
 
+def strict_openai_server(request: web.Request) -> web.Response:
+    """An OpenAI-compatible server that serves its API under /v1 only, like vLLM."""
+    if request.path in ("/v1/models", "/v1/chat/completions"):
+        return openai_server(request)
+    return web.json_response({"error": {"message": "not found"}}, status=404)
+
+
+def chat_only_server(request: web.Request) -> web.Response:
+    """A gateway that proxies chat completions but has no model list."""
+    if request.path == "/v1/chat/completions":
+        return openai_server(request)
+    return web.json_response({"error": {"message": "not found"}}, status=404)
+
+
+def test_a_base_url_missing_its_api_path_is_refused_before_any_row_is_sent(
+    tmp_path: Path,
+) -> None:
+    write_input(tmp_path, 3)
+    with Recorder("127.0.0.1", strict_openai_server) as server:
+        root = f"http://127.0.0.1:{server.port}"
+        config = write_job(tmp_path, at(root))
+        done = run_cli(str(config), "--model", "llama-3-8b")
+        chat_bodies = [r["body"] for r in server.requests if r["path"].endswith("/completions")]
+    assert done.returncode == 1, done.stderr
+    line = one_error_line(done.stderr)
+    assert root in line and "/api/v1" in line and "request.base_url" in line, line
+    assert all(json.loads(body) == {} for body in chat_bodies)  # a probe, never a row
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_an_endpoint_without_a_model_list_still_runs(tmp_path: Path) -> None:
+    write_input(tmp_path, 2)
+    with Recorder("127.0.0.1", chat_only_server) as server:
+        config = write_job(tmp_path, at(f"http://127.0.0.1:{server.port}/v1"))
+        done = run_cli(str(config), "--model", "llama-3-8b")
+    assert done.returncode == 0, done.stderr
+    assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 2
+
+
 # ---------------------------------------------------------- 21. estimate needs no key
 
 
