@@ -71,16 +71,27 @@ CREATE TABLE IF NOT EXISTS lost_attempts (
     generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL
 );
 -- Paid answers that a later result for the same slot replaced (a row sent again with
--- --reprocess-changed, a failure that had spent something retried): still the job's spend.
--- Filled by the trigger as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
+-- --reprocess-changed, a failure that had spent something retried): still the job's spend,
+-- unknown (NULL) for an answer that came without a cost. Filled by the trigger below.
 CREATE TABLE IF NOT EXISTS replaced_answers (
-    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL NOT NULL
+    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL
 );
-CREATE TRIGGER IF NOT EXISTS keep_replaced_spend BEFORE DELETE ON results
-    WHEN OLD.cost_usd > 0 AND OLD.response_source = 'api'
+"""
+# Replaced on every open, so a journal made before a change to it gets the current one. It
+# fires as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
+_TRIGGER = """
+CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
+    WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
 BEGIN
     INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
 END;
+"""
+# Journals before unknown replaced costs were kept had `cost_usd REAL NOT NULL` there.
+_NULLABLE_REPLACED_COST = """
+CREATE TABLE replaced_answers_new (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL);
+INSERT INTO replaced_answers_new SELECT position, generation_id, cost_usd FROM replaced_answers;
+DROP TABLE replaced_answers;
+ALTER TABLE replaced_answers_new RENAME TO replaced_answers;
 """
 # A cost that was paid for (not a reuse's or a shared sample's known 0): with none of these,
 # a job whose rows have no cost has an unknown total, not $0.
@@ -99,7 +110,8 @@ _BY_MODEL = f"""SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(complet
     GROUP BY response_model ORDER BY response_model"""
 _LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
     COALESCE(SUM(cost_usd IS NULL), 0) FROM lost_attempts"""
-_REPLACED = "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM replaced_answers WHERE {where}"
+_REPLACED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(cost_usd IS NULL), 0)
+    FROM replaced_answers WHERE {where}"""
 
 
 def _cost(total: float | None, unknown: int, priced: int) -> float | None:
@@ -282,7 +294,7 @@ class Journal:
             replaced = (
                 self._db.execute(_REPLACED.format(where=where), args).fetchone()
                 if self._has_table("replaced_answers")  # not in a journal from before it, read-only
-                else (0, 0.0)
+                else (0, 0.0, 0)
             )
         rows, ok, failed, prompt, completion, cost, duplicates, cache_hits, unknown, priced = row
         return Totals(
@@ -295,7 +307,7 @@ class Journal:
             lost_attempts=lost[0], paid_twice_requests=lost[1],
             paid_twice_cost_usd=None if lost[3] else lost[2],  # unknown while any is unpriced
             lost_attempts_unreconciled=lost[3], replaced_answers=replaced[0],
-            replaced_cost_usd=replaced[1],
+            replaced_cost_usd=None if replaced[2] else replaced[1],
         )  # fmt: skip
 
     def _has_table(self, name: str) -> bool:
@@ -418,6 +430,13 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
         if verdict != "ok":
             raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
+        # Only a whole journal is brought up to date.
+        columns = db.execute("PRAGMA table_info(replaced_answers)").fetchall()
+        older = any(name == "cost_usd" and not_null for _, name, _, not_null, *_ in columns)
+        db.executescript(
+            f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend;"
+            f" {_NULLABLE_REPLACED_COST if older else ''} {_TRIGGER} COMMIT;"
+        )
     except BaseException:
         db.close()
         raise

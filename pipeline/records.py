@@ -174,19 +174,21 @@ class Totals:
     paid_twice_cost_usd: float | None = 0.0
     lost_attempts_unreconciled: int = 0
     replaced_answers: int = 0
-    replaced_cost_usd: float = 0.0
+    replaced_cost_usd: float | None = 0.0  # None while any replaced answer had no cost
 
     @property
     def true_cost_usd(self) -> float | None:
         """Everything the job was billed: its rows, lost attempts and replaced answers."""
-        if self.rows_cost_unknown or self.cost_usd is None or self.paid_twice_cost_usd is None:
+        parts = (self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd)
+        if self.rows_cost_unknown or None in parts:
             return None
         return self.known_spend_usd
 
     @property
     def known_spend_usd(self) -> float:
         """What is known to be spent (the budget's starting point): unknown parts count 0."""
-        return (self.cost_usd or 0.0) + (self.paid_twice_cost_usd or 0.0) + self.replaced_cost_usd
+        parts = (self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd)
+        return sum(part or 0.0 for part in parts)
 
     def as_dict(self) -> dict[str, Any]:
         """As the output's metadata and the JSON summary hold them."""

@@ -38,7 +38,7 @@ def summary(report: JobReport, reprocess_changed: bool) -> str:
         )
     if t.replaced_answers:
         extra_spend.append(
-            f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost ${t.replaced_cost_usd:.6f}"
+            f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost {_usd(t.replaced_cost_usd)}"
         )
     if extra_spend:
         lines.append(f"  true spend {_usd(t.true_cost_usd)}: {'; '.join(extra_spend)}")

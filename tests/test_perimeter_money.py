@@ -4,7 +4,9 @@ lower bound that says how many rows it leaves out. Known zeros (duplicates) stay
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +177,39 @@ def test_spend_whose_answer_never_arrived_and_is_not_priced_yet_is_unknown(
     assert meta["cost_usd"] > 0  # the rows' own cost is known ...
     assert meta["paid_twice_cost_usd"] is None and meta["true_cost_usd"] is None  # ... not all
     assert "true spend unknown" in done.stderr, done.stderr
+
+
+# How journals before unknown replaced costs were kept held them: such a journal is upgraded.
+OLDER_REPLACED_ANSWERS = """
+DROP TRIGGER keep_replaced_spend;
+DROP TABLE replaced_answers;
+CREATE TABLE replaced_answers (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL NOT NULL);
+CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
+    WHEN OLD.cost_usd > 0 AND OLD.response_source = 'api'
+BEGIN
+    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
+END;
+"""
+
+
+@pytest.mark.parametrize("journal", ["current", "older"])
+def test_an_answer_of_unknown_cost_that_a_new_one_replaced_leaves_the_true_spend_unknown(
+    tmp_path: Path, sim_thread: Any, journal: str
+) -> None:
+    write_input(tmp_path, texts(2))
+    with sim_thread(**UNKNOWN) as sim:
+        config = str(write_job(tmp_path, sim, extra=NO_CACHED_PRICES))
+        assert run_cli(config, "--incremental").returncode == 0
+        if journal == "older":
+            with contextlib.closing(sqlite3.connect(tmp_path / "out.parquet.journal")) as db:
+                db.executescript(OLDER_REPLACED_ANSWERS)
+        sim_post(sim, "config", {"omit_cost": False, "omit_prices": False})
+        write_input(tmp_path, [f"{text}, edited" for text in texts(2)])
+        redone = run_cli(config, "--incremental", "--reprocess-changed")
+    assert redone.returncode == 0, redone.stderr
+    meta = read_metadata(tmp_path / "out.parquet")
+    assert meta["replaced_answers"] == 2
+    assert meta["replaced_cost_usd"] is None  # paid for, at a price nobody told us
+    assert meta["cost_usd"] > 0 and meta["rows_cost_unknown"] == 0  # today's rows are known ...
+    assert meta["true_cost_usd"] is None  # ... the job's spend is not
+    assert "2 earlier answer(s), since replaced by a new one, cost unknown" in redone.stderr
