@@ -310,21 +310,15 @@ async def _faults_http(t: Transcript) -> None:
 @case("fault-429", retry_after=2.0)
 async def _fault_429(t: Transcript) -> None:
     await t.fault("429")
-    await t.chat(note="retried before Retry-After")
-    await t.chat(key=OTHER_KEY, note="another key is not held back")
+    await t.chat(note="retried before Retry-After: an upstream 429 holds nothing back")
+    await t.chat(key=OTHER_KEY, note="another key")
     await t.get("/_sim/stats")
 
 
 @case("fault-503", retry_after=1.5)
 async def _fault_503(t: Transcript) -> None:
     await t.fault("503")
-    await t.chat(note="retried before Retry-After")
-
-
-@case("fault-429-not-enforced", retry_after=2.0, enforce_retry_after=False)
-async def _fault_429_lenient(t: Transcript) -> None:
-    await t.fault("429")
-    await t.chat(note="no penalty")
+    await t.chat(note="retried before Retry-After: answered")
 
 
 @case("faults-200")
@@ -412,6 +406,15 @@ async def _refusals(t: Transcript) -> None:
 async def _limits_rate(t: Transcript) -> None:
     for i in range(3):
         await t.chat(chat_body(f"r{i}"))
+    await t.chat(chat_body("r3"), note="sent before Retry-After: refused and counted")
+    await t.get("/_sim/stats")
+
+
+@case("limits-rate-not-enforced", rate_limit=1, rate_window=60, enforce_retry_after=False)
+async def _limits_rate_lenient(t: Transcript) -> None:
+    await t.chat(chat_body("r0"))
+    await t.chat(chat_body("r1"))
+    await t.chat(chat_body("r2"), note="the window refuses it, no violation is counted")
     await t.get("/_sim/stats")
 
 

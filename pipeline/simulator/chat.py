@@ -44,8 +44,9 @@ _HTTP_FAULTS = {
     Fault.HTTP_402: 402, Fault.HTTP_403: 403, Fault.HTTP_408: 408, Fault.HTTP_429: 429,
     Fault.HTTP_500: 500, Fault.HTTP_502: 502, Fault.HTTP_503: 503, Fault.HTTP_524: 524, Fault.HTTP_529: 529,
 }  # fmt: skip
-# The faults that ask the client to wait (Retry-After) and, if enforced, hold its key to it.
-_PENALTY_FAULTS = {Fault.HTTP_429, Fault.HTTP_503}
+# The faults that ask the client to wait (Retry-After). Only that one request is refused: an
+# upstream fault holds back no other request of the key (the rate limit does, `limits.py`).
+_RETRY_AFTER_FAULTS = {Fault.HTTP_429, Fault.HTTP_503}
 _FAULT_MESSAGES: dict[Fault, tuple[str, dict[str, Any]]] = {
     Fault.HTTP_408: ("Request timed out", {"error_type": "timeout"}),
     Fault.HTTP_429: (
@@ -95,7 +96,7 @@ async def complete(sim: Simulator, request: web.Request, now: float) -> web.Stre
     try:
         req = _validate(sim, request, raw, body, now)
         # Picked only once the request passed every check, so a request refused for its
-        # own sake (a Retry-After penalty, say) does not use up a step of a marker schedule.
+        # own sake (the rate limit, say) does not use up a step of a marker schedule.
         texts = (message_text(m) for m in req.messages)
         req.fault = fault = sim.picker.pick(
             request.headers.get("X-Sim-Fault"), find_marker(texts), req.digest
@@ -219,7 +220,7 @@ async def _pre_generation_fault(
     message, metadata = _FAULT_MESSAGES[fault]
     metadata = {**metadata, "provider_name": req.model.provider}
     extra: dict[str, Any] = {}
-    if fault in _PENALTY_FAULTS:
+    if fault in _RETRY_AFTER_FAULTS:
         retry_after = sim.config.retry_after
         headers = (
             bodies.rate_limit_headers(1, now + retry_after, retry_after)
@@ -237,8 +238,6 @@ async def _pre_generation_fault(
                 "retryable": True,
                 "retry_after": retry_after,
             }
-        if sim.config.enforce_retry_after and retry_after > 0:
-            sim.limits.penalise(req.key, now + retry_after)
     raise Refusal(status, bodies.error(status, message, metadata, **extra), headers)
 
 

@@ -67,8 +67,11 @@ class SimConfig:
     # Server-side limit: at most `rate_limit` requests per `rate_window` seconds, else 429.
     rate_limit: float | None = None
     rate_window: float = 1.0
-    # Seconds a 429/503 asks the client to wait; a retry sent sooner gets another 429.
+    # Seconds an injected 429/503 asks the client to wait (its Retry-After); it refuses only
+    # that request, like an upstream provider's.
     retry_after: float = 1.0
+    # After a `rate_limit` 429, refuse (and count in `retry_after_violations`) whatever the key
+    # sends before its Retry-After elapses.
     enforce_retry_after: bool = True
     # None: any non-empty bearer key is accepted. Otherwise only these.
     api_keys: frozenset[str] | None = None

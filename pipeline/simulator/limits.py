@@ -1,6 +1,11 @@
-"""What OpenRouter refuses before it routes a request anywhere: a retry sent before Retry-After
-elapsed, more requests than the server's window allows, the free models' per-minute and per-day
-caps, and a key without the credit for the request's worst case.
+"""What OpenRouter refuses before it routes a request anywhere: more requests than the server's
+window allows (`--rate-limit`) and, after such a 429, any request the key sends before its
+Retry-After elapsed; the free models' per-minute and per-day caps; and a key without the credit
+for the request's worst case.
+
+Only the simulator's own rate limit holds a key to its Retry-After. An injected upstream 429 or
+503 (`faults.py`) is one provider's answer to one request and holds nothing back: OpenRouter
+documents no key-wide penalty for it.
 
 (This is the server's side; the client's own limiter is `pipeline/limits.py`.)
 """
@@ -17,7 +22,7 @@ from pipeline.simulator.replies import Refusal
 
 
 class Limits:
-    """The rate windows and Retry-After penalties; a fresh one forgets every request seen."""
+    """The rate windows and the rate limit's Retry-After; a fresh one forgets every request seen."""
 
     def __init__(self) -> None:
         self.retry_after_violations = 0
@@ -25,10 +30,6 @@ class Limits:
         self._free_minute: dict[str, deque[float]] = {}
         self._free_day: Counter[str] = Counter()
         self._penalty_until: dict[str, float] = {}
-
-    def penalise(self, key: str, until: float) -> None:
-        """Refuse `key` with 429 until `until`: a 429 or 503 told it to wait that long."""
-        self._penalty_until[key] = until
 
     def check(
         self,
@@ -42,24 +43,28 @@ class Limits:
     ) -> None:
         """Raise `Refusal` (429 or 402) if the request may not go on; otherwise count it.
 
-        Checked in this order: Retry-After penalties, the server's rate window, free-model caps,
-        then credit against `usage`, what each key has spent.
+        Checked in this order: a rate-limit 429's Retry-After, the server's rate window,
+        free-model caps, then credit against `usage`, what each key has spent.
         """
         penalty = self._penalty_until.get(key, 0.0)
         if now < penalty:
+            # Told by the rate limit to wait, the key sent another request (any prompt) sooner.
             self.retry_after_violations += 1
             raise _rate_limited(
-                "Rate limit exceeded: retried before Retry-After elapsed.", 1, penalty
+                "Rate limit exceeded: retried before Retry-After elapsed.",
+                int(config.rate_limit or 1),
+                penalty,
             )
         if config.rate_limit is not None:
             window = self._window
             while window and window[0] <= now - config.rate_window:
                 window.popleft()
             if len(window) >= config.rate_limit:
+                reset_at = window[0] + config.rate_window
+                if config.enforce_retry_after:
+                    self._penalty_until[key] = reset_at
                 raise _rate_limited(
-                    "Rate limit exceeded: requests-per-window.",
-                    int(config.rate_limit),
-                    window[0] + config.rate_window,
+                    "Rate limit exceeded: requests-per-window.", int(config.rate_limit), reset_at
                 )
             window.append(now)
         if model.is_free:

@@ -1,11 +1,13 @@
 """The OpenRouter simulator: an `aiohttp.web` app that a client reaches by changing its base URL.
 
-Routes (under `/api/v1` like OpenRouter): `POST /chat/completions`, `GET /models`, `GET /key`
-(and the older `/auth/key`), `GET /credits`, `GET /generation?id=`. Test hooks live under
-`/_sim/`: `stats`, `ledger`, `requests` (GET) and `config`, `reset` (POST).
+Routes (under `/api/v1` like OpenRouter): `POST /chat/completions`, `GET /models`,
+`GET /models/user`, `GET /models/{author}/{slug}/endpoints`, `GET /key` (and the older
+`/auth/key`), `GET /credits`, `GET /generation?id=`. Test hooks live under `/_sim/`: `stats`,
+`ledger`, `requests` (GET) and `config`, `reset` (POST). Any other route, or a method a route does
+not take, gets OpenRouter's JSON error body (404, 405), never aiohttp's plain text.
 
 This module holds the state every route shares and answers the small GETs; a chat request's
-own path runs through `chat.py`, then `replies.py`.
+own path runs through `chat.py`, then `replies.py`; what the model routes list is `listing.py`'s.
 """
 
 from __future__ import annotations
@@ -19,17 +21,16 @@ from collections import Counter, defaultdict, deque
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from pipeline.simulator import bodies, chat
+from pipeline.simulator import bodies, chat, listing
 from pipeline.simulator.bodies import Generation
-from pipeline.simulator.catalogue import CATALOGUE
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.faults import FaultPicker, FaultSpecError
 from pipeline.simulator.limits import Limits
 from pipeline.simulator.replies import Refusal
 
 API = "/api/v1"
-_CATALOGUE_CREATED = 1_702_339_200  # a fixed date, so /models is byte-for-byte stable
 
 
 class Simulator:
@@ -152,9 +153,11 @@ class Simulator:
 
     def app(self) -> web.Application:
         """The aiohttp application serving every route."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_errors])
         app.router.add_post(f"{API}/chat/completions", self.chat_completions)
         app.router.add_get(f"{API}/models", self.models)
+        app.router.add_get(f"{API}/models/user", self.models_user)
+        app.router.add_get(f"{API}/models/{{author}}/{{slug}}/endpoints", self.endpoints)
         app.router.add_get(f"{API}/key", self.key)
         app.router.add_get(f"{API}/auth/key", self.key)
         app.router.add_get(f"{API}/credits", self.credits)
@@ -181,21 +184,25 @@ class Simulator:
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        """`GET /models`: the catalogue, with `n` among the parameters under `native_n` and
-        the limits `omit_max_completion` / `omit_context_length` leave out as null (and the prices
-        `omit_prices` leaves unknown)."""
-        cfg = self.config
-        data = [model.to_json(_CATALOGUE_CREATED) for model in CATALOGUE]
-        for entry in data:
-            if cfg.native_n:
-                entry["supported_parameters"].append("n")
-            if cfg.omit_max_completion:
-                entry["top_provider"]["max_completion_tokens"] = None
-            if cfg.omit_context_length:
-                entry["context_length"] = entry["top_provider"]["context_length"] = None
-            if cfg.omit_prices:
-                entry["pricing"] = {**entry["pricing"], "prompt": "-1", "completion": "-1"}
-        return web.json_response({"data": data, "links": {"next": None}, "total_count": len(data)})
+        """`GET /models[?supported_parameters=a,b]`: the catalogue (`listing.models`); no key needed."""
+        return web.json_response(listing.models(self.config, request.query))
+
+    async def models_user(self, request: web.Request) -> web.Response:
+        """`GET /models/user`: the models the key's provider preferences allow, which with no
+        preferences to keep is every one; unlike `/models`, it needs a key."""
+        try:
+            self.authenticate(request)
+        except Refusal as refusal:
+            return refusal.response
+        return web.json_response(listing.models(self.config))
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        """`GET /models/{author}/{slug}/endpoints`: the model's one endpoint, or 404."""
+        model_id = f"{request.match_info['author']}/{request.match_info['slug']}"
+        body = listing.endpoints(self.config, model_id)
+        if body is None:
+            return web.json_response(bodies.error(404, f"Model {model_id} not found"), status=404)
+        return web.json_response(body)
 
     async def key(self, request: web.Request) -> web.Response:
         """`GET /key`: the key's label, limit and usage."""
@@ -262,3 +269,26 @@ class Simulator:
         """`POST /_sim/reset`: see `reset`."""
         self.reset()
         return web.json_response({"ok": True})
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, a method the route does not take, a body too
+    large) as OpenRouter's JSON error body instead of a text/plain "404: Not Found"."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if isinstance(exc, web.HTTPNotFound):
+            message = f"No route for {request.method} {request.path}"
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
+            message = f"Method {request.method} is not allowed on {request.path}; allowed: {', '.join(sorted(exc.allowed_methods))}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+        return web.json_response(
+            bodies.error(exc.status, message), status=exc.status, headers=headers
+        )
+
+
+_BODY_HEADERS = {"content-type", "content-length"}

@@ -28,6 +28,8 @@ RESPONSES: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     # The error tests pass whatever status (or `error.code`) the simulator sent.
     ("/chat/completions", "post", None),
     ("/models", "get", ("200",)),
+    ("/models/user", "get", ("200", "401")),
+    ("/models/{author}/{slug}/endpoints", "get", ("200", "404")),
     ("/key", "get", ("200",)),
     ("/credits", "get", ("200",)),
     ("/generation", "get", ("200", "404")),
