@@ -66,7 +66,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     default=1.0,
     show_default=True,
     type=click.FloatRange(min=0),
-    help="Seconds that 429/503 answers ask clients to wait.",
+    help="Seconds that injected 429/503 faults ask clients to wait.",
 )
 @click.option(
     "--credit-limit",
