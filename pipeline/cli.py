@@ -64,7 +64,7 @@ def exits(fail: Fail = _fail, interrupted: str = INTERRUPTED) -> Iterator[None]:
 def _click_option(option: Option) -> Any:
     kwargs: dict[str, Any] = {"metavar": option.metavar}
     if option.kind == "flag":
-        kwargs.update(is_flag=True, default=None)
+        kwargs.update(is_flag=True, default=None, flag_value=option.sets or True)
     elif option.kind == "choice":
         kwargs["type"] = click.Choice(list(option.choices))
     elif option.kind != "text":
@@ -176,7 +176,7 @@ def run(
     if logs.json:
         print(json_line("summary", **render.run_summary_json(report)), file=stream, flush=True)
     else:
-        click.echo(render.summary(report, config.input.reprocess_changed), file=stream)
+        click.echo(render.summary(report, config.input.on_change), file=stream)
     sys.exit(report.exit_code)
 
 

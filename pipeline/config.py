@@ -3,7 +3,7 @@ environment. Flags override the file. Every message names the key (and its flag)
 be valid. Relative paths in a file are relative to that file, so a cron job can run from anywhere.
 
 ```toml
-[input]    path, format, delimiter, id_column, incremental, reprocess_changed
+[input]    path, format, delimiter, id_column, incremental, on_change, reprocess_changed
 [prompt]   column | template | messages_column, system, model_column, param_columns
 [request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
            max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
@@ -56,7 +56,9 @@ class InputConfig:
     id_column: str | None = None
     # The input grows between runs (rows appended, new files in a glob): only new rows are sent.
     incremental: bool = False
-    # ... and rows that changed since they were done are sent again, not just reported.
+    # A row done for another request than it asks now: "reprocess" sends it again (refused
+    # over a tenth of the rows done unless `reprocess_changed`), "keep" marks its answer stale.
+    on_change: str = "reprocess"
     reprocess_changed: bool = False
 
 
@@ -222,6 +224,7 @@ SECTIONS: dict[str, Any] = {
     "cost": CostConfig,
 }
 
+ON_CHANGE = ("reprocess", "keep")  # what an incremental job does with a changed row
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
 PATH_KEYS = (
     "input.path", "output.path", "output.journal", "request.key_file", "request.cache",
@@ -345,8 +348,13 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         delimiter=_delimiter(v.string("input.delimiter")),
         id_column=v.string("input.id_column"),
         incremental=v.flag("input.incremental"),
+        on_change=v.choice("input.on_change", ON_CHANGE),
         reprocess_changed=v.flag("input.reprocess_changed"),
     )
+    if input_cfg.on_change == "keep" and input_cfg.reprocess_changed:
+        raise ConfigError(
+            f'{describe("input.on_change")} "keep" and {describe("input.reprocess_changed")} ask opposite things; choose one'
+        )
     prompt = _given(
         PromptConfig,
         column=v.string("prompt.column"),

@@ -1,7 +1,8 @@
 """Which rows still need an answer, a batch at a time, in input order: rows an earlier run
-settled are left out (or, in an incremental job, those whose input changed are counted and,
-with `reprocess_changed`, sent again), and a row whose request was already answered (earlier
-in the job, or in the shared cache) carries that answer instead of being sent.
+settled are left out (in an incremental job, `identity.realign` has put each earlier answer
+at its row's slot first, and marked changed rows to be sent again), and a row whose request
+was already answered (earlier in the job, or in the shared cache) carries that answer instead
+of being sent.
 
 Runs in the row feed's thread (see `dispatch.RowFeed`), a batch ahead of the workers.
 """
@@ -31,7 +32,6 @@ class Feed:
         self.plan = plan
         self.builder = builder  # the plan's, or one that knows which models take `n`
         self.settled = settled
-        self.changed = 0  # settled rows of an incremental job whose input changed since
 
     def batches(self) -> Iterator[tuple[list[Row], int]]:
         """The rows to send, a batch at a time, each with the slot the batch ends before."""
@@ -42,36 +42,11 @@ class Feed:
             positions = batch[POSITION]
             low, high = slots.first(positions[0]), slots.first(positions[-1] + 1)
             done = self.settled(low, high)
-            if plan.config.input.incremental:
-                yield self._new_or_changed(self.builder.rows(batch), done), high
-                continue
             if done:  # drop the input rows whose every variant is done
                 per_row = Counter(slots.input_row(slot) for slot in done)
                 finished = [p for p, count in per_row.items() if count == slots.per_row]
                 batch = batch.filter(~pl.col(POSITION).is_in(finished))
             yield self.builder.rows(batch, set(done)), high
-
-    def _new_or_changed(
-        self, rows: list[Row], done: dict[int, tuple[str, str | None]]
-    ) -> list[Row]:
-        """An incremental job's rows to send: those not done, and (with `reprocess_changed`)
-        those done for another id or another request than they would be now; the others are
-        counted."""
-        todo = []
-        for row in rows:
-            earlier = done.get(row.slot)
-            if earlier is None:
-                todo.append(row)
-                continue
-            key, request_hash = earlier
-            if key == row.key and (
-                request_hash is None or row.body is None or request_hash == row.request_hash
-            ):
-                continue
-            self.changed += 1
-            if self.plan.config.input.reprocess_changed:
-                todo.append(row)
-        return todo
 
 
 def with_earlier_answers(

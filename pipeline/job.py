@@ -29,6 +29,7 @@ from pipeline.config import JobConfig, api_key
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import CreditsError, DiskFull, Interrupted, JobStopped, OutOfTime, UserError
 from pipeline.feed import Feed, with_earlier_answers
+from pipeline.identity import Realignment, realign
 from pipeline.journal import Journal
 from pipeline.limits import Limits
 from pipeline.lock import job_locks
@@ -65,6 +66,7 @@ class JobReport:
     write_seconds: float = 0.0  # spent writing the output at the end (the rest ran alongside)
     write_cpu_seconds: float = 0.0  # spent writing the output, in all
     changed: int = 0  # rows done earlier whose input changed (incremental jobs)
+    departed: int = 0  # rows done earlier that this run found gone from the input
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -147,6 +149,11 @@ class Run:
                     incremental=config.input.incremental,
                 )
             )  # fmt: skip
+            self.realignment = (
+                realign(plan, self.builder, self.journal)
+                if config.input.incremental
+                else Realignment()
+            )
             self.cache = ResponseCache(Path(config.request.cache)) if config.request.cache else None
             if self.cache is not None:
                 stack.callback(self.cache.close)
@@ -208,7 +215,8 @@ class Run:
             self.client, self.journal, self.progress.log, patience=config.cost.reconcile_timeout
         )
         report.job_totals = self.journal.totals(below=plan.slots)
-        report.changed = self.feed.changed
+        report.changed = self.realignment.changed
+        report.departed = self.realignment.departed
         if self.output is not None:
             try:
                 self.output.finish(
@@ -216,6 +224,7 @@ class Run:
                         "tool": "prompt-pipeline", "version": __version__,
                         "config_fingerprint": config.fingerprint_hash(),
                         "model": config.request.model, **report.job_totals.as_dict(),
+                        "changed_rows": report.changed,
                     }
                 )  # fmt: skip
             except JobStopped as exc:  # the output cannot be written: resumable once sending began

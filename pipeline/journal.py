@@ -18,6 +18,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from pipeline import __version__
 from pipeline.errors import (
     DiskFull,
@@ -110,6 +112,9 @@ _BY_MODEL = f"""SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(complet
     GROUP BY response_model ORDER BY response_model"""
 _LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
     COALESCE(SUM(cost_usd IS NULL), 0) FROM lost_attempts"""
+_DEPARTED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0),
+    COALESCE(SUM(status = 'ok' AND response_source = 'api' AND cost_usd IS NULL), 0)
+    FROM results WHERE position < 0"""
 _REPLACED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(cost_usd IS NULL), 0)
     FROM replaced_answers WHERE {where}"""
 
@@ -234,7 +239,8 @@ class Journal:
         """How many of the first `below` rows an earlier run settled."""
         with self._guard:
             (count,) = self._db.execute(
-                "SELECT COUNT(*) FROM results WHERE position < ? AND retry_on_resume = 0", (below,)
+                "SELECT COUNT(*) FROM results WHERE position >= 0 AND position < ? AND retry_on_resume = 0",
+                (below,),
             ).fetchone()
         return int(count)
 
@@ -280,17 +286,60 @@ class Journal:
             ).fetchone()
         return int(count)
 
+    def identities(self) -> pl.DataFrame:
+        """Every result's slot (negative: departed), id, request hash and whether it is to be
+        sent again, for matching them to today's input (`identity.realign`)."""
+        with self._guard:
+            rows = self._db.execute(
+                "SELECT position, key, request_hash, retry_on_resume FROM results"
+            ).fetchall()
+        schema = {"position": pl.Int64, "key": pl.String, "request_hash": pl.String,
+                  "retry_on_resume": pl.Int64}  # fmt: skip
+        return pl.DataFrame(rows, schema=schema, orient="row")
+
+    def realign(
+        self, moves: list[tuple[int, int]], departures: list[tuple[int, int]], per_row: int, *,
+        changed: list[int], keep_changed: bool,
+    ) -> None:  # fmt: skip
+        """In one transaction: move results (old slot, new slot); move the results of rows gone
+        from the input (slot, variant) to negative slots of their own; and mark the `changed`
+        slots to be sent again, or (`keep_changed`) stale."""
+        with self._guard, _when_full(self.path, JournalError, OPENING_FULL), self._db:
+            (lowest,) = self._db.execute("SELECT MIN(position) FROM results").fetchone()
+            group = (-1 - min(lowest or 0, -1)) // per_row + 1  # the next free departed group
+            gone = [
+                (old, -1 - ((group + i) * per_row + v)) for i, (old, v) in enumerate(departures)
+            ]
+            everything = moves + gone
+            if everything:  # by way of slots nothing uses, as slots are unique at every step
+                aside = -(1 << 62)
+                self._db.executemany(
+                    "UPDATE results SET position = ? WHERE position = ?",
+                    [(aside - i, old) for i, (old, _) in enumerate(everything)],
+                )
+                self._db.executemany(
+                    "UPDATE results SET position = ? WHERE position = ?",
+                    [(new, aside - i) for i, (_, new) in enumerate(everything)],
+                )
+            self._db.execute("UPDATE results SET stale = 0 WHERE stale = 1")
+            column = "stale" if keep_changed else "retry_on_resume"
+            self._db.executemany(
+                f"UPDATE results SET {column} = 1 WHERE position = ?", [(s,) for s in changed]
+            )
+
     def totals(self, below: int | None = None) -> Totals:
         """Counts, tokens and cost over the journal (slots under `below` only, if given).
 
         Tokens count answers from the API only: a reused answer was not generated again.
         """
-        where = "position < ?" if below is not None else "1"
+        # Negative slots hold the answers of rows since gone from the input: spend, not rows.
+        where = "position >= 0 AND position < ?" if below is not None else "position >= 0"
         args = (below,) if below is not None else ()
         with self._guard:
             row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
             by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
             lost = self._db.execute(_LOST).fetchone()
+            departed = self._db.execute(_DEPARTED).fetchone()
             replaced = (
                 self._db.execute(_REPLACED.format(where=where), args).fetchone()
                 if self._has_table("replaced_answers")  # not in a journal from before it, read-only
@@ -308,6 +357,7 @@ class Journal:
             paid_twice_cost_usd=None if lost[3] else lost[2],  # unknown while any is unpriced
             lost_attempts_unreconciled=lost[3], replaced_answers=replaced[0],
             replaced_cost_usd=None if replaced[2] else replaced[1],
+            departed_rows=departed[0], departed_cost_usd=None if departed[2] else departed[1],
         )  # fmt: skip
 
     def _has_table(self, name: str) -> bool:
@@ -431,6 +481,8 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         if verdict != "ok":
             raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
         # Only a whole journal is brought up to date.
+        if "stale" not in {name for _, name, *_ in db.execute("PRAGMA table_info(results)")}:
+            db.execute("ALTER TABLE results ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
         columns = db.execute("PRAGMA table_info(replaced_answers)").fetchall()
         older = any(name == "cost_usd" and not_null for _, name, _, not_null, *_ in columns)
         db.executescript(

@@ -21,6 +21,7 @@ class Option:
     choices: tuple[str, ...] = ()
     # How the help shows the default: None, not at all; "" the config's default; else this text.
     shows_default: str | None = None
+    sets: str | None = None  # a flag that sets the key to this value (else to true)
 
     @property
     def param(self) -> str:
@@ -53,7 +54,8 @@ JOB_OPTIONS: tuple[Option, ...] = (
     Option("input.format", "--input-format", "Input format, when the extension does not say.", "choice", choices=FORMAT_NAMES),
     Option("input.delimiter", "--delimiter", "Field delimiter of CSV input (default: ',', a tab for tsv).", metavar="CHAR"),
     Option("input.incremental", "--incremental", "The input grows between runs: send only rows not done before.", "flag"),
-    Option("input.reprocess_changed", "--reprocess-changed", "With --incremental: send rows that changed since they were done again.", "flag"),
+    Option("input.reprocess_changed", "--reprocess-changed", "With --incremental: send changed rows again even when over a tenth of the rows done changed.", "flag"),
+    Option("input.on_change", "--keep-changed", "With --incremental: keep the earlier answers of changed rows, marked stale.", "flag", sets="keep"),
     Option("output.path", "--output", "Output Parquet file.", metavar="PATH"),
     Option("prompt.column", "--prompt-column", "Column holding the whole prompt.", metavar="COL"),
     Option("prompt.template", "--template", "Prompt template over columns, e.g. 'Label: {review}'.", metavar="TEXT"),

@@ -49,6 +49,7 @@ WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become 
 # row held up by retries while later rows keep arriving stays bounded.
 GROUPS_KEPT = 4
 POSITION, PARSED = RESULT_FIELDS.index("position"), RESULT_FIELDS.index("parsed")
+STALE = RESULT_FIELDS.index("stale")
 Groups = Iterator[tuple[int, pa.Table]]  # input rows as Arrow, with each group's first position
 
 
@@ -62,6 +63,7 @@ class OutputLayout:
     samples: int  # a `sample_index` column when above one
     answers: AnswerSpec | None  # `label` or one column per schema property
     row_group_size: int  # output rows per Parquet row group
+    stale: bool = False  # a `stale` column: an incremental job keeps changed rows' answers
 
     @classmethod
     def for_job(
@@ -77,10 +79,12 @@ class OutputLayout:
             leading += [
                 f"answer_{name}" if name in taken else name for name in answers.column_types()
             ]
+        stale = config.input.incremental and config.input.on_change == "keep"
+        leading += ["stale"] if stale else []
         names = result_names(config.output.result_prefix, inputs, leading)
         return cls(
             names, request.variants, bool(request.models), request.n, answers,
-            config.output.row_group_size,
+            config.output.row_group_size, stale,
         )  # fmt: skip
 
     @property
@@ -104,6 +108,8 @@ class OutputLayout:
             )
         if self.answers is not None:
             arrays += self.answers.columns([row[PARSED] for row in stored])
+        if self.stale:
+            arrays.append(pa.array([bool(row[STALE]) for row in stored], type=pa.bool_()))
         return arrays
 
 

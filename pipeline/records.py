@@ -88,6 +88,8 @@ class Result:
     parsed: str | None = _column(
         "string", output=False
     )  # a structured answer, checked, as canonical JSON
+    # Kept under `on_change = "keep"` although its row asks something else now.
+    stale: bool = _column("bool", False, not_null=True, output=False)
 
     def as_tuple(self) -> tuple[Any, ...]:
         return _result_values(self)
@@ -100,7 +102,7 @@ class Result:
         """This answer, given to another row that asked the same thing: no request, no cost."""
         return dataclasses.replace(
             self, position=row.slot, key=row.key, cost_usd=0.0, cost_source=REUSED,
-            response_source=source, latency_ms=0.0, attempts=0,
+            response_source=source, latency_ms=0.0, attempts=0, stale=False,
         )  # fmt: skip
 
 
@@ -175,20 +177,27 @@ class Totals:
     lost_attempts_unreconciled: int = 0
     replaced_answers: int = 0
     replaced_cost_usd: float | None = 0.0  # None while any replaced answer had no cost
+    departed_rows: int = 0  # answers of rows since gone from the input (incremental jobs)
+    departed_cost_usd: float | None = 0.0  # what they cost; None while any had no cost
 
     @property
     def true_cost_usd(self) -> float | None:
-        """Everything the job was billed: its rows, lost attempts and replaced answers."""
-        parts = (self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd)
-        if self.rows_cost_unknown or None in parts:
+        """Everything the job was billed: its rows, lost attempts, replaced answers and the
+        answers of rows since gone from the input."""
+        if self.rows_cost_unknown or None in self._spend:
             return None
         return self.known_spend_usd
 
     @property
     def known_spend_usd(self) -> float:
         """What is known to be spent (the budget's starting point): unknown parts count 0."""
-        parts = (self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd)
-        return sum(part or 0.0 for part in parts)
+        return sum(part or 0.0 for part in self._spend)
+
+    @property
+    def _spend(self) -> tuple[float | None, ...]:
+        return (
+            self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd, self.departed_cost_usd
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         """As the output's metadata and the JSON summary hold them."""

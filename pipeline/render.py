@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from pipeline.money import Catalogue, ModelPrice
 
 
-def summary(report: JobReport, reprocess_changed: bool) -> str:
+def summary(report: JobReport, on_change: str) -> str:
     """The lines a run ends with (without --log-format json)."""
     t = report.job_totals
     lines = [
@@ -44,11 +44,14 @@ def summary(report: JobReport, reprocess_changed: bool) -> str:
         lines.append(f"  true spend {_usd(t.true_cost_usd)}: {'; '.join(extra_spend)}")
     if report.changed:
         again = (
-            "sent again"
-            if reprocess_changed
-            else "kept their earlier answers; --reprocess-changed sends them again"
+            "sent again" if on_change == "reprocess" else "kept their earlier answers, marked stale"
         )
         lines.append(f"  {report.changed:,} row(s) changed since they were done: {again}")
+    if report.departed:
+        lines.append(
+            f"  {report.departed:,} row(s) done earlier are no longer in the input: left out of the "
+            "output, their spend kept in the true spend"
+        )
     by_model = t.by_model
     if len(by_model) > 1:
         for model, m in by_model.items():
@@ -150,6 +153,6 @@ def run_summary_json(report: JobReport) -> dict[str, Any]:
     return {
         "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
         "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
-        "changed_rows": report.changed,
+        "changed_rows": report.changed, "departed_now": report.departed,
         **report.job_totals.as_dict(),
     }  # fmt: skip

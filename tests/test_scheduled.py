@@ -92,7 +92,7 @@ def test_new_files_in_a_glob_are_picked_up_and_a_non_incremental_run_refuses_the
     assert len(counts) == 8 and set(counts.values()) == {1}
 
 
-def test_a_changed_row_is_reported_not_rebilled_unless_asked(
+def test_a_changed_row_kept_then_reprocessed_never_shows_its_stale_answer_mid_write(
     tmp_path: Path, sim_thread: Any
 ) -> None:
     source = tmp_path / "in.csv"
@@ -110,12 +110,14 @@ def test_a_changed_row_is_reported_not_rebilled_unless_asked(
             .alias("text")
         )
         changed.write_csv(source)
-        kept = run_cli(str(config), "--incremental")
+        kept = run_cli(str(config), "--incremental", "--keep-changed")
         after_kept = billed(sim)
+        stale = pl.read_parquet(tmp_path / "out.parquet")["stale"].to_list()
         redone = run_cli(str(config), "--incremental", "--reprocess-changed", "--timeout", "1")
         after_redone = billed(sim)
         spent = sum(entry["cost"] for entry in sim_get(sim, "ledger")["data"])
     assert kept.returncode == 0 and "1 row(s) changed since they were done: kept" in kept.stderr
+    assert stale == [False, False, True, False, False, False]
     assert sum(after_kept.values()) == 6  # nothing sent
     assert redone.returncode == 0 and "sent again" in redone.stderr
     assert sum(after_redone.values()) == 7  # only the edited row

@@ -8,7 +8,7 @@ CREATE TABLE lost_attempts (
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- table replaced_answers on replaced_answers
 CREATE TABLE replaced_answers (
-    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL NOT NULL
+    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL
 );
 -- table results on results
 CREATE TABLE results (
@@ -35,12 +35,13 @@ CREATE TABLE results (
     retry_on_resume INTEGER NOT NULL,
     request_hash TEXT,
     parsed TEXT,
+    stale INTEGER NOT NULL,
     -- Unix time, for the rate `pipeline status` shows (julianday: older sqlite has no unixepoch).
     done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 );
 -- trigger keep_replaced_spend on results
 CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
-    WHEN OLD.cost_usd > 0 AND OLD.response_source = 'api'
+    WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
 BEGIN
     INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
 END;
