@@ -74,10 +74,12 @@ def status(figures: dict[str, Any]) -> str:
 
 
 def _day_spend(figures: dict[str, Any]) -> str:
-    """With a rolling cap: what it counts now."""
+    """With a rolling cap: what it counts now (the known spend: a lower bound while any of the
+    job's spend is unknown)."""
     if "spent_last_24h_usd" not in figures:
         return ""
-    return f"${figures['spent_last_24h_usd']:.4f} in the last 24 h (max_cost_per_day ${figures['max_cost_per_day']:.4f}); "
+    spent = _usd(figures["spent_last_24h_usd"], figures["true_cost_usd"] is None)
+    return f"{spent} in the last 24 h (max_cost_per_day {_usd(figures['max_cost_per_day'])}); "
 
 
 def estimate(result: Estimate) -> str:
