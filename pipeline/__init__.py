@@ -40,7 +40,7 @@ _EXPORTS = {
     "JobStopped": "pipeline.errors",
     "AuthError": "pipeline.errors",
     "CreditsError": "pipeline.errors",
-    "BudgetReached": "pipeline.money",
+    "BudgetReached": "pipeline.budget",
     "TrustError": "pipeline.errors",
     "Locked": "pipeline.errors",
     "OutOfTime": "pipeline.errors",
@@ -78,6 +78,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from pipeline.budget import BudgetReached
     from pipeline.config import JobConfig
     from pipeline.config import load as load_config
     from pipeline.errors import (
@@ -97,7 +98,6 @@ if TYPE_CHECKING:
     from pipeline.estimate import Estimate
     from pipeline.estimate import estimate as estimate_job
     from pipeline.job import JobReport, RunOptions, run_job
-    from pipeline.money import BudgetReached
     from pipeline.output import read_metadata
     from pipeline.progress import LogSettings
     from pipeline.records import Totals

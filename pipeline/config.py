@@ -11,7 +11,8 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 [limits]   concurrency, rps | rpm, tpm, max_runtime
 [retry]    max_attempts, max_elapsed, backoff_base, backoff_max, invalid_retries
 [output]   path, journal, result_prefix, row_group_size
-[cost]     max_cost, expected_output_tokens, prices_ttl, reconcile_timeout
+[cost]     max_cost, max_cost_per_run, max_cost_per_day, expected_output_tokens, prices_ttl,
+           reconcile_timeout
 ```
 """
 
@@ -28,6 +29,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.cost_config import CostConfig, cost_config
 from pipeline.errors import ConfigError
 from pipeline.options import FORMAT_NAMES, INPUT_FORMATS, describe
 from pipeline.values import RawValues
@@ -40,9 +42,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_MAX_ELAPSED = 900.0  # seconds one row may spend retrying
 DEFAULT_TITLE = "prompt-pipeline"
-DEFAULT_RECONCILE_TIMEOUT = 60.0
 DEFAULT_ROW_GROUP_SIZE = 10_000  # output rows per Parquet row group
-DEFAULT_PRICES_TTL = 6 * 3600.0  # seconds a cached /models answer is trusted
 KEY_ENV = "OPENROUTER_API_KEY"
 T = TypeVar("T")
 SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"  # what --simulate runs send
@@ -177,15 +177,6 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class CostConfig:
-    max_cost: float | None = None  # USD for the whole job, earlier runs included
-    expected_output_tokens: int | None = None  # typical answer length, for estimates
-    prices_ttl: float = DEFAULT_PRICES_TTL  # seconds a cached /models answer is trusted
-    # Seconds to wait for /generation to price attempts whose answer never arrived.
-    reconcile_timeout: float = DEFAULT_RECONCILE_TIMEOUT
-
-
-@dataclass(frozen=True, slots=True)
 class JobConfig:
     input: InputConfig
     prompt: PromptConfig
@@ -193,7 +184,7 @@ class JobConfig:
     limits: LimitsConfig
     retry: RetryConfig
     output: OutputConfig
-    cost: CostConfig = CostConfig()
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def request_fingerprint(self) -> dict[str, Any]:
         """What shapes the requests: a resumed job must send the same ones."""
@@ -431,14 +422,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         result_prefix=v.string("output.result_prefix"),
         row_group_size=v.integer("output.row_group_size", low=1),
     )
-    cost = _given(
-        CostConfig,
-        max_cost=v.number("cost.max_cost", low=0),
-        expected_output_tokens=v.integer("cost.expected_output_tokens", low=1),
-        prices_ttl=v.number("cost.prices_ttl", low=0),
-        reconcile_timeout=v.number("cost.reconcile_timeout", low=0),
-    )
-    return JobConfig(input_cfg, prompt, request, limits, retry, output, cost)
+    return JobConfig(input_cfg, prompt, request, limits, retry, output, cost_config(v))
 
 
 def _delimiter(value: str | None) -> str | None:

@@ -12,7 +12,7 @@ these in exactly one place each, so the CLI can map every one to a message and a
     ├── JobStopped                exit 4: every further request would fail too; resumable
     │   ├── AuthError             401: the key is missing, wrong or disabled
     │   ├── CreditsError          402: out of credits
-    │   ├── BudgetReached         cost.max_cost would be passed (pipeline.money)
+    │   ├── BudgetReached         a cap in [cost] would be passed (pipeline.budget)
     │   ├── TrustError            the endpoint's TLS certificate does not verify
     │   ├── DiskFull              the journal or the output cannot be written (full disk, quota)
     │   └── Unreachable           the endpoint cannot be reached, or stopped answering

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.attempt import ChatAnswerer
+from pipeline.budget import Budget, BudgetReached, Cap
 from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient, connect
 from pipeline.config import JobConfig, api_key
@@ -34,7 +35,6 @@ from pipeline.journal import Journal
 from pipeline.limits import Limits
 from pipeline.lock import job_locks
 from pipeline.money import (
-    Budget,
     Catalogue,
     Reservations,
     credit_warning,
@@ -169,10 +169,8 @@ class Run:
                 total_rows=plan.slots,
                 skipped=self.journal.settled_count(below=plan.slots),
             )
-            self.budget = None
-            if config.cost.max_cost is not None:
-                spent = self.journal.totals(below=plan.slots).known_spend_usd
-                self.budget = Budget(config.cost.max_cost, spent)
+            caps = Cap.for_job(config.cost, self.journal, plan.slots, time.time())
+            self.budget = Budget(caps) if caps else None
             self.progress = Progress(
                 plan.slots, self.report.skipped, quiet=options.quiet, budget=self.budget,
                 stream=options.stream, logs=options.logs,
@@ -289,6 +287,7 @@ class Run:
             progress.event(
                 "stopping", reason=type(exc).__name__,
                 message="stopping: no more requests will be sent",
+                **(exc.details if isinstance(exc, BudgetReached) else {}),
             )  # fmt: skip
             raise
         finally:  # what was answered is saved, whatever ended the sending

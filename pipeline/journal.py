@@ -58,26 +58,32 @@ _COLUMN_TYPES = {
     for name, kind in RESULT_TYPES.items()
 }
 _COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix time (older sqlite has no unixepoch)
+# When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's
+# `lost_at` (when it was found lost), a replaced answer's `paid_at` (its own done_at).
+_LOST_TABLE = f"""lost_attempts (
+    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL,
+    lost_at REAL NOT NULL DEFAULT {_NOW}
+)"""
+_REPLACED_TABLE = (
+    "replaced_answers (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL, paid_at REAL)"
+)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     position INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
     {_COLUMNS_SQL},
-    -- Unix time, for the rate `pipeline status` shows (julianday: older sqlite has no unixepoch).
-    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+    -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
+    done_at REAL NOT NULL DEFAULT {_NOW}
 );
 CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
 -- Attempts whose answer never arrived although the server had accepted them (it may have billed).
-CREATE TABLE IF NOT EXISTS lost_attempts (
-    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL
-);
+CREATE TABLE IF NOT EXISTS {_LOST_TABLE};
 -- Paid answers that a later result for the same slot replaced (a row sent again with
 -- --reprocess-changed, a failure that had spent something retried): still the job's spend,
 -- unknown (NULL) for an answer that came without a cost. Filled by the trigger below.
-CREATE TABLE IF NOT EXISTS replaced_answers (
-    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL
-);
+CREATE TABLE IF NOT EXISTS {_REPLACED_TABLE};
 """
 # Replaced on every open, so a journal made before a change to it gets the current one. It
 # fires as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
@@ -85,16 +91,32 @@ _TRIGGER = """
 CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
     WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
 BEGIN
-    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
+    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd, OLD.done_at);
 END;
 """
-# Journals before unknown replaced costs were kept had `cost_usd REAL NOT NULL` there.
-_NULLABLE_REPLACED_COST = """
-CREATE TABLE replaced_answers_new (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL);
-INSERT INTO replaced_answers_new SELECT position, generation_id, cost_usd FROM replaced_answers;
+# Journals before unknown replaced costs were kept had `cost_usd REAL NOT NULL` there, and
+# before max_cost_per_day no payment times beside answers. Such spend is dated by the answer
+# now in its slot, which came later (else the upgrade): it counts for longer, never shorter.
+_LATER = f"COALESCE((SELECT done_at FROM results WHERE results.position = old.position), {_NOW})"
+_UPGRADE_REPLACED = f"""
+CREATE TABLE {_REPLACED_TABLE.replace("replaced_answers", "replaced_answers_new", 1)};
+INSERT INTO replaced_answers_new SELECT position, generation_id, cost_usd, {_LATER} FROM replaced_answers AS old;
 DROP TABLE replaced_answers;
 ALTER TABLE replaced_answers_new RENAME TO replaced_answers;
 """
+_UPGRADE_LOST = f"""
+CREATE TABLE {_LOST_TABLE.replace("lost_attempts", "lost_attempts_new", 1)};
+INSERT INTO lost_attempts_new SELECT generation_id, position, kind, cost_usd, {_LATER} FROM lost_attempts AS old;
+DROP TABLE lost_attempts;
+ALTER TABLE lost_attempts_new RENAME TO lost_attempts;
+"""
+# Spend paid after a time, by the minute it was paid in (its last payment's time: a bucket
+# ages out when its newest spend does), oldest first; unknown costs count 0, as in the totals.
+_SPEND_SINCE = """SELECT MAX(paid_at), SUM(cost_usd) FROM (
+    SELECT done_at AS paid_at, cost_usd FROM results WHERE done_at > :since AND cost_usd > 0
+    UNION ALL SELECT {lost_at}, cost_usd FROM lost_attempts WHERE {lost_at} > :since AND cost_usd > 0
+    UNION ALL SELECT {paid_at}, cost_usd FROM {replaced} WHERE {paid_at} > :since AND cost_usd > 0
+) GROUP BY CAST(paid_at / 60 AS INTEGER) ORDER BY 1"""
 # A cost that was paid for (not a reuse's or a shared sample's known 0): with none of these,
 # a job whose rows have no cost has an unknown total, not $0.
 _PRICED = (
@@ -327,6 +349,19 @@ class Journal:
                 f"UPDATE results SET {column} = 1 WHERE position = ?", [(s,) for s in changed]
             )
 
+    def spend_since(self, since: float) -> list[tuple[float, float]]:
+        """(paid at, USD) of the spend paid after Unix time `since`, a minute at a time, oldest
+        first: answers, lost attempts and replaced answers. A journal not yet upgraded (read
+        only) has no times beside the last two: they count as paid now."""
+        with self._guard:
+            replaced = _columns(self._db, "replaced_answers")
+            query = _SPEND_SINCE.format(
+                lost_at="lost_at" if "lost_at" in _columns(self._db, "lost_attempts") else _NOW,
+                paid_at="paid_at" if "paid_at" in replaced else _NOW,
+                replaced="replaced_answers" if replaced else "(SELECT NULL AS cost_usd WHERE 0)",
+            )
+            return [(float(t), float(usd)) for t, usd in self._db.execute(query, {"since": since})]
+
     def totals(self, below: int | None = None) -> Totals:
         """Counts, tokens and cost over the journal (slots under `below` only, if given).
 
@@ -457,6 +492,12 @@ def _connect(path: Path) -> sqlite3.Connection:
     )
 
 
+def _columns(db: sqlite3.Connection, table: str) -> dict[str, bool]:
+    """A table's columns, each with whether it is NOT NULL."""
+    info = db.execute(f"PRAGMA table_info({table})").fetchall()
+    return {name: bool(not_null) for _, name, _, not_null, *_ in info}
+
+
 @contextlib.contextmanager
 def _when_full(path: Path, error: type[PipelineError] = DiskFull, then: str = "") -> Iterator[None]:
     """A write the disk has no room for becomes `error`: mid-run a `DiskFull` that stops the job
@@ -481,13 +522,15 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         if verdict != "ok":
             raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
         # Only a whole journal is brought up to date.
-        if "stale" not in {name for _, name, *_ in db.execute("PRAGMA table_info(results)")}:
+        if "stale" not in _columns(db, "results"):
             db.execute("ALTER TABLE results ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
-        columns = db.execute("PRAGMA table_info(replaced_answers)").fetchall()
-        older = any(name == "cost_usd" and not_null for _, name, _, not_null, *_ in columns)
+        replaced = _columns(db, "replaced_answers")
+        older = replaced.get("cost_usd") or "paid_at" not in replaced
+        upgrades = (_UPGRADE_REPLACED if older else "") + (
+            "" if "lost_at" in _columns(db, "lost_attempts") else _UPGRADE_LOST
+        )
         db.executescript(
-            f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend;"
-            f" {_NULLABLE_REPLACED_COST if older else ''} {_TRIGGER} COMMIT;"
+            f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend; {upgrades} {_TRIGGER} COMMIT;"
         )
     except BaseException:
         db.close()

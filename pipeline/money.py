@@ -1,5 +1,5 @@
 """Money: model prices from `GET /models` (cached on disk), what a request could cost at worst
-and what an answer did cost, as pure functions, the budget, and the endpoint's figures for a
+and what an answer did cost, as pure functions, the budget's reservations, and the endpoint's figures for a
 job (the key's credit, lost attempts priced after the run).
 
 OpenRouter's own `usage.cost` is the truth and is what the output records. Prices are needed
@@ -20,7 +20,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import JobStopped, TrustError, Unreachable, UserError
+from pipeline.budget import Budget, BudgetReached
+from pipeline.errors import TrustError, Unreachable, UserError
 from pipeline.options import describe
 
 if TYPE_CHECKING:
@@ -175,48 +176,6 @@ def _cache_file(endpoint: str) -> Path:
     return cache_dir() / f"models-{hashlib.sha256(endpoint.encode()).hexdigest()[:16]}.json"
 
 
-class BudgetReached(JobStopped):
-    """Another request could push spend past `max_cost`."""
-
-
-class Budget:
-    """`max_cost` for the whole job: spent so far (earlier runs included) plus a worst-case
-    reservation for every request in flight must stay under the cap.
-
-    A request that does not fit waits while others are in flight (they usually cost far less
-    than their worst case, and settling frees the difference); it is refused, and the job
-    stops, only when it would not fit even with nothing else in flight."""
-
-    def __init__(self, cap: float, spent: float) -> None:
-        self.cap = cap
-        self.spent = spent
-        self.reserved = 0.0
-        self._held = 0  # reservations not yet settled (a count: float sums drift)
-        self._settled = asyncio.Event()
-
-    async def reserve(self, amount: float) -> None:
-        while self.spent + self.reserved + amount > self.cap:
-            if not self._held:
-                raise BudgetReached(
-                    f"budget reached: ${self.spent:.6f} spent of max_cost ${self.cap:.6f}, and the next request "
-                    f"could cost up to ${amount:.6f}. Raise {describe('cost.max_cost')} and re-run the same command "
-                    "to continue; nothing done so far is paid again."
-                )
-            self._settled.clear()
-            await self._settled.wait()
-        self.reserved += amount
-        self._held += 1
-
-    def settle(self, reserved: float, actual: float | None) -> None:
-        """Swap a reservation for what the request really cost (the reservation, if unknown)."""
-        self.reserved -= reserved
-        self.spent += reserved if actual is None else actual
-        self._held -= 1
-        if not self._held:
-            self.reserved = 0.0  # what float sums have drifted by
-        self._settled.set()
-
-
 # ---------------------------------------------------------------- what a request costs
 
 REPORTED, COMPUTED = "reported", "computed"  # cost_source of an answer's cost
@@ -263,10 +222,10 @@ def completion_cost(
     return cost, COMPUTED
 
 
-def unknown_limit(key: str, model: str) -> str:
+def unknown_limit(key: str, model: str, cap_key: str = "cost.max_cost") -> str:
     """Why a budget cannot hold for `model`: what to set instead."""
     return (
-        f"{describe('cost.max_cost')} needs the most a request could cost, and the endpoint's /models gives "
+        f"{describe(cap_key)} needs the most a request could cost, and the endpoint's /models gives "
         f"{key} {model!r} neither a completion limit nor a context length; set {describe('request.max_tokens')}"
     )
 
@@ -284,15 +243,16 @@ class Reservations:
         self, model: str, prompt_tokens: int, max_tokens: int | None, samples: int
     ) -> float:
         worst = 0.0
+        cap_key = self.budget.caps[0].key
         for model_id in (model, *self.fallbacks):
             price = self.catalogue.get(model_id) if self.catalogue is not None else None
             if price is None:
                 raise BudgetReached(
-                    f"{describe('cost.max_cost')} needs the price of {model_id}, which the endpoint's /models does not list"
+                    f"{describe(cap_key)} needs the price of {model_id}, which the endpoint's /models does not list"
                 )
             cost = worst_case_cost(price, prompt_tokens, max_tokens, samples)
             if cost is None:
-                raise BudgetReached(unknown_limit("model", model_id))
+                raise BudgetReached(unknown_limit("model", model_id, cap_key))
             worst = max(worst, cost)
         await self.budget.reserve(worst)
         return worst

@@ -80,6 +80,8 @@ JOB_OPTIONS: tuple[Option, ...] = (
     Option("retry.max_attempts", "--max-retries", "Attempts per row at most, the first included", "int", metavar="N", shows_default=""),
     Option("request.timeout", "--timeout", "Time one attempt may take", "float", metavar="SECONDS", shows_default=""),
     Option("cost.max_cost", "--max-cost", "Stop before the job's spend could pass this.", "float", metavar="USD"),
+    Option("cost.max_cost_per_run", "--max-cost-per-run", "Stop before this run's own spend could pass this.", "float", metavar="USD"),
+    Option("cost.max_cost_per_day", "--max-cost-per-day", "Stop before the spend of the last 24 h could pass this.", "float", metavar="USD"),
     Option("output.journal", "--journal", "Checkpoint file", metavar="PATH", shows_default="OUTPUT.journal"),
     Option("output.result_prefix", "--result-prefix", "Prefix for the result columns, if the input uses their names.", metavar="TEXT"),
 )  # fmt: skip

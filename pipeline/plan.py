@@ -264,12 +264,13 @@ def check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
                 raise InputError(
                     f"{key}: the endpoint has no model {model!r}; see `pipeline models --search {model.split('/')[-1][:12]}`"
                 )
-    if config.cost.max_cost is not None:
+    if config.cost.caps:  # every cap needs prices; the message names the first one set
+        cap_key = next(iter(config.cost.caps))
         for key, model in wanted:
             price = catalogue.get(model) if catalogue is not None else None
             if price is None:
                 raise ConfigError(
-                    f"{describe('cost.max_cost')} needs prices, and the endpoint's /models does not price {key} {model!r}"
+                    f"{describe(cap_key)} needs prices, and the endpoint's /models does not price {key} {model!r}"
                 )
             if most_output_tokens(price, 0, config.request.max_tokens) is None:
-                raise ConfigError(unknown_limit(key, model))
+                raise ConfigError(unknown_limit(key, model, cap_key))

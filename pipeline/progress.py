@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from pipeline.money import Budget
+from pipeline.budget import Budget
 from pipeline.records import API, OK, Result
 
 LOG_INTERVAL = 10.0  # seconds between progress lines when there is no terminal

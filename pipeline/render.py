@@ -70,9 +70,19 @@ def status(figures: dict[str, Any]) -> str:
         f"{figures['rows']:,} rows: {figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed), "
         f"{figures['remaining']:,} to do; {running}\n"
         f"spent {_usd(figures['cost_usd'], unknown)}{_left_out(unknown)}, true {_usd(figures['true_cost_usd'])}; "
+        f"{_day_spend(figures)}"
         f"{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute\n"
         f"output {figures['output']}: {'written' if figures['output_exists'] else 'not written yet'}"
     )
+
+
+def _day_spend(figures: dict[str, Any]) -> str:
+    """With a rolling cap: what it counts now (the known spend: a lower bound while any of the
+    job's spend is unknown)."""
+    if "spent_last_24h_usd" not in figures:
+        return ""
+    spent = _usd(figures["spent_last_24h_usd"], figures["true_cost_usd"] is None)
+    return f"{spent} in the last 24 h (max_cost_per_day {_usd(figures['max_cost_per_day'])}); "
 
 
 def estimate(result: Estimate) -> str:

@@ -19,11 +19,12 @@ import pytest
 import pipeline
 from pipeline.answers import AnswerSpec
 from pipeline.attempt import ChatAnswerer
+from pipeline.budget import Budget, BudgetReached, Cap
 from pipeline.client import OpenRouterClient
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import NotSent
 from pipeline.limits import Limits
-from pipeline.money import Budget, BudgetReached, Catalogue, Reservations
+from pipeline.money import Catalogue, Reservations
 from pipeline.records import ERROR, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.simulator import RunningSimulator
@@ -62,7 +63,7 @@ async def test_a_row_waiting_for_the_budget_when_the_run_stops_is_not_sent(
 ) -> None:
     """The budget holds a request back while another is in flight; when that one settles
     after the run began to stop, the waiting one gives up instead of sending."""
-    budget = Budget(cap=0.001, spent=0.0)
+    budget = Budget([Cap("cost.max_cost", 0.001)])
     stopping = asyncio.Event()
     async with client_for(sim) as client:
         answer = await answerer_for(sim, client, budget, stopping=stopping)
@@ -90,7 +91,7 @@ async def test_answers_turned_down_before_a_budget_stop_are_kept(
         assert price is not None
         worst = price.cost(int(8 * 1.25) + 1, 20)
         answer = await answerer_for(
-            sim, client, Budget(cap=worst * 1.01, spent=0.0),
+            sim, client, Budget([Cap("cost.max_cost", worst * 1.01)]),
             answers=AnswerSpec.for_labels(["yes", "no"]), invalid_retries=2,
         )  # fmt: skip
         with pytest.raises(BudgetReached) as stopped:

@@ -2,14 +2,13 @@
 CREATE INDEX results_by_request ON results (request_hash) WHERE status = 'ok';
 -- table lost_attempts on lost_attempts
 CREATE TABLE lost_attempts (
-    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL
+    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL,
+    lost_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 );
 -- table meta on meta
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- table replaced_answers on replaced_answers
-CREATE TABLE replaced_answers (
-    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL
-);
+CREATE TABLE replaced_answers (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL, paid_at REAL);
 -- table results on results
 CREATE TABLE results (
     position INTEGER PRIMARY KEY,
@@ -36,14 +35,14 @@ CREATE TABLE results (
     request_hash TEXT,
     parsed TEXT,
     stale INTEGER NOT NULL,
-    -- Unix time, for the rate `pipeline status` shows (julianday: older sqlite has no unixepoch).
+    -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
     done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 );
 -- trigger keep_replaced_spend on results
 CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
     WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
 BEGIN
-    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
+    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd, OLD.done_at);
 END;
 -- meta keys: config, format, input, version
 -- meta format: 3
