@@ -192,13 +192,27 @@ def status(
     config_file: Path | None, limit: int | None, simulate: bool, as_json: bool, **flags: Any
 ) -> None:
     """How far a job is: rows done, failed and left, spend, recent rate, and whether a run holds
-    its lock. Reads the journal without the lock, so it works while the job runs."""
+    its lock. Reads the journal without the lock, so it works while the job runs.
+
+    CONFIG_FILE may also be the job's output or journal path: the journal alone then says what
+    is done, failed and spent, but not the rows in all or left (that needs the input)."""
     from pipeline import render
 
     with exits():
-        from pipeline.status import job_status
+        from pipeline.status import job_status, names_job_file, path_status
 
-        figures = job_status(_load_config(config_file, simulate, flags), limit)
+        if config_file is not None and names_job_file(config_file):
+            given = [o.flag for o in JOB_OPTIONS if flags.get(o.param) is not None]
+            given += ["--limit"] * (limit is not None) + ["--simulate"] * simulate
+            if given:
+                _fail(
+                    f"{given[0]} needs the job's config: with an output or journal path "
+                    f"({config_file}) status reads only the journal",
+                    2,
+                )
+            figures = path_status(config_file)
+        else:
+            figures = job_status(_load_config(config_file, simulate, flags), limit)
     click.echo(json.dumps(figures, indent=2) if as_json else render.status(figures))
 
 
