@@ -15,9 +15,11 @@ job's own files (its output, journal, lock files or input).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +83,7 @@ def export(config: JobConfig, target: Path | None = None, limit: int | None = No
         raise JournalError(
             f"no journal at {path}: the job has not done any rows yet, so there is nothing to export"
         )
-    with journal:
+    with journal, _readable(path):
         plan = plan_job(config, limit)
         _check_same_job(journal, plan)
         running = lock_holder(path)
@@ -218,6 +220,15 @@ def _pending(slot: int, key: str) -> tuple[Any, ...]:
     values[_FIELD["position"]], values[_FIELD["key"]] = slot, key
     values[_FIELD["status"]], values[_FIELD["retry_on_resume"]] = PENDING, False
     return tuple(values)
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """A file that is not a journal, or a damaged one, is named, never a traceback."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise JournalError(f"journal {path} cannot be read: {exc}") from None
 
 
 def _identity(path: Path) -> tuple[object, ...]:

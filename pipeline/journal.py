@@ -240,7 +240,8 @@ class Journal:
             yield
         finally:
             with self._guard:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
 
     def settled_count(self, below: int) -> int:
         """How many of the first `below` rows an earlier run settled."""

@@ -4,6 +4,7 @@ status` given the output or journal path: the real CLI against the simulator."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -195,5 +196,28 @@ def test_status_of_a_path_with_no_journal_is_a_one_line_error(tmp_path: Path) ->
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
         assert f"{path}.journal" in done.stderr
+    with sqlite3.connect(tmp_path / "other.db") as db:  # a database, but no job's journal
+        db.execute("CREATE TABLE notes (text TEXT)")
+    other = pipeline("status", str(tmp_path / "other.db"))
+    assert other.returncode == 1 and len(other.stderr.splitlines()) == 1
+    assert other.stderr.startswith(f"error: journal {tmp_path / 'other.db'} cannot be read")
     with_flags = pipeline("status", str(tmp_path / "missing.parquet"), "--limit", "3")
     assert with_flags.returncode == 2 and with_flags.stderr.startswith("error: --limit needs")
+
+
+def test_a_row_edited_since_its_answer_is_pending_in_the_export_not_paired_with_it(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    texts = write_input(tmp_path, 6)
+    with sim_thread() as sim:
+        config = write_job(tmp_path, sim)
+        assert run_cli(str(config), "--incremental").returncode == 0
+        texts[2] = "item 2, edited by a reviewer"
+        pl.DataFrame({"id": [f"r{i}" for i in range(6)], "text": texts}).write_csv(
+            tmp_path / "in.csv"
+        )
+        exported = pipeline("export", str(config), "--incremental")
+    assert exported.returncode == 0, exported.stderr
+    frame, meta = check_partial(tmp_path, texts)  # every ok row answers its prompt as it is now
+    assert frame["status"].to_list() == ["ok", "ok", "pending", "ok", "ok", "ok"]
+    assert meta["partial"]["pending"] == 1
