@@ -34,9 +34,10 @@ def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
 
 
 def names_job_file(path: Path) -> bool:
-    """Whether `path` names a job's journal or output rather than its config: a journal or
-    Parquet file, or a missing file not named `.toml` (an output a running job has not written
-    yet)."""
+    """Whether `path` names a job's journal or output rather than its config: a journal, a
+    missing file not named `.toml` (an output a running job has not written yet), or a Parquet
+    file with a journal beside it or written by this tool. Any other Parquet file is taken for a
+    config, whose message says it is a data file (an input given in the wrong place)."""
     if path.suffix.lower() == ".toml":
         return False
     try:
@@ -46,7 +47,20 @@ def names_job_file(path: Path) -> bool:
         return True
     except OSError:
         return False  # the config's own message says what is wrong with it
-    return head.startswith((SQLITE_MAGIC, PARQUET_MAGIC))
+    if head.startswith(SQLITE_MAGIC):
+        return True
+    return head.startswith(PARQUET_MAGIC) and (
+        Path(f"{path}.journal").exists() or _written_by_us(path)
+    )
+
+
+def _written_by_us(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return b"pipeline" in (pq.read_metadata(path).metadata or {})
+    except (OSError, ValueError):  # pyarrow's errors for a file that is not whole Parquet
+        return False
 
 
 def path_status(path: Path) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import read_metadata
@@ -190,8 +192,10 @@ def test_status_by_output_or_journal_path_reports_what_the_journal_knows(
 
 
 def test_status_of_a_path_with_no_journal_is_a_one_line_error(tmp_path: Path) -> None:
-    (tmp_path / "notes.parquet").write_bytes(b"PAR1")
-    for path in (tmp_path / "missing.parquet", tmp_path / "notes.parquet"):
+    # An output of this tool whose journal is gone (or elsewhere), and one not written yet.
+    table = pa.table({"id": ["a"]}).replace_schema_metadata({"pipeline": "{}"})
+    pq.write_table(table, tmp_path / "moved.parquet")
+    for path in (tmp_path / "missing.parquet", tmp_path / "moved.parquet"):
         done = pipeline("status", str(path))
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
