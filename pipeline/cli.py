@@ -9,6 +9,7 @@ libraries (polars, pyarrow, aiohttp) are imported inside the commands that need 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -73,10 +74,12 @@ def _click_option(option: Option) -> Any:
     return click.option(option.flag, option.param, help=help_text, **kwargs)
 
 
-def job_options(command: Any) -> Any:
-    """Add CONFIG_FILE, every job flag, --limit and --simulate to a command."""
+def job_options(command: Any, without: tuple[str, ...] = ()) -> Any:
+    """Add CONFIG_FILE, every job flag (but those of the keys `without`), --limit and
+    --simulate to a command."""
     for option in reversed(JOB_OPTIONS):
-        command = _click_option(option)(command)
+        if option.key not in without:
+            command = _click_option(option)(command)
     command = click.option(
         "--simulate", is_flag=True, help="Use the bundled OpenRouter simulator: no key, no network."
     )(command)
@@ -92,7 +95,7 @@ def job_options(command: Any) -> Any:
 
 
 def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]) -> Any:
-    overrides = {option.key: flags[option.param] for option in JOB_OPTIONS}
+    overrides = {option.key: flags.get(option.param) for option in JOB_OPTIONS}
     if simulate:
         overrides["request.simulate"] = True
     return config_module.load(config_file, overrides)
@@ -189,14 +192,54 @@ def status(
     config_file: Path | None, limit: int | None, simulate: bool, as_json: bool, **flags: Any
 ) -> None:
     """How far a job is: rows done, failed and left, spend, recent rate, and whether a run holds
-    its lock. Reads the journal without the lock, so it works while the job runs."""
+    its lock. Reads the journal without the lock, so it works while the job runs.
+
+    CONFIG_FILE may also be the job's output or journal path: the journal alone then says what
+    is done, failed and spent, but not the rows in all or left (that needs the input)."""
     from pipeline import render
 
     with exits():
-        from pipeline.status import job_status
+        from pipeline.status import job_status, names_job_file, path_status
 
-        figures = job_status(_load_config(config_file, simulate, flags), limit)
+        if config_file is not None and names_job_file(config_file):
+            given = [o.flag for o in JOB_OPTIONS if flags.get(o.param) is not None]
+            given += ["--limit"] * (limit is not None) + ["--simulate"] * simulate
+            if given:
+                _fail(
+                    f"{given[0]} needs the job's config: with an output or journal path "
+                    f"({config_file}) status reads only the journal",
+                    2,
+                )
+            figures = path_status(config_file)
+        else:
+            figures = job_status(_load_config(config_file, simulate, flags), limit)
     click.echo(json.dumps(figures, indent=2) if as_json else render.status(figures))
+
+
+@cli.command(context_settings=CONTEXT)
+@functools.partial(job_options, without=("output.path",))
+@click.option(
+    "--output",
+    "target",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Where to write the export [default: OUTPUT with .partial.parquet].",
+)
+def export(
+    config_file: Path | None, limit: int | None, simulate: bool, target: Path | None, **flags: Any
+) -> None:
+    """Write the rows done so far, from the journal, while a job is stopped or running.
+
+    The same columns as the output: rows done as they will be there, failed rows with their
+    error, rows not done yet with status "pending" and no result. The job's lock is not taken,
+    so a run going on is not disturbed; the file appears whole. The job's own output path comes
+    from CONFIG_FILE (--output names the export).
+    """
+    with exits():
+        from pipeline.export import export as export_job
+
+        done = export_job(_load_config(config_file, simulate, flags), target, limit)
+    click.echo(done.summary())
 
 
 @cli.command(context_settings=CONTEXT)

@@ -257,6 +257,19 @@ class Journal:
 
     # ------------------------------------------------------------------------------ reads
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every read inside sees the journal as of one moment, though a run goes on writing it
+        (a WAL reader: the writer is never held up)."""
+        with self._guard:
+            self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with self._guard:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+
     def settled_count(self, below: int) -> int:
         """How many of the first `below` rows an earlier run settled."""
         with self._guard:

@@ -66,14 +66,20 @@ def status(figures: dict[str, Any]) -> str:
     """`pipeline status`: how far a job is."""
     unknown = figures["rows_cost_unknown"]
     running = f"running (pid {figures['lock_holder']})" if figures["running"] else "not running"
-    return (
-        f"{figures['rows']:,} rows: {figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed), "
-        f"{figures['remaining']:,} to do; {running}\n"
+    rows = "rows in all unknown: " if figures["rows"] is None else f"{figures['rows']:,} rows: "
+    left = "" if figures["remaining"] is None else f", {figures['remaining']:,} to do"
+    output = figures["output"]
+    lines = [
+        f"{rows}{figures['done']:,} done ({figures['ok']:,} ok, {figures['failed']:,} failed){left}; {running}",
         f"spent {_usd(figures['cost_usd'], unknown)}{_left_out(unknown)}, true {_usd(figures['true_cost_usd'])}; "
-        f"{_day_spend(figures)}"
-        f"{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute\n"
-        f"output {figures['output']}: {'written' if figures['output_exists'] else 'not written yet'}"
-    )
+        f"{_day_spend(figures)}{figures['rows_per_s_last_minute']:.1f} rows/s over the last minute",
+        f"output {output}: {'written' if figures['output_exists'] else 'not written yet'}"
+        if output is not None
+        else f"journal {figures['journal']} (output unknown without the config)",
+    ]
+    if figures.get("note"):
+        lines.append(f"note: {figures['note']}")
+    return "\n".join(lines)
 
 
 def _day_spend(figures: dict[str, Any]) -> str:
@@ -163,6 +169,6 @@ def run_summary_json(report: JobReport) -> dict[str, Any]:
     return {
         "exit_code": report.exit_code, "rows": report.total_rows, "done_by_earlier_runs": report.skipped,
         "wall_s": round(report.wall_seconds, 3), "retries": report.retries, "output": str(report.output),
-        "changed_rows": report.changed, "departed_now": report.departed,
+        "changed_rows": report.changed,
         **report.job_totals.as_dict(),
     }  # fmt: skip

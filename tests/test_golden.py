@@ -45,7 +45,9 @@ def numbers_masked(text: str) -> str:
 # ------------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["", "run", "status", "estimate", "models", "simulate"])
+@pytest.mark.parametrize(
+    "command", ["", "run", "status", "export", "estimate", "models", "simulate"]
+)
 def test_help_of_every_command(command: str) -> None:
     done = pipeline(*([command] if command else []), "--help")
     assert done.returncode == 0, done.stderr
