@@ -6,9 +6,12 @@ completion in the output answers that row's own prompt (the simulator quotes its
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_reviews(folder: Path, n: int) -> pl.DataFrame:
     frame = pl.DataFrame(
-        {"id": [f"r{i:03d}" for i in range(n)], "text": [f"Review {i}: {'fine ' * (i % 7)}" for i in range(n)]}
+        {
+            "id": [f"r{i:03d}" for i in range(n)],
+            "text": [f"Review {i}: {'fine ' * (i % 7)}" for i in range(n)],
+        }
     )
     frame.write_csv(folder / "in.csv")
     return frame
@@ -97,34 +103,52 @@ def test_a_moved_endpoint_is_one_json_warning_event(tmp_path: Path, sim_thread: 
     events = [json.loads(line) for line in moved.stderr.splitlines() if line.startswith("{")]
     warned = [e for e in events if e["event"] == "settings_changed"]
     assert len(warned) == 1 and warned[0]["changed"]["request.base_url"] == [
-        first.base_url, second.base_url
+        first.base_url,
+        second.base_url,
     ]
 
 
 # ---------------------------------------------------------------- simulated, then real
 
 
+def readme_commands(after: str) -> list[list[str]]:
+    """The `.venv/bin/pipeline run ...` commands of the README's first shell block after the
+    line `after`, as argument lists (comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(after) :].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.replace("&&", "\n").splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:2] == [".venv/bin/pipeline", "run"]:
+            commands.append(words[1:])
+    return commands
+
+
 def test_the_readme_demo_then_its_run_it_for_real_commands(tmp_path: Path, sim_thread: Any) -> None:
+    (demo_command,) = readme_commands("<!-- ci:demo -->")
+    trial_command, rest_command = readme_commands("## Run it for real")
     (tmp_path / "configs").mkdir()
     (tmp_path / "data").mkdir()
     shutil.copy(ROOT / "configs" / "example.toml", tmp_path / "configs")
     shutil.copy(ROOT / "data" / "reviews.csv", tmp_path / "data")
     rows = pl.read_csv(tmp_path / "data" / "reviews.csv").height
-    demo = pipeline("run", "configs/example.toml", "--simulate", "--quiet", cwd=tmp_path)
+    demo = pipeline(*demo_command, "--quiet", cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
     with sim_thread() as real:  # stands in for OpenRouter
-        trial = pipeline("run", "configs/example.toml", "--limit", "20", "--base-url", real.base_url, cwd=tmp_path)
+        trial = pipeline(*trial_command, "--base-url", real.base_url, cwd=tmp_path)
         trial_paid = len(ledger(real))
-        rest = pipeline("run", "configs/example.toml", "--base-url", real.base_url, cwd=tmp_path)
-        paid = len(ledger(real))
+        rest = pipeline(*rest_command, "--base-url", real.base_url, cwd=tmp_path)
+        billed = Counter(entry["messages_digest"] for entry in ledger(real))
     assert trial.returncode == 0, trial.stderr
     assert "simulated" in trial.stderr and "starting over" in trial.stderr
     assert "paid for again" not in trial.stderr + rest.stderr
     assert trial_paid == 20
     assert rest.returncode == 0, rest.stderr
-    assert paid == rows  # the 20 of the trial are not paid again
     labeled = pl.read_parquet(tmp_path / "data" / "reviews-labeled.parquet")
     assert labeled.height == rows and labeled["status"].to_list() == ["ok"] * rows
+    # Each request paid once (the 20 of the trial are not paid again; duplicates share one).
+    assert set(billed.values()) == {1}
+    assert sum(billed.values()) == labeled.filter(pl.col("response_source") == "api").height
 
 
 def test_a_simulated_run_over_real_answers_is_refused(tmp_path: Path, sim_thread: Any) -> None:
@@ -170,7 +194,10 @@ def test_redo_length_with_a_larger_max_tokens_pays_only_for_the_rows_cut_off(
     after = output(tmp_path)
     assert after["finish_reason"].to_list() == ["stop"] * 30 and answers_own_prompts(after)
     kept = before.filter(~pl.col("id").is_in(cut))
-    assert after.filter(~pl.col("id").is_in(cut))["generation_id"].to_list() == kept["generation_id"].to_list()
+    assert (
+        after.filter(~pl.col("id").is_in(cut))["generation_id"].to_list()
+        == kept["generation_id"].to_list()
+    )
     meta = metadata(tmp_path)
     assert sorted(meta["rows_by_settings"].values()) == sorted([30 - len(cut), len(cut)])
     assert meta["replaced_answers"] == len(cut) and meta["true_cost_usd"] > meta["cost_usd"]
@@ -193,7 +220,9 @@ def test_redo_failed_and_redo_where(tmp_path: Path, sim_thread: Any) -> None:
         paid_where = len(ledger(sim)) - paid
     assert first.returncode == 3, first.stderr
     assert redone.returncode == 0, redone.stderr
-    assert output(tmp_path)["status"].to_list() == ["ok"] * 6 and answers_own_prompts(output(tmp_path))
+    assert output(tmp_path)["status"].to_list() == ["ok"] * 6 and answers_own_prompts(
+        output(tmp_path)
+    )
     assert paid == 6  # the refusal was not billed; the row answered once
     assert where.returncode == 0, where.stderr
     # Sent again although nothing changed: a redo never takes the journal's own answer.
@@ -217,7 +246,32 @@ def test_bad_redo_selectors_are_usage_errors_and_send_nothing(
     assert unknown.returncode == 2 and "failed, length, invalid, error_type=KIND" in unknown.stderr
     assert estimate.returncode == 2 and "--redo" in estimate.stderr
     assert broken.returncode == 2 and "--redo-where" in broken.stderr
-    assert no_column.returncode == 2 and "costs" in no_column.stderr and "cost_usd" in no_column.stderr
+    assert (
+        no_column.returncode == 2 and "costs" in no_column.stderr and "cost_usd" in no_column.stderr
+    )
     for done in (unknown, broken, no_column):
         assert "Traceback" not in done.stderr
     assert sent == 0 and not (tmp_path / "out.parquet").exists()
+
+
+def test_a_journal_from_before_settings_were_kept_resumes_on_a_moved_endpoint(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    write_reviews(tmp_path, 6)
+    with sim_thread() as first, sim_thread() as second:
+        config = str(write_job(tmp_path, first))
+        assert run_cli(config, "--limit", "3", "--labels", "good,bad").returncode == 0
+        # As the version before kept it: base_url among what was asked, no settings column.
+        with sqlite3.connect(tmp_path / "out.parquet.journal") as db:
+            (stored,) = db.execute("SELECT value FROM meta WHERE name = 'config'").fetchone()
+            old = json.loads(stored)
+            del old["request"]["openrouter_fields"]
+            old["request"]["base_url"] = first.base_url
+            db.execute("UPDATE meta SET value = ? WHERE name = 'config'", (json.dumps(old),))
+            db.execute("DELETE FROM meta WHERE name IN ('transport', 'configs')")
+            db.execute("ALTER TABLE results DROP COLUMN settings")
+        moved = run_cli(config, "--base-url", second.base_url, "--labels", "good,bad")
+        paid = len(ledger(second))
+    assert moved.returncode == 0, moved.stderr
+    assert paid == 3 and "request.base_url" in moved.stderr
+    assert list(metadata(tmp_path)["rows_by_settings"].values()) == [6]  # the same question

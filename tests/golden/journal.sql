@@ -8,7 +8,7 @@ CREATE TABLE lost_attempts (
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- table replaced_answers on replaced_answers
 CREATE TABLE replaced_answers (
-    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL NOT NULL
+    position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL
 );
 -- table results on results
 CREATE TABLE results (
@@ -36,17 +36,18 @@ CREATE TABLE results (
     request_hash TEXT,
     parsed TEXT,
     -- Unix time, for the rate `pipeline status` shows (julianday: older sqlite has no unixepoch).
-    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    settings TEXT  -- settings.settings_hash of what was asked; meta `configs` holds each
 );
 -- trigger keep_replaced_spend on results
 CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
-    WHEN OLD.cost_usd > 0 AND OLD.response_source = 'api'
+    WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
 BEGIN
     INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd);
 END;
--- meta keys: config, format, input, version
+-- meta keys: config, configs, format, input, transport, version
 -- meta format: 3
 -- meta config sections: prompt, request
 -- meta config.prompt keys: column, template, messages_column, system, model_column, param_columns
--- meta config.request keys: model, base_url, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate
+-- meta config.request keys: model, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate, openrouter_fields
 -- meta input file keys: file, bytes, sha256
