@@ -41,6 +41,9 @@ from pipeline.settings import (
     changed_transport,
     describe_changes,
     describe_transport,
+    different_job,
+    mixing_refused,
+    redo_accepted,
     settings_hash,
     simulated,
     upgraded,
@@ -244,23 +247,15 @@ class Journal:
             )
         old = upgraded(stored.get("config", {}))
         if simulated(config) and not simulated(old):
-            raise JournalError(
-                f"journal {self.path} holds real answers: a --simulate run would mix simulated answers "
-                "with them. Try the simulator with another --output (its journal goes beside it), or "
-                "re-run with --restart to discard the real answers and start over"
-            )
+            raise JournalError(mixing_refused(self.path))
         input_changes = describe_changes(
             stored, fingerprint, compare_input=not incremental, compare_config=False
         )
         asked_changes = describe_changes(stored, fingerprint, compare_input=False)
         if input_changes or (asked_changes and not redo):
             raise JournalError(
-                f"journal {self.path} belongs to a different job: {'; '.join(input_changes + asked_changes)}. "
-                "Restore the original to resume"
-                + (", send chosen rows again under the new settings with --redo SELECTOR (see --help)"
-                   if asked_changes and not input_changes else "")
-                + ", or re-run with --restart to start over (rows already done will be sent and paid for again)."
-            )  # fmt: skip
+                different_job(self.path, input_changes, asked_changes, simulated=simulated(old))
+            )
         configs = stored.get("configs")
         if configs is None:  # a journal from before `settings`: its rows were asked as it says
             configs = {settings_hash(old): old}
@@ -278,11 +273,7 @@ class Journal:
                 ("settings_changed", f"warning: {describe_transport(moved)}", {"changed": moved})
             )
         if asked_changes:
-            self.notices.append((
-                "redo_settings",
-                f"--redo: the rows chosen are asked under the new settings ({'; '.join(asked_changes)}); "
-                "these are the job's settings from now on", {},
-            ))  # fmt: skip
+            self.notices.append(("redo_settings", redo_accepted(asked_changes), {}))
         self._store_meta(
             {"config": config, "transport": transport, "configs": {**configs, settings_hash(config): config}}
         )  # fmt: skip

@@ -103,6 +103,41 @@ def describe_transport(changed: dict[str, list[Any]]) -> str:
     return f"resuming with settings that change no answer: {shown}"
 
 
+def different_job(
+    path: object, input_changes: list[str], asked_changes: list[str], *, simulated: bool
+) -> str:
+    """Why a journal cannot be resumed, and the ways on."""
+    redo = (
+        ", send chosen rows again under the new settings with --redo SELECTOR (see --help)"
+        if asked_changes and not input_changes
+        else ""
+    )
+    again = (
+        "rows already done are simulated again, which costs nothing"
+        if simulated
+        else "rows already done will be sent and paid for again"
+    )
+    return (
+        f"journal {path} belongs to a different job: {'; '.join(input_changes + asked_changes)}. "
+        f"Restore the original to resume{redo}, or re-run with --restart to start over ({again})."
+    )
+
+
+def mixing_refused(path: object) -> str:
+    return (
+        f"journal {path} holds real answers: a --simulate run would mix simulated answers with "
+        "them. Try the simulator with another --output (its journal goes beside it), or re-run "
+        "with --restart to discard the real answers and start over"
+    )
+
+
+def redo_accepted(asked_changes: list[str]) -> str:
+    return (
+        f"--redo: the rows chosen and any not done yet are sent under the new settings "
+        f"({'; '.join(asked_changes)}), the job's from now on; every other row keeps its answer"
+    )
+
+
 def _show(value: Any) -> str:
     return "unset" if value is None else str(value)
 

@@ -164,6 +164,15 @@ def test_a_simulated_run_over_real_answers_is_refused(tmp_path: Path, sim_thread
     assert answers_own_prompts(output(tmp_path))
 
 
+def test_a_changed_simulated_job_is_refused_without_talk_of_paying(tmp_path: Path) -> None:
+    write_reviews(tmp_path, 3)
+    config = str(write_job(tmp_path, None))
+    assert run_cli(config, "--simulate").returncode == 0
+    changed = run_cli(config, "--simulate", "--template", "Say: {text}")
+    assert changed.returncode == 1 and "prompt.template changed" in changed.stderr
+    assert "paid for again" not in changed.stderr and "costs nothing" in changed.stderr
+
+
 # ------------------------------------------------------------------------------- --redo
 
 
