@@ -94,6 +94,42 @@ def job_options(command: Any, without: tuple[str, ...] = ()) -> Any:
     )(command)
 
 
+def _redo_selectors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    from pipeline.redo import BadSelector, parse_selectors
+
+    try:
+        return parse_selectors(value)
+    except BadSelector as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _redo_where(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from pipeline.redo import BadSelector, check_where
+
+    try:
+        return None if value is None else check_where(value)
+    except BadSelector as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def redo_options(command: Any) -> Any:
+    """--redo and --redo-where: rows done before to send again under the current settings."""
+    command = click.option(
+        "--redo-where", metavar="EXPR", callback=_redo_where, expose_value=True,
+        help="Also send again the rows done before where this SQL condition over the result columns holds, e.g. \"cost_usd > 0.01\".",
+    )(command)  # fmt: skip
+    return click.option(
+        "--redo", metavar="SELECTOR", multiple=True, callback=_redo_selectors,
+        help="Send again, under the current settings (a changed model or max_tokens is accepted), the rows done before that are: failed, length (cut off by max_tokens), invalid (outside the labels / schema) or error_type=KIND; repeatable. Every other row keeps its answer.",
+    )(command)  # fmt: skip
+
+
+def _redo(selectors: tuple[str, ...], where: str | None) -> Any:
+    from pipeline.redo import Redo
+
+    return Redo(selectors, where) if selectors or where is not None else None
+
+
 def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]) -> Any:
     overrides = {option.key: flags.get(option.param) for option in JOB_OPTIONS}
     if simulate:
@@ -124,9 +160,12 @@ def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]
 @click.option(
     "--log-prompts", is_flag=True, help="Put the prompt of each failed row in the log (off: never)."
 )
+@redo_options
 def run(
     config_file: Path | None,
     limit: int | None,
+    redo: tuple[str, ...],
+    redo_where: str | None,
     restart: bool,
     quiet: bool,
     log_format: str,
@@ -173,7 +212,10 @@ def run(
     with exits(fail):
         from pipeline.job import RunOptions, run_job
 
-        options = RunOptions(limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream)
+        options = RunOptions(
+            limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream,
+            redo=_redo(redo, redo_where),
+        )  # fmt: skip
         config = _load_config(config_file, simulate, flags)
         report = run_job(config, options)
     if logs.json:
@@ -251,9 +293,12 @@ def export(
     help="Really run N rows (journaled) and extrapolate from them.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@redo_options
 def estimate(
     config_file: Path | None,
     limit: int | None,
+    redo: tuple[str, ...],
+    redo_where: str | None,
     simulate: bool,
     pilot: int | None,
     as_json: bool,
@@ -271,7 +316,11 @@ def estimate(
         from pipeline.estimate import estimate as estimate_job
 
         config = _load_config(config_file, simulate, flags)
-        result = estimate_job(config, limit=limit, pilot=pilot)
+        if pilot and (redo or redo_where is not None):
+            raise click.UsageError(
+                "--pilot cannot be combined with --redo: estimate the redo without --pilot"
+            )
+        result = estimate_job(config, limit=limit, pilot=pilot, redo=_redo(redo, redo_where))
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else render.estimate(result))
 
 

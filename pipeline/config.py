@@ -19,19 +19,18 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.cost_config import CostConfig, cost_config
 from pipeline.errors import ConfigError
 from pipeline.options import FORMAT_NAMES, INPUT_FORMATS, describe
+from pipeline.settings import asked, settings_hash
 from pipeline.values import RawValues
 
 DEFAULT_MODEL = "mistralai/mixtral-8x7b-instruct"
@@ -187,20 +186,11 @@ class JobConfig:
     cost: CostConfig = field(default_factory=CostConfig)
 
     def request_fingerprint(self) -> dict[str, Any]:
-        """What shapes the requests: a resumed job must send the same ones."""
-        request = asdict(self.request)
-        for item in ("referer", "title", "key_file", "timeout", "connect_timeout", "cache"):
-            request.pop(item)
-        if request["openrouter"] is None:  # detected from base_url, which is here already
-            del request["openrouter"]
-        if self.request.simulate:
-            request["base_url"] = "(simulator)"  # its port changes every run; answers do not
-        # As JSON would hold it (lists, not tuples), so a stored one compares equal.
-        return json.loads(json.dumps({"prompt": asdict(self.prompt), "request": request}))  # type: ignore[no-any-return]
+        """What shapes the requests: a resumed job must ask the same (`settings.asked`)."""
+        return asked(self)
 
     def fingerprint_hash(self) -> str:
-        canonical = json.dumps(self.request_fingerprint(), sort_keys=True, default=list)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return settings_hash(self.request_fingerprint())
 
 
 # ------------------------------------------------------------------------------- loading

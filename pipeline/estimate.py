@@ -5,6 +5,7 @@ land within about 25% of that on English prose and can be further off on code an
 scripts, so the range spans 0.75x to 1.25x. Output tokens come from `cost.expected_output_tokens`
 (0.5x to 1.5x of it, capped by max_tokens), else from 1 to `max_tokens`. `--pilot N` instead
 runs N rows for real (journaled, so never paid again) and extrapolates from what they cost.
+With `--redo`, the rows it would send again count as to do, under the current settings.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pipeline.client import connect
 from pipeline.config import JobConfig, api_key, read_api_key
 from pipeline.feed import Feed
 from pipeline.job import RunOptions, run_job
-from pipeline.journal import Journal, describe_changes
+from pipeline.journal import Journal
 from pipeline.money import load_catalogue
 from pipeline.plan import JobPlan, plan_job
 from pipeline.records import TYPICAL_ANSWER_TOKENS, Totals
+from pipeline.redo import Redo
+from pipeline.settings import describe_changes, simulated
 
 PROMPT_LOW, PROMPT_HIGH = 0.75, 1.25
 OUTPUT_LOW, OUTPUT_HIGH = 0.5, 1.5
@@ -72,43 +75,57 @@ def _sum(values: Any) -> float | None:
     return None if any(v is None for v in items) else sum(items)
 
 
-def estimate(config: JobConfig, *, limit: int | None = None, pilot: int | None = None) -> Estimate:
-    """Estimate the rows still to do; with `pilot`, first run that many rows for real."""
+def estimate(
+    config: JobConfig,
+    *,
+    limit: int | None = None,
+    pilot: int | None = None,
+    redo: Redo | None = None,
+) -> Estimate:
+    """Estimate the rows still to do (with `redo`, those it sends again too); with `pilot`,
+    first run that many rows for real."""
     pilot_report = None
     plan = plan_job(config, limit)  # the pilot changes the journal, not the plan
     if pilot:
-        done = _settled_rows(config, plan)
+        done, _ = _settled_rows(config, plan)
         pilot_limit = done + pilot if limit is None else min(limit, done + pilot)
         pilot_report = run_job(
             config, RunOptions(limit=pilot_limit, quiet=True, write_output=False)
         )
-    done = _settled_rows(config, plan)
+    done, redone = _settled_rows(config, plan, redo)
     # Only `/models` is asked, which needs no key: one is sent only if set (the pilot's run
     # above needs it, and asks for it).
     key = api_key(config) if config.request.simulate else read_api_key(config) or ""
-    result = asyncio.run(_estimate(plan, key, done))
+    result = asyncio.run(_estimate(plan, key, done, redone))
     if pilot_report is not None:
         result.pilot = _extrapolate(pilot_report.job_totals, result)
     return result
 
 
-def _settled_rows(config: JobConfig, plan: JobPlan) -> int:
-    """Rows an earlier run of this same job settled (0 if there is no journal, or it is another job's).
+def _settled_rows(
+    config: JobConfig, plan: JobPlan, redo: Redo | None = None
+) -> tuple[int, frozenset[int]]:
+    """Rows an earlier run of this same job settled (0 if there is no journal, or it is another
+    job's, or simulated answers a real run starts over from), less those `redo` sends again;
+    and the slots it sends again. A redo accepts a changed question, not a changed input.
 
     Read without the lock, so an estimate works while the job runs."""
     journal = Journal.read_only(config.output.journal_path)
     if journal is None:
-        return 0
+        return 0, frozenset()
     try:
         with journal:
-            if describe_changes(journal.meta(), plan.fingerprint):
-                return 0
-            return journal.settled_count(below=plan.slots)
+            meta = journal.meta()
+            changed = describe_changes(meta, plan.fingerprint, compare_config=redo is None)
+            if changed or simulated(meta.get("config", {})) != config.request.simulate:
+                return 0, frozenset()
+            chosen = frozenset(redo.choose(journal, plan.slots)) if redo else frozenset()
+            return journal.settled_count(below=plan.slots) - len(chosen), chosen
     except sqlite3.Error:
-        return 0
+        return 0, frozenset()
 
 
-async def _estimate(plan: JobPlan, key: str, done: int) -> Estimate:
+async def _estimate(plan: JobPlan, key: str, done: int, redone: frozenset[int]) -> Estimate:
     config = plan.config
     async with connect(config, key) as client:
         catalogue = await load_catalogue(client, config)
@@ -132,7 +149,11 @@ async def _estimate(plan: JobPlan, key: str, done: int) -> Estimate:
     unique: set[str] | None = set() if plan.slots - done <= UNIQUE_COUNT_LIMIT else None
     todo = 0
     journal = Journal.read_only(config.output.journal_path) if done else None
-    settled = journal.settled_requests if journal is not None else lambda low, high: {}
+
+    def settled(low: int, high: int) -> dict[int, tuple[str, str | None]]:
+        found = journal.settled_requests(low, high) if journal is not None else {}
+        return {slot: done for slot, done in found.items() if slot not in redone}
+
     try:
         for row in (r for rows, _ in Feed(plan, builder, settled).batches() for r in rows):
             if row.body is None:

@@ -47,7 +47,9 @@ from pipeline.plan import JobPlan, check_folders, check_models, ensure_open_file
 from pipeline.progress import LogSettings, Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS
 from pipeline.records import OK, TYPICAL_ANSWER_TOKENS, Result, Row, Totals
+from pipeline.redo import Redo
 from pipeline.retry import RetryPolicy
+from pipeline.settings import transport
 from pipeline.writer import JournalWriter
 
 SHUTDOWN_GRACE = 1.0  # seconds in-flight requests get to finish after Ctrl-C / SIGTERM
@@ -85,6 +87,7 @@ class RunOptions:
     logs: LogSettings = field(default_factory=LogSettings)
     stream: Any = None  # where progress and log events go (default: stderr)
     started: float = field(default_factory=time.monotonic)  # --max-runtime counts from here
+    redo: Redo | None = None  # rows done before to send again under this run's settings
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,8 @@ class Run:
             self.journal = stack.enter_context(
                 Journal.open(
                     config.output.journal_path, plan.fingerprint, restart=options.restart,
-                    incremental=config.input.incremental,
+                    incremental=config.input.incremental, transport=transport(config),
+                    redo=options.redo is not None,
                 )
             )  # fmt: skip
             self.realignment = (
@@ -154,6 +158,9 @@ class Run:
                 if config.input.incremental
                 else Realignment()
             )
+            redone = options.redo.choose(self.journal, plan.slots) if options.redo else []
+            self.journal.redo(redone)
+            self._redone = redone
             self.cache = ResponseCache(Path(config.request.cache)) if config.request.cache else None
             if self.cache is not None:
                 stack.callback(self.cache.close)
@@ -200,6 +207,13 @@ class Run:
             models=list(config.request.models or (config.request.model,)),
             pid=os.getpid(), version=__version__,
         )  # fmt: skip
+        for name, message, fields in self.journal.notices:
+            self.progress.event(name, message=message, **fields)
+        if self.options.redo is not None:
+            count = len(self._redone)
+            self.progress.event(
+                "redo", rows=count, message=f"--redo: {count:,} row(s) done before are sent again"
+            )
         warning = await self._credit_warning()
         if warning:
             report.warnings.append(warning)
@@ -223,6 +237,7 @@ class Run:
                         "config_fingerprint": config.fingerprint_hash(),
                         "model": config.request.model, **report.job_totals.as_dict(),
                         "changed_rows": report.changed,
+                        "rows_by_settings": self.journal.rows_by_settings(below=plan.slots),
                     }
                 )  # fmt: skip
             except JobStopped as exc:  # the output cannot be written: resumable once sending began

@@ -2,8 +2,11 @@
 
 One row per settled output row, keyed by its slot (the input position, times the variants of a
 fan-out over models and samples), written in batches by a single
-writer every 0.1 s. `meta` holds what the job was: the input's fingerprint and
-the request-shaping config, so a resume with a changed input or config is refused by name.
+writer every 0.1 s, each with the hash of the settings that asked for it (`settings`).
+`meta` holds what the job was: the input's fingerprint and what it asks (`settings.asked`), so
+a resume with a changed input or question is refused by name (a changed question is accepted
+under `--redo`); and how it is sent, so a resume with a new endpoint or limits says what changed.
+Whether the answers are simulated is in what is asked: a journal is all one or the other.
 A lock file next to the journal (`lock.py`) keeps two runs from sharing it.
 """
 
@@ -35,6 +38,17 @@ from pipeline.records import (
     ModelTotals,
     Result,
     Totals,
+)
+from pipeline.settings import (
+    changed_transport,
+    describe_changes,
+    describe_transport,
+    different_job,
+    mixing_refused,
+    redo_accepted,
+    settings_hash,
+    simulated,
+    upgraded,
 )
 
 # Seconds between commits while results arrive. A WAL commit with synchronous=NORMAL costs no
@@ -75,7 +89,8 @@ CREATE TABLE IF NOT EXISTS results (
     key TEXT NOT NULL,
     {_COLUMNS_SQL},
     -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
-    done_at REAL NOT NULL DEFAULT {_NOW}
+    done_at REAL NOT NULL DEFAULT {_NOW},
+    settings TEXT  -- settings.settings_hash of what was asked; meta `configs` holds each
 );
 CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
 -- Attempts whose answer never arrived although the server had accepted them (it may have billed).
@@ -158,12 +173,14 @@ def _null(value: None) -> None:
 sqlite3.register_adapter(type(None), _null)
 sqlite3.register_adapter(bool, int)
 
-_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(RESULT_FIELDS)}) VALUES ({', '.join('?' * len(RESULT_FIELDS))})"
+_STORED = (*RESULT_FIELDS, "settings")
+_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(_STORED)}) VALUES ({', '.join('?' * len(_STORED))})"
 # sqlite3 releases and retakes the GIL around every step of a statement: with one row a step,
 # the writer thread handed the GIL to the event loop and back once a row. One statement inserts
 # this many rows (24 x 40 parameters: under 999, the limit of SQLite before 3.32).
 ROWS_PER_INSERT = 40
-_INSERT_MANY = _INSERT + f", ({', '.join('?' * len(RESULT_FIELDS))})" * (ROWS_PER_INSERT - 1)
+_INSERT_MANY = _INSERT + f", ({', '.join('?' * len(_STORED))})" * (ROWS_PER_INSERT - 1)
+SIMULATED_ONLY = "the journal {path} held only simulated answers (--simulate), which cost nothing: starting over for real"
 
 
 class Journal:
@@ -173,6 +190,9 @@ class Journal:
         self.path = path
         self._db = connection
         self._guard = threading.Lock()  # the writer thread and the reader never overlap
+        self._settings: str | None = None  # the hash each row written gets
+        # What opening found worth saying once: (event, message, fields) for the run's log.
+        self.notices: list[tuple[str, str, dict[str, Any]]] = []
 
     @classmethod
     def open(
@@ -182,21 +202,31 @@ class Journal:
         *,
         restart: bool = False,
         incremental: bool = False,
+        transport: dict[str, Any] | None = None,
+        redo: bool = False,
     ) -> Journal:
         """Open (or create) the journal at `path` and check it against this job's fingerprint
-        (an incremental job's input may grow: its files are not compared).
+        (an incremental job's input may grow: its files are not compared); `transport`: how
+        the job is sent (`settings.transport`); `redo`: a changed question is accepted.
 
+        A real run over a journal of simulated answers starts it over (nothing was paid).
         The caller holds the job's lock (`lock.job_locks`)."""
+        notices: list[tuple[str, str, dict[str, Any]]] = []
+        if not restart and _simulated_only(path) and not simulated(fingerprint.get("config", {})):
+            restart = True
+            notices.append(("started_over", SIMULATED_ONLY.format(path=path), {}))
         if restart:
             for suffix in JOURNAL_SUFFIXES:
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         db = _connect(path)
         journal = cls(path, db)
+        journal.notices = notices
         try:
-            journal._check(fingerprint, incremental)
+            journal._check(fingerprint, incremental, transport or {}, redo)
         except BaseException:
             db.close()
             raise
+        journal._settings = settings_hash(fingerprint.get("config", {}))
         return journal
 
     @classmethod
@@ -225,21 +255,16 @@ class Journal:
                 for name, value in self._db.execute("SELECT name, value FROM meta")
             }
 
-    def _check(self, fingerprint: dict[str, Any], incremental: bool) -> None:
+    def _check(
+        self, fingerprint: dict[str, Any], incremental: bool, transport: dict[str, Any], redo: bool
+    ) -> None:
         stored = self.meta()
+        config = fingerprint.get("config", {})
         if not stored:
-            with _when_full(self.path, JournalError, OPENING_FULL), self._db:
-                self._db.executemany(
-                    "INSERT INTO meta (name, value) VALUES (?, ?)",
-                    [
-                        (name, json.dumps(value))
-                        for name, value in {
-                            **fingerprint,
-                            "version": __version__,
-                            "format": JOURNAL_FORMAT,
-                        }.items()
-                    ],
-                )
+            self._store_meta(
+                {**fingerprint, "version": __version__, "format": JOURNAL_FORMAT,
+                 "transport": transport, "configs": {settings_hash(config): config}}
+            )  # fmt: skip
             return
         if stored.get("format") != JOURNAL_FORMAT:
             raise JournalError(
@@ -247,12 +272,44 @@ class Journal:
                 "journal layout this version cannot read; finish that job with that version, or re-run "
                 "with --restart to start over"
             )
-        changes = describe_changes(stored, fingerprint, compare_input=not incremental)
-        if changes:
+        old = upgraded(stored.get("config", {}))
+        if simulated(config) and not simulated(old):
+            raise JournalError(mixing_refused(self.path))
+        input_changes = describe_changes(
+            stored, fingerprint, compare_input=not incremental, compare_config=False
+        )
+        asked_changes = describe_changes(stored, fingerprint, compare_input=False)
+        if input_changes or (asked_changes and not redo):
             raise JournalError(
-                f"journal {self.path} belongs to a different job: {'; '.join(changes)}. "
-                "Restore the original to resume, or re-run with --restart to start over "
-                "(rows already done will be sent and paid for again)."
+                different_job(self.path, input_changes, asked_changes, simulated=simulated(old))
+            )
+        configs = stored.get("configs")
+        if configs is None:  # a journal from before `settings`: its rows were asked as it says
+            configs = {settings_hash(old): old}
+            with _when_full(self.path, JournalError, OPENING_FULL), self._db:
+                self._db.execute(
+                    "UPDATE results SET settings = ? WHERE settings IS NULL", (settings_hash(old),)
+                )
+        # An older journal kept the endpoint among what was asked.
+        earlier = stored.get("transport") or {
+            "request.base_url": stored.get("config", {}).get("request", {}).get("base_url")
+        }
+        moved = changed_transport(earlier, transport)
+        if moved:
+            self.notices.append(
+                ("settings_changed", f"warning: {describe_transport(moved)}", {"changed": moved})
+            )
+        if asked_changes:
+            self.notices.append(("redo_settings", redo_accepted(asked_changes), {}))
+        self._store_meta(
+            {"config": config, "transport": transport, "configs": {**configs, settings_hash(config): config}}
+        )  # fmt: skip
+
+    def _store_meta(self, values: dict[str, Any]) -> None:
+        with _when_full(self.path, JournalError, OPENING_FULL), self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                [(name, json.dumps(value)) for name, value in values.items()],
             )
 
     # ------------------------------------------------------------------------------ reads
@@ -279,6 +336,33 @@ class Journal:
             ).fetchone()
         return int(count)
 
+    def rows_by_settings(self, below: int) -> dict[str, int]:
+        """How many of the first `below` slots were answered under each settings hash."""
+        with self._guard:
+            cursor = self._db.execute(
+                "SELECT COALESCE(settings, '(unknown)'), COUNT(*) FROM results WHERE position >= 0 AND position < ? GROUP BY 1 ORDER BY 1",
+                (below,),
+            )
+            return {name: int(count) for name, count in cursor}
+
+    def stored_results(self, below: int, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """These columns of the first `below` slots settled (for `--redo`'s choice: those not
+        settled are sent again anyway)."""
+        with self._guard:
+            cursor = self._db.execute(
+                f"SELECT {', '.join(columns)} FROM results WHERE position >= 0 AND position < ? AND retry_on_resume = 0",
+                (below,),
+            )
+            return cursor.fetchall()
+
+    def redo(self, positions: list[int]) -> None:
+        """Mark these slots to be sent again by this run (and, if it stops, the next)."""
+        with self._guard, _when_full(self.path, JournalError, OPENING_FULL), self._db:
+            self._db.executemany(
+                "UPDATE results SET retry_on_resume = 1 WHERE position = ?",
+                ((p,) for p in positions),
+            )
+
     def results_between(self, low: int, high: int) -> list[tuple[Any, ...]]:
         """The stored results (`RESULT_FIELDS` tuples) for positions in [low, high), in order."""
         with self._guard:
@@ -296,7 +380,7 @@ class Journal:
                 chunk = request_hashes[start : start + 500]
                 marks = ", ".join("?" * len(chunk))
                 cursor = self._db.execute(
-                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE status = 'ok' AND request_hash IN ({marks})",
+                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE status = 'ok' AND retry_on_resume = 0 AND request_hash IN ({marks})",
                     chunk,
                 )
                 for values in cursor:
@@ -444,7 +528,8 @@ class Journal:
         stored, `RESULT_FIELDS` tuples."""
         if not results:
             return []
-        values = [r.as_tuple() for r in results]
+        settings = self._settings
+        values = [(*r.as_tuple(), settings) for r in results]
         whole = len(values) - len(values) % ROWS_PER_INSERT
         runs = (
             tuple(chain.from_iterable(values[start : start + ROWS_PER_INSERT]))
@@ -456,29 +541,17 @@ class Journal:
         return values
 
 
-def describe_changes(
-    stored: dict[str, Any], current: dict[str, Any], *, compare_input: bool = True
-) -> list[str]:
-    """Human-readable differences between two job fingerprints."""
-    changes = []
-    # Files are compared by content, in order: the same bytes under another path are the same input.
-    old_files, new_files = (
-        (stored.get("input", []), current.get("input", [])) if compare_input else ([], [])
-    )
-    if len(old_files) != len(new_files):
-        changes.append(f"the input was {len(old_files)} file(s) and is now {len(new_files)}")
-    for old, new in zip(old_files, new_files, strict=False):
-        if old["sha256"] != new["sha256"]:
-            changes.append(f"input file {new['file']} changed")
-    for section in ("prompt", "request"):
-        old_section, new_section = (
-            stored.get("config", {}).get(section, {}),
-            current.get("config", {}).get(section, {}),
-        )
-        for key in sorted(old_section.keys() | new_section.keys()):
-            if old_section.get(key) != new_section.get(key):
-                changes.append(f"{section}.{key} changed")
-    return changes
+def _simulated_only(path: Path) -> bool:
+    """Whether the journal at `path` holds simulated answers (`--simulate`) only: a journal is
+    all one or the other, as a simulated run over real answers is refused."""
+    if not path.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM meta WHERE name = 'config'").fetchone()
+    except sqlite3.Error:
+        return False  # damaged or not a journal: opening it says so
+    return row is not None and simulated(json.loads(row[0]))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -542,6 +615,8 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         upgrades = (_UPGRADE_REPLACED if older else "") + (
             "" if "lost_at" in _columns(db, "lost_attempts") else _UPGRADE_LOST
         )
+        if "settings" not in _columns(db, "results"):
+            db.execute("ALTER TABLE results ADD COLUMN settings TEXT")  # filled in by `_check`
         db.executescript(
             f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend; {upgrades} {_TRIGGER} COMMIT;"
         )

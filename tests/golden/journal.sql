@@ -36,7 +36,8 @@ CREATE TABLE results (
     parsed TEXT,
     stale INTEGER NOT NULL,
     -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
-    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+    done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    settings TEXT  -- settings.settings_hash of what was asked; meta `configs` holds each
 );
 -- trigger keep_replaced_spend on results
 CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
@@ -44,9 +45,9 @@ CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
 BEGIN
     INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd, OLD.done_at);
 END;
--- meta keys: config, format, input, version
+-- meta keys: config, configs, format, input, transport, version
 -- meta format: 3
 -- meta config sections: prompt, request
 -- meta config.prompt keys: column, template, messages_column, system, model_column, param_columns
--- meta config.request keys: model, base_url, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate
+-- meta config.request keys: model, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate, openrouter_fields
 -- meta input file keys: file, bytes, sha256
