@@ -31,11 +31,12 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.config import JobConfig
 from pipeline.errors import InputError, JournalError
-from pipeline.journal import JOURNAL_FORMAT, JOURNAL_SUFFIXES, Journal, describe_changes
+from pipeline.journal import JOURNAL_FORMAT, JOURNAL_SUFFIXES, Journal
 from pipeline.lock import lock_holder, lock_path
 from pipeline.output import ParquetSink
 from pipeline.plan import OTHER_FORMATS, JobPlan, plan_job
 from pipeline.records import ERROR, OK, RESULT_FIELDS, Row
+from pipeline.settings import describe_changes
 from pipeline.source import POSITION, expand
 
 PENDING = "pending"  # the status of a row not done yet; never in a finished job's output
