@@ -24,21 +24,9 @@ from typing import Any
 import polars as pl
 
 from pipeline import __version__
-from pipeline.errors import (
-    DiskFull,
-    JournalError,
-    PipelineError,
-    disk_full_message,
-    is_disk_full,
-)
-from pipeline.records import (
-    NOT_NULL,
-    RESULT_FIELDS,
-    RESULT_TYPES,
-    ModelTotals,
-    Result,
-    Totals,
-)
+from pipeline.errors import JournalError
+from pipeline.journal_file import NOW, OPENING_FULL, columns, connect, when_full
+from pipeline.records import RESULT_FIELDS, ModelTotals, Result, Totals
 from pipeline.settings import (
     changed_transport,
     describe_changes,
@@ -57,74 +45,8 @@ from pipeline.settings import (
 FLUSH_INTERVAL = 0.1
 # The layout of the tables; a journal of another layout is refused, never misread.
 JOURNAL_FORMAT = 3
-OPENING_FULL = "; nothing was sent. Free some space and run again"
 JOURNAL_SUFFIXES = ("", "-wal", "-shm")  # the database and sqlite's files beside it
 
-_SQL_TYPES = {
-    "string": "TEXT",
-    "int64": "INTEGER",
-    "int32": "INTEGER",
-    "float64": "REAL",
-    "bool": "INTEGER",
-}
-_COLUMN_TYPES = {
-    name: _SQL_TYPES[kind] + (" NOT NULL" if name in NOT_NULL else "")
-    for name, kind in RESULT_TYPES.items()
-}
-_COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
-_NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix time (older sqlite has no unixepoch)
-# When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's
-# `lost_at` (when it was found lost), a replaced answer's `paid_at` (its own done_at).
-_LOST_TABLE = f"""lost_attempts (
-    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL,
-    lost_at REAL NOT NULL DEFAULT {_NOW}
-)"""
-_REPLACED_TABLE = (
-    "replaced_answers (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL, paid_at REAL)"
-)
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS results (
-    position INTEGER PRIMARY KEY,
-    key TEXT NOT NULL,
-    {_COLUMNS_SQL},
-    -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
-    done_at REAL NOT NULL DEFAULT {_NOW},
-    settings TEXT  -- settings.settings_hash of what was asked; meta `configs` holds each
-);
-CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
--- Attempts whose answer never arrived although the server had accepted them (it may have billed).
-CREATE TABLE IF NOT EXISTS {_LOST_TABLE};
--- Paid answers that a later result for the same slot replaced (a row sent again with
--- --reprocess-changed, a failure that had spent something retried): still the job's spend,
--- unknown (NULL) for an answer that came without a cost. Filled by the trigger below.
-CREATE TABLE IF NOT EXISTS {_REPLACED_TABLE};
-"""
-# Replaced on every open, so a journal made before a change to it gets the current one. It
-# fires as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
-_TRIGGER = """
-CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
-    WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
-BEGIN
-    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd, OLD.done_at);
-END;
-"""
-# Journals before unknown replaced costs were kept had `cost_usd REAL NOT NULL` there, and
-# before max_cost_per_day no payment times beside answers. Such spend is dated by the answer
-# now in its slot, which came later (else the upgrade): it counts for longer, never shorter.
-_LATER = f"COALESCE((SELECT done_at FROM results WHERE results.position = old.position), {_NOW})"
-_UPGRADE_REPLACED = f"""
-CREATE TABLE {_REPLACED_TABLE.replace("replaced_answers", "replaced_answers_new", 1)};
-INSERT INTO replaced_answers_new SELECT position, generation_id, cost_usd, {_LATER} FROM replaced_answers AS old;
-DROP TABLE replaced_answers;
-ALTER TABLE replaced_answers_new RENAME TO replaced_answers;
-"""
-_UPGRADE_LOST = f"""
-CREATE TABLE {_LOST_TABLE.replace("lost_attempts", "lost_attempts_new", 1)};
-INSERT INTO lost_attempts_new SELECT generation_id, position, kind, cost_usd, {_LATER} FROM lost_attempts AS old;
-DROP TABLE lost_attempts;
-ALTER TABLE lost_attempts_new RENAME TO lost_attempts;
-"""
 # Spend paid after a time, by the minute it was paid in (its last payment's time: a bucket
 # ages out when its newest spend does), oldest first; unknown costs count 0, as in the totals.
 _SPEND_SINCE = """SELECT MAX(paid_at), SUM(cost_usd) FROM (
@@ -218,7 +140,7 @@ class Journal:
         if restart:
             for suffix in JOURNAL_SUFFIXES:
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
-        db = _connect(path)
+        db = connect(path)
         journal = cls(path, db)
         journal.notices = notices
         try:
@@ -286,7 +208,7 @@ class Journal:
         configs = stored.get("configs")
         if configs is None:  # a journal from before `settings`: its rows were asked as it says
             configs = {settings_hash(old): old}
-            with _when_full(self.path, JournalError, OPENING_FULL), self._db:
+            with when_full(self.path, JournalError, OPENING_FULL), self._db:
                 self._db.execute(
                     "UPDATE results SET settings = ? WHERE settings IS NULL", (settings_hash(old),)
                 )
@@ -306,7 +228,7 @@ class Journal:
         )  # fmt: skip
 
     def _store_meta(self, values: dict[str, Any]) -> None:
-        with _when_full(self.path, JournalError, OPENING_FULL), self._db:
+        with when_full(self.path, JournalError, OPENING_FULL), self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
                 [(name, json.dumps(value)) for name, value in values.items()],
@@ -357,7 +279,7 @@ class Journal:
 
     def redo(self, positions: list[int]) -> None:
         """Mark these slots to be sent again by this run (and, if it stops, the next)."""
-        with self._guard, _when_full(self.path, JournalError, OPENING_FULL), self._db:
+        with self._guard, when_full(self.path, JournalError, OPENING_FULL), self._db:
             self._db.executemany(
                 "UPDATE results SET retry_on_resume = 1 WHERE position = ?",
                 ((p,) for p in positions),
@@ -423,7 +345,7 @@ class Journal:
         """In one transaction: move results (old slot, new slot); move the results of rows gone
         from the input (slot, variant) to negative slots of their own; and mark the `changed`
         slots to be sent again, or (`keep_changed`) stale."""
-        with self._guard, _when_full(self.path, JournalError, OPENING_FULL), self._db:
+        with self._guard, when_full(self.path, JournalError, OPENING_FULL), self._db:
             (lowest,) = self._db.execute("SELECT MIN(position) FROM results").fetchone()
             group = (-1 - min(lowest or 0, -1)) // per_row + 1  # the next free departed group
             gone = [
@@ -451,10 +373,10 @@ class Journal:
         first: answers, lost attempts and replaced answers. A journal not yet upgraded (read
         only) has no times beside the last two: they count as paid now."""
         with self._guard:
-            replaced = _columns(self._db, "replaced_answers")
+            replaced = columns(self._db, "replaced_answers")
             query = _SPEND_SINCE.format(
-                lost_at="lost_at" if "lost_at" in _columns(self._db, "lost_attempts") else _NOW,
-                paid_at="paid_at" if "paid_at" in replaced else _NOW,
+                lost_at="lost_at" if "lost_at" in columns(self._db, "lost_attempts") else NOW,
+                paid_at="paid_at" if "paid_at" in replaced else NOW,
                 replaced="replaced_answers" if replaced else "(SELECT NULL AS cost_usd WHERE 0)",
             )
             return [(float(t), float(usd)) for t, usd in self._db.execute(query, {"since": since})]
@@ -499,7 +421,7 @@ class Journal:
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
         if attempts:
-            with self._guard, _when_full(self.path), self._db:
+            with self._guard, when_full(self.path), self._db:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO lost_attempts (generation_id, position, kind) VALUES (?, ?, ?)",
                     attempts,
@@ -515,7 +437,7 @@ class Journal:
             ]
 
     def reconcile(self, costs: dict[str, float]) -> None:
-        with self._guard, _when_full(self.path), self._db:
+        with self._guard, when_full(self.path), self._db:
             self._db.executemany(
                 "UPDATE lost_attempts SET cost_usd = ? WHERE generation_id = ?",
                 [(c, g) for g, c in costs.items()],
@@ -535,7 +457,7 @@ class Journal:
             tuple(chain.from_iterable(values[start : start + ROWS_PER_INSERT]))
             for start in range(0, whole, ROWS_PER_INSERT)
         )
-        with self._guard, _when_full(self.path), self._db:
+        with self._guard, when_full(self.path), self._db:
             self._db.executemany(_INSERT_MANY, runs)
             self._db.executemany(_INSERT, values[whole:])
         return values
@@ -552,76 +474,3 @@ def _simulated_only(path: Path) -> bool:
     except sqlite3.Error:
         return False  # damaged or not a journal: opening it says so
     return row is not None and simulated(json.loads(row[0]))
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open and check the journal. A stale WAL index (`-shm`) left by a crash can point past a
-    torn WAL; it is only an index, so with the job lock held it is dropped and rebuilt from the
-    WAL, whose torn frames fail their checksums and are ignored. Anything else damaged is refused."""
-    try:
-        with _when_full(path, JournalError, OPENING_FULL):
-            return _open_checked(path)
-    except sqlite3.DatabaseError as exc:
-        failure: sqlite3.DatabaseError = exc
-    index = Path(f"{path}-shm")
-    if index.exists():
-        index.unlink()
-        try:
-            return _open_checked(path)
-        except sqlite3.DatabaseError as exc:
-            failure = exc
-    detail = (
-        str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-    )
-    raise JournalError(
-        f"journal {path} is damaged ({detail}); move it aside and re-run, or re-run with --restart"
-    )
-
-
-def _columns(db: sqlite3.Connection, table: str) -> dict[str, bool]:
-    """A table's columns, each with whether it is NOT NULL."""
-    info = db.execute(f"PRAGMA table_info({table})").fetchall()
-    return {name: bool(not_null) for _, name, _, not_null, *_ in info}
-
-
-@contextlib.contextmanager
-def _when_full(path: Path, error: type[PipelineError] = DiskFull, then: str = "") -> Iterator[None]:
-    """A write the disk has no room for becomes `error`: mid-run a `DiskFull` that stops the job
-    (the commit rolled back, the journal whole; every later commit would fail too); when opening,
-    a refusal before anything is sent, never "damaged" (which would suggest --restart)."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        if not is_disk_full(exc):
-            raise
-        raise error(disk_full_message("journal", path, exc) + then) from None
-
-
-def _open_checked(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA recursive_triggers=ON")  # REPLACE's deletes fire keep_replaced_spend
-        db.executescript(_SCHEMA)
-        (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
-        if verdict != "ok":
-            raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
-        # Only a whole journal is brought up to date.
-        if "stale" not in _columns(db, "results"):
-            db.execute("ALTER TABLE results ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
-        replaced = _columns(db, "replaced_answers")
-        older = replaced.get("cost_usd") or "paid_at" not in replaced
-        upgrades = (_UPGRADE_REPLACED if older else "") + (
-            "" if "lost_at" in _columns(db, "lost_attempts") else _UPGRADE_LOST
-        )
-        if "settings" not in _columns(db, "results"):
-            db.execute("ALTER TABLE results ADD COLUMN settings TEXT")  # filled in by `_check`
-        db.executescript(
-            f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend; {upgrades} {_TRIGGER} COMMIT;"
-        )
-    except BaseException:
-        db.close()
-        raise
-    db.isolation_level = "DEFERRED"
-    return db

@@ -1,0 +1,158 @@
+"""The journal's sqlite file: its layout, the upgrades that bring an older layout up to date,
+and opening it (WAL, the integrity check, a stale index dropped, a full disk named) — what
+`journal.Journal` stands on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import DiskFull, JournalError, PipelineError, disk_full_message, is_disk_full
+from pipeline.records import NOT_NULL, RESULT_TYPES
+
+OPENING_FULL = "; nothing was sent. Free some space and run again"
+
+_SQL_TYPES = {
+    "string": "TEXT",
+    "int64": "INTEGER",
+    "int32": "INTEGER",
+    "float64": "REAL",
+    "bool": "INTEGER",
+}
+_COLUMN_TYPES = {
+    name: _SQL_TYPES[kind] + (" NOT NULL" if name in NOT_NULL else "")
+    for name, kind in RESULT_TYPES.items()
+}
+_COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix time (older sqlite has no unixepoch)
+# Result columns later than the first layout, as an older journal gets them: `settings` is
+# filled in by `Journal._check`.
+ADDED_COLUMNS = {"stale": "INTEGER NOT NULL DEFAULT 0", "settings": "TEXT"}
+# When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's
+# `lost_at` (when it was found lost), a replaced answer's `paid_at` (its own done_at).
+_LOST_TABLE = f"""lost_attempts (
+    generation_id TEXT PRIMARY KEY, position INTEGER NOT NULL, kind TEXT NOT NULL, cost_usd REAL,
+    lost_at REAL NOT NULL DEFAULT {NOW}
+)"""
+_REPLACED_TABLE = (
+    "replaced_answers (position INTEGER NOT NULL, generation_id TEXT, cost_usd REAL, paid_at REAL)"
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    position INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    {_COLUMNS_SQL},
+    -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
+    done_at REAL NOT NULL DEFAULT {NOW},
+    settings TEXT  -- settings.settings_hash of what was asked; meta `configs` holds each
+);
+CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
+-- Attempts whose answer never arrived although the server had accepted them (it may have billed).
+CREATE TABLE IF NOT EXISTS {_LOST_TABLE};
+-- Paid answers that a later result for the same slot replaced (a row sent again with
+-- --reprocess-changed, a failure that had spent something retried): still the job's spend,
+-- unknown (NULL) for an answer that came without a cost. Filled by the trigger below.
+CREATE TABLE IF NOT EXISTS {_REPLACED_TABLE};
+"""
+# Replaced on every open, so a journal made before a change to it gets the current one. It
+# fires as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
+_TRIGGER = """
+CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
+    WHEN OLD.response_source = 'api' AND (OLD.cost_usd > 0 OR (OLD.status = 'ok' AND OLD.cost_usd IS NULL))
+BEGIN
+    INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd, OLD.done_at);
+END;
+"""
+# Journals before unknown replaced costs were kept had `cost_usd REAL NOT NULL` there, and
+# before max_cost_per_day no payment times beside answers. Such spend is dated by the answer
+# now in its slot, which came later (else the upgrade): it counts for longer, never shorter.
+_LATER = f"COALESCE((SELECT done_at FROM results WHERE results.position = old.position), {NOW})"
+_UPGRADE_REPLACED = f"""
+CREATE TABLE {_REPLACED_TABLE.replace("replaced_answers", "replaced_answers_new", 1)};
+INSERT INTO replaced_answers_new SELECT position, generation_id, cost_usd, {_LATER} FROM replaced_answers AS old;
+DROP TABLE replaced_answers;
+ALTER TABLE replaced_answers_new RENAME TO replaced_answers;
+"""
+_UPGRADE_LOST = f"""
+CREATE TABLE {_LOST_TABLE.replace("lost_attempts", "lost_attempts_new", 1)};
+INSERT INTO lost_attempts_new SELECT generation_id, position, kind, cost_usd, {_LATER} FROM lost_attempts AS old;
+DROP TABLE lost_attempts;
+ALTER TABLE lost_attempts_new RENAME TO lost_attempts;
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open and check the journal. A stale WAL index (`-shm`) left by a crash can point past a
+    torn WAL; it is only an index, so with the job lock held it is dropped and rebuilt from the
+    WAL, whose torn frames fail their checksums and are ignored. Anything else damaged is refused."""
+    try:
+        with when_full(path, JournalError, OPENING_FULL):
+            return _open_checked(path)
+    except sqlite3.DatabaseError as exc:
+        failure: sqlite3.DatabaseError = exc
+    index = Path(f"{path}-shm")
+    if index.exists():
+        index.unlink()
+        try:
+            return _open_checked(path)
+        except sqlite3.DatabaseError as exc:
+            failure = exc
+    detail = (
+        str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    )
+    raise JournalError(
+        f"journal {path} is damaged ({detail}); move it aside and re-run, or re-run with --restart"
+    )
+
+
+def columns(db: sqlite3.Connection, table: str) -> dict[str, bool]:
+    """A table's columns, each with whether it is NOT NULL."""
+    info = db.execute(f"PRAGMA table_info({table})").fetchall()
+    return {name: bool(not_null) for _, name, _, not_null, *_ in info}
+
+
+@contextlib.contextmanager
+def when_full(path: Path, error: type[PipelineError] = DiskFull, then: str = "") -> Iterator[None]:
+    """A write the disk has no room for becomes `error`: mid-run a `DiskFull` that stops the job
+    (the commit rolled back, the journal whole; every later commit would fail too); when opening,
+    a refusal before anything is sent, never "damaged" (which would suggest --restart)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if not is_disk_full(exc):
+            raise
+        raise error(disk_full_message("journal", path, exc) + then) from None
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA recursive_triggers=ON")  # REPLACE's deletes fire keep_replaced_spend
+        db.executescript(_SCHEMA)
+        (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
+        # Only a whole journal is brought up to date.
+        results = columns(db, "results")
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in results:
+                db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
+        replaced = columns(db, "replaced_answers")
+        older = replaced.get("cost_usd") or "paid_at" not in replaced
+        upgrades = (_UPGRADE_REPLACED if older else "") + (
+            "" if "lost_at" in columns(db, "lost_attempts") else _UPGRADE_LOST
+        )
+        db.executescript(
+            f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend; {upgrades} {_TRIGGER} COMMIT;"
+        )
+    except BaseException:
+        db.close()
+        raise
+    db.isolation_level = "DEFERRED"
+    return db
