@@ -150,9 +150,9 @@ async def _estimate(plan: JobPlan, key: str, done: int, redone: frozenset[int]) 
     todo = 0
     journal = Journal.read_only(config.output.journal_path) if done else None
 
-    def settled(low: int, high: int) -> dict[int, tuple[str, str | None]]:
-        found = journal.settled_requests(low, high) if journal is not None else {}
-        return {slot: done for slot, done in found.items() if slot not in redone}
+    def settled(low: int, high: int) -> set[int]:
+        found = journal.settled_slots(low, high) if journal is not None else set()
+        return found - redone
 
     try:
         for row in (r for rows, _ in Feed(plan, builder, settled).batches() for r in rows):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from pipeline.errors import InputError, JournalError
 from pipeline.journal import JOURNAL_FORMAT, JOURNAL_SUFFIXES, Journal
 from pipeline.lock import lock_holder, lock_path
 from pipeline.output import ParquetSink
-from pipeline.plan import OTHER_FORMATS, JobPlan, plan_job
+from pipeline.plan import OTHER_FORMATS, JobPlan, file_identity, input_files, plan_job
 from pipeline.records import ERROR, OK, RESULT_FIELDS, Row
 from pipeline.settings import describe_changes
-from pipeline.source import POSITION, expand
+from pipeline.source import POSITION
 
 PENDING = "pending"  # the status of a row not done yet; never in a finished job's output
 OPTION = "--output"
@@ -114,11 +113,11 @@ def check_target(config: JobConfig, target: Path) -> None:
     own = {
         "the job's output": [output, lock_path(output)],
         "the job's journal": [*(Path(f"{journal}{s}") for s in JOURNAL_SUFFIXES), lock_path(journal)],
-        "an input file of the job": list(_input_files(config.input.path)),
+        "an input file of the job": list(input_files(config.input.path)),
     }  # fmt: skip
-    wanted = _identity(target)
+    wanted = file_identity(target)
     for what, paths in own.items():
-        if any(_identity(path) == wanted for path in paths):
+        if any(file_identity(path) == wanted for path in paths):
             raise InputError(
                 f"{OPTION} {target} is {what}; choose another path, e.g. {default_path(output)}"
             )
@@ -208,7 +207,8 @@ def _answers(
     stored: tuple[Any, ...], expected: tuple[str, set[str | None]], incremental: bool
 ) -> bool:
     """Whether a journaled result is this row's: done for its id and (when the input may have
-    changed, in an incremental job) for the request it asks now, as the row feed decides."""
+    changed, in an incremental job) for the request it asks now. A run matches the journal to
+    today's input as it starts (`identity.realign`); until then a row moved since is pending."""
     key, hashes = expected
     if stored[_FIELD["key"]] != key:
         return False
@@ -230,22 +230,6 @@ def _readable(path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise JournalError(f"journal {path} cannot be read: {exc}") from None
-
-
-def _identity(path: Path) -> tuple[object, ...]:
-    """What a file is: its device and inode when it exists, else its real path."""
-    try:
-        status = path.stat()
-    except OSError:
-        return (os.path.realpath(path),)
-    return (status.st_dev, status.st_ino)
-
-
-def _input_files(pattern: str) -> tuple[Path, ...]:
-    try:
-        return expand(pattern)
-    except InputError:
-        return ()
 
 
 def _now() -> str:

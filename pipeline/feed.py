@@ -21,8 +21,8 @@ from pipeline.prompts import RequestBuilder
 from pipeline.records import CACHE, DUPLICATE, Row
 from pipeline.source import POSITION
 
-# (id, request hash) of each slot in [low, high) that an earlier run settled.
-Settled = Callable[[int, int], dict[int, tuple[str, str | None]]]
+# The slots in [low, high) that an earlier run settled.
+Settled = Callable[[int, int], set[int]]
 
 
 class Feed:
@@ -46,7 +46,7 @@ class Feed:
                 per_row = Counter(slots.input_row(slot) for slot in done)
                 finished = [p for p, count in per_row.items() if count == slots.per_row]
                 batch = batch.filter(~pl.col(POSITION).is_in(finished))
-            yield self.builder.rows(batch, set(done)), high
+            yield self.builder.rows(batch, done), high
 
 
 def with_earlier_answers(

@@ -41,10 +41,10 @@ def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realign
     changed for the job's policy."""
     config, slots, limit = plan.config, builder.slots, plan.limit
     by_id = config.input.id_column is not None
-    current = _current(plan.source, builder, limit, by_id)
     stored = journal.identities()
-    if stored.is_empty():
+    if stored.is_empty():  # a first run: nothing to match, so no rows to build for it
         return Realignment()
+    current = _current(plan.source, builder, limit, by_id)
     stored = stored.with_columns(
         ident=pl.col("key") if by_id else pl.col("request_hash"),
         variant=_variant(pl.col("position"), slots),

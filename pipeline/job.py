@@ -279,7 +279,7 @@ class Run:
         )  # fmt: skip
         self.dispatcher = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
         self.final = FinalSlots()
-        self.feed = Feed(self.plan, self.builder, self.journal.settled_requests)
+        self.feed = Feed(self.plan, self.builder, self.journal.settled_slots)
         self._on_signals()
         deadline = self._on_deadline()
         flusher = asyncio.create_task(self.writer.run())

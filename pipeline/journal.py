@@ -310,14 +310,14 @@ class Journal:
                     found.setdefault(result.request_hash or "", result)
         return found
 
-    def settled_requests(self, low: int, high: int) -> dict[int, tuple[str, str | None]]:
-        """(id, request hash) of each settled slot in [low, high): what it was done for."""
+    def settled_slots(self, low: int, high: int) -> set[int]:
+        """The slots in [low, high) an earlier run settled."""
         with self._guard:
             cursor = self._db.execute(
-                "SELECT position, key, request_hash FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0",
+                "SELECT position FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0",
                 (low, high),
             )
-            return {position: (key, request_hash) for position, key, request_hash in cursor}
+            return {position for (position,) in cursor}
 
     def done_since(self, since: float) -> int:
         """Results written after Unix time `since`."""

@@ -124,10 +124,10 @@ def check_distinct(config: JobConfig) -> None:
     input, or the output overwrite the paid answers."""
     output, journal = Path(config.output.path), config.output.journal_path
     out_key, journal_key = describe("output.path"), describe("output.journal")
-    inputs = {_identity(path): path for path in _input_files(config.input.path)}
-    out_files = {_identity(p): p for p in (output, lock_path(output_key(output)))}
+    inputs = {file_identity(path): path for path in input_files(config.input.path)}
+    out_files = {file_identity(p): p for p in (output, lock_path(output_key(output)))}
     journal_files = {
-        _identity(p): p
+        file_identity(p): p
         for p in (*(Path(f"{journal}{s}") for s in JOURNAL_SUFFIXES), lock_path(journal))
     }
     for key, named, files in ((out_key, output, out_files), (journal_key, journal, journal_files)):
@@ -144,10 +144,10 @@ def check_distinct(config: JobConfig) -> None:
                 "would overwrite the journal of the answers paid for; choose another journal path"
             )
     # A dead run's unfinished output (`.NAME.tmp-PID`) is deleted when the next one starts.
-    folder = _identity(output.parent)
+    folder = file_identity(output.parent)
     for input_file in inputs.values():
         if fnmatch.fnmatch(input_file.name, unfinished_name(output, "*")) and (
-            _identity(input_file.parent) == folder
+            file_identity(input_file.parent) == folder
         ):
             raise InputError(
                 f"{out_key} {output}: the input file {input_file} has the name of an unfinished output "
@@ -155,7 +155,7 @@ def check_distinct(config: JobConfig) -> None:
             )
 
 
-def _identity(path: Path) -> tuple[object, ...]:
+def file_identity(path: Path) -> tuple[object, ...]:
     """What a file is: its device and inode when it exists, else its real path."""
     try:
         status = path.stat()
@@ -164,7 +164,7 @@ def _identity(path: Path) -> tuple[object, ...]:
     return (status.st_dev, status.st_ino)
 
 
-def _input_files(pattern: str) -> tuple[Path, ...]:
+def input_files(pattern: str) -> tuple[Path, ...]:
     """The input's files as far as they exist (reading them, later, says what is missing)."""
     try:
         return expand(pattern)
