@@ -1,6 +1,7 @@
 """An opt-in response cache shared across jobs (`request.cache` / `--cache PATH`).
 
-Keyed by the request hash: the endpoint plus the canonical request body, so the model, the
+Keyed by the request hash: the endpoint (the one the job's journal first ran on: the simulator
+never shares keys with a real endpoint) plus the canonical request body, so the model, the
 messages and every parameter are in the key. An unchanged job run again (or another job asking
 the same things) is answered from here: no request, no cost. Several jobs may share one file.
 """

@@ -34,6 +34,7 @@ from pipeline.journal import JOURNAL_FORMAT, JOURNAL_SUFFIXES, Journal
 from pipeline.lock import lock_holder, lock_path
 from pipeline.output import ParquetSink
 from pipeline.plan import OTHER_FORMATS, JobPlan, file_identity, input_files, plan_job
+from pipeline.prompts import RequestBuilder
 from pipeline.records import ERROR, OK, RESULT_FIELDS, Row
 from pipeline.settings import describe_changes
 from pipeline.source import POSITION
@@ -157,7 +158,7 @@ def _write(plan: JobPlan, journal: Journal, sink: ParquetSink) -> tuple[int, int
     layout, slots = plan.layout, plan.layout.slots
     incremental = plan.config.input.incremental
     ok = failed = pending = 0
-    for start, inputs, expected in _groups(plan):
+    for start, inputs, expected in _groups(plan, plan.builder.seeded(journal.hash_seed)):
         low, high = slots.first(start), slots.first(start + inputs.num_rows)
         stored = {row[0]: row for row in journal.results_between(low, high)}
         results = []
@@ -178,12 +179,12 @@ def _write(plan: JobPlan, journal: Journal, sink: ParquetSink) -> tuple[int, int
 Expected = dict[int, tuple[str, set[str | None]]]  # slot -> (key, request hashes it may have)
 
 
-def _groups(plan: JobPlan) -> Iterator[tuple[int, pa.Table, Expected]]:
+def _groups(plan: JobPlan, builder: RequestBuilder) -> Iterator[tuple[int, pa.Table, Expected]]:
     """The input a row group at a time, with what each slot's answer must have been for: its
     row's id and request (either way a run may send it when it asks for `n` samples)."""
-    builders = [plan.builder]
+    builders = [builder]
     if plan.config.request.n > 1:  # all samples at once, or one request each: not known here
-        native = copy.copy(plan.builder)
+        native = copy.copy(builder)
         native.native_n = frozenset(plan.config.request.models or (plan.config.request.model,))
         builders.append(native)
     for start, inputs in plan.source.arrow_batches(plan.limit, size=plan.layout.group_rows):

@@ -153,6 +153,7 @@ class Run:
                     redo=options.redo is not None,
                 )
             )  # fmt: skip
+            self.builder = self.builder.seeded(self.journal.hash_seed)
             self.realignment = (
                 realign(plan, self.builder, self.journal)
                 if config.input.incremental

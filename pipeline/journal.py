@@ -185,7 +185,8 @@ class Journal:
         if not stored:
             self._store_meta(
                 {**fingerprint, "version": __version__, "format": JOURNAL_FORMAT,
-                 "transport": transport, "configs": {settings_hash(config): config}}
+                 "transport": transport, "configs": {settings_hash(config): config},
+                 "hash_seed": transport.get("request.base_url")}
             )  # fmt: skip
             return
         if stored.get("format") != JOURNAL_FORMAT:
@@ -216,6 +217,8 @@ class Journal:
         earlier = stored.get("transport") or {
             "request.base_url": stored.get("config", {}).get("request", {}).get("base_url")
         }
+        if "hash_seed" not in stored:  # its rows were hashed with the endpoint it had then
+            self._store_meta({"hash_seed": earlier.get("request.base_url")})
         moved = changed_transport(earlier, transport)
         if moved:
             self.notices.append(
@@ -235,6 +238,18 @@ class Journal:
             )
 
     # ------------------------------------------------------------------------------ reads
+
+    @property
+    def hash_seed(self) -> str | None:
+        """What the request hashes of this journal's rows are seeded with: the endpoint of its
+        first run (`settings.SIMULATOR` for the simulator's), kept for the journal's life, so
+        a row asked again on a moved endpoint is the same request (`RequestBuilder.seeded`)."""
+        meta = self.meta()
+        earlier = meta.get("transport") or {
+            "request.base_url": meta.get("config", {}).get("request", {}).get("base_url")
+        }
+        seed = meta.get("hash_seed", earlier.get("request.base_url"))
+        return seed if isinstance(seed, str) else None
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -28,6 +28,7 @@ from pipeline.errors import InputError
 from pipeline.money import Catalogue
 from pipeline.options import describe
 from pipeline.records import Row, Slots
+from pipeline.settings import SIMULATOR
 from pipeline.source import POSITION
 from pipeline.values import ROW_PARAMS
 
@@ -96,12 +97,22 @@ class RequestBuilder:
         self._heads: dict[str, str] = {}  # the body up to "messages", per model
         self._max_tokens = config.request.max_tokens
         # Answers from the simulator must never be served to a real job from a shared cache.
-        endpoint = "(simulator)" if config.request.simulate else config.request.base_url
+        endpoint = SIMULATOR if config.request.simulate else config.request.base_url
         self._hash_seed = endpoint.encode() + b"\n"
         instruction = self.answers.instruction if self.answers else None
         system = "\n\n".join(text for text in (prompt.system, instruction) if text)
         self._system = [{"role": "system", "content": system}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
+
+    def seeded(self, endpoint: str | None) -> RequestBuilder:
+        """This builder, hashing requests as a journal's first run did (`Journal.hash_seed`):
+        an endpoint that moved since changes no row's request (nor the shared cache's key)."""
+        seed = endpoint.encode() + b"\n" if endpoint else self._hash_seed
+        if seed == self._hash_seed:
+            return self
+        builder = copy.copy(self)
+        builder._hash_seed = seed
+        return builder
 
     def for_catalogue(self, catalogue: Catalogue | None) -> RequestBuilder:
         """This builder, asking for all samples in one request (`n`) from the models whose

@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.simulator.content import messages_digest
 from tests.helpers import cli_env, run_cli, sim_get, write_job
@@ -91,6 +92,25 @@ def test_resume_after_the_endpoint_moves_to_another_port_pays_only_for_rows_not_
     assert again.returncode == 0 and "request.base_url" not in again.stderr
     # What is asked still refuses (and sends nothing).
     assert other_model.returncode == 1 and "request.model changed" in other_model.stderr
+
+
+@pytest.mark.parametrize("id_column", ["id", None], ids=["with an id", "without an id"])
+def test_an_incremental_job_on_a_moved_endpoint_sends_only_its_new_rows(
+    tmp_path: Path, sim_thread: Any, id_column: str | None
+) -> None:
+    frame = write_reviews(tmp_path, 10)
+    with sim_thread() as first, sim_thread() as second:
+        config = str(write_job(tmp_path, first, id_column=id_column))
+        assert run_cli(config, "--incremental").returncode == 0
+        grown = pl.concat([frame, pl.DataFrame({"id": ["new1", "new2"], "text": ["A", "B"]})])
+        grown.sample(fraction=1.0, shuffle=True, seed=3).write_csv(tmp_path / "in.csv")
+        moved = run_cli(config, "--incremental", "--base-url", second.base_url)
+        paid = sorted(entry["messages_digest"] for entry in ledger(second))
+    assert moved.returncode == 0, moved.stderr
+    expected = sorted(messages_digest([{"role": "user", "content": t}]) for t in ["A", "B"])
+    assert paid == expected  # the ten rows done before are not changed by the move
+    out = output(tmp_path)
+    assert out.height == 12 and answers_own_prompts(out)
 
 
 def test_a_moved_endpoint_is_one_json_warning_event(tmp_path: Path, sim_thread: Any) -> None:

@@ -45,7 +45,7 @@ CREATE TRIGGER keep_replaced_spend BEFORE DELETE ON results
 BEGIN
     INSERT INTO replaced_answers VALUES (OLD.position, OLD.generation_id, OLD.cost_usd, OLD.done_at);
 END;
--- meta keys: config, configs, format, input, transport, version
+-- meta keys: config, configs, format, hash_seed, input, transport, version
 -- meta format: 3
 -- meta config sections: prompt, request
 -- meta config.prompt keys: column, template, messages_column, system, model_column, param_columns
