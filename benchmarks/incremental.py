@@ -5,6 +5,7 @@ interleaved, medians).
 
     python benchmarks/incremental.py                  # 1,000,000 rows, 1,000 of them new
     python benchmarks/incremental.py --rows 100000    # smaller
+    python benchmarks/incremental.py --answer-chars 400   # a journal of longer answers
 
 The journal of the rows already done is written directly (with the pipeline's own request
 builder, so every request hash is what a run would compute), not by sending a million requests.
@@ -27,13 +28,14 @@ from pipeline.config import load
 from pipeline.journal import Journal
 from pipeline.plan import plan_job
 from pipeline.records import OK, Result
+from pipeline.settings import transport
 from pipeline.simulator import RunningSimulator, SimConfig, SimulatorThread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
 from tests.helpers import cli_env, sim_get, sim_post
 
 
-def make_job(folder: Path, rows: int, new: int, base_url: str) -> Path:
+def make_job(folder: Path, rows: int, new: int, base_url: str, answer_chars: int = 4) -> Path:
     texts = [
         f"item {i}: the kettle is quiet, the lid fits, the handle stays cool" for i in range(rows)
     ]
@@ -47,12 +49,20 @@ def make_job(folder: Path, rows: int, new: int, base_url: str) -> Path:
     job = load(config)
     plan = plan_job(job)
     builder = plan.builder
-    with Journal.open(job.output.journal_path, plan.fingerprint, incremental=True) as journal:
+    answer = ("positive, " * answer_chars)[:answer_chars]
+    opened = Journal.open(
+        job.output.journal_path,
+        plan.fingerprint,
+        incremental=True,
+        transport=transport(job),
+        keyed=True,
+    )
+    with opened as journal:
         for batch in plan.source.batches(rows - new):
             journal.write([
-                Result(row.slot, row.key, completion="done", finish_reason="stop", status=OK,
+                Result(row.slot, row.key, completion=answer, finish_reason="stop", status=OK,
                        cost_usd=1e-6, cost_source="reported", response_source="api",
-                       request_hash=row.request_hash, attempts=1)
+                       request_hash=row.request_hash, digest=row.digest, attempts=1)
                 for row in builder.rows(batch)
             ])  # fmt: skip
     return config
@@ -91,13 +101,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--new", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--answer-chars", type=int, default=4,
+        help="length of each stored answer (the journal's size, which its integrity check reads)",
+    )  # fmt: skip
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory() as tmp,
         SimulatorThread(SimConfig().updated({"latency": 0})) as sim,
     ):
         folder = Path(tmp)
-        config = make_job(folder, args.rows, args.new, sim.base_url)
+        config = make_job(folder, args.rows, args.new, sim.base_url, args.answer_chars)
         journal = folder / "out.parquet.journal"
         pristine = journal.read_bytes()
         ours, theirs = [], []
@@ -108,7 +122,11 @@ def main() -> None:
                 Path(f"{journal}{suffix}").unlink(missing_ok=True)
             journal.write_bytes(pristine)
         o, t = statistics.median(ours), statistics.median(theirs)
-        print(f"rows {args.rows:,}, new {args.new:,}, repeat {args.repeat}, cores {os.cpu_count()}")
+        size = journal.stat().st_size / 1e6
+        print(
+            f"rows {args.rows:,}, new {args.new:,}, repeat {args.repeat}, cores {os.cpu_count()}, "
+            f"journal {size:.0f} MB"
+        )
         print(
             f"before the first request: {o:.2f} s; polars read_csv: {t:.2f} s; ratio {o / t:.1f}x"
         )

@@ -100,7 +100,12 @@ class ChatAnswerer:
         if row.body is None:
             return [
                 Result(
-                    row.slot, row.key, status=ERROR, error_type=Kind.INPUT, error_message=row.error
+                    row.slot,
+                    row.key,
+                    status=ERROR,
+                    error_type=Kind.INPUT,
+                    error_message=row.error,
+                    digest=row.digest,
                 )
             ]
         if row.reuse is not None:
@@ -326,7 +331,7 @@ def _answered(
         c.content, c.finish_reason, c.model, c.provider, c.generation_id,
         c.prompt_tokens, c.completion_tokens, c.total_tokens, c.reasoning_tokens, c.cached_tokens,
         cost, source, API, round(latency_ms, 3), attempts, OK,
-        request_hash=row.request_hash,
+        request_hash=row.request_hash, digest=row.digest,
     )  # fmt: skip
     if row.samples == 1:
         return [first]
@@ -368,7 +373,7 @@ def _failed(
         Result(
             row.slot + i, row.key, status=ERROR, response_source=API, attempts=attempts,
             error_type=kind, error_message=message, retry_on_resume=retry_on_resume,
-            request_hash=row.request_hash,
+            request_hash=row.request_hash, digest=row.digest,
         )
         for i in range(row.samples)
     ]  # fmt: skip

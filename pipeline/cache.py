@@ -18,7 +18,9 @@ from pipeline.options import describe
 from pipeline.records import RESULT_FIELDS, Result
 
 # What an answer is, not which row had it or how it stands there.
-_STORED = tuple(f for f in RESULT_FIELDS if f not in ("position", "key", "request_hash", "stale"))
+_STORED = tuple(
+    f for f in RESULT_FIELDS if f not in ("position", "key", "request_hash", "stale", "digest")
+)
 # Named for its columns: a cache written by a version that stored other fields is not misread.
 _TABLE = "responses_" + hashlib.blake2b(" ".join(_STORED).encode(), digest_size=4).hexdigest()
 

@@ -9,17 +9,19 @@ Runs in the row feed's thread (see `dispatch.RowFeed`), a batch ahead of the wor
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import polars as pl
 
 from pipeline.cache import ResponseCache
+from pipeline.digests import BLOCK_BITS
 from pipeline.journal import Journal
 from pipeline.plan import JobPlan
 from pipeline.prompts import RequestBuilder
 from pipeline.records import CACHE, DUPLICATE, Row
-from pipeline.source import POSITION
+from pipeline.source import BATCH_ROWS, POSITION, frame_of
 
 # The slots in [low, high) that an earlier run settled.
 Settled = Callable[[int, int], set[int]]
@@ -28,25 +30,60 @@ Settled = Callable[[int, int], set[int]]
 class Feed:
     """The rows of a plan still to do, given what an earlier run `settled`."""
 
-    def __init__(self, plan: JobPlan, builder: RequestBuilder, settled: Settled) -> None:
+    def __init__(
+        self,
+        plan: JobPlan,
+        builder: RequestBuilder,
+        settled: Settled,
+        settled_blocks: frozenset[int] = frozenset(),
+    ) -> None:
         self.plan = plan
         self.builder = builder  # the plan's, or one that knows which models take `n`
         self.settled = settled
+        self.settled_blocks = settled_blocks  # blocks of slots settled throughout (`digests`)
 
     def batches(self) -> Iterator[tuple[list[Row], int]]:
         """The rows to send, a batch at a time, each with the slot the batch ends before."""
         plan, slots = self.plan, self.builder.slots
         # The first requests wait for the first batch: one row per worker is enough to start them.
         first = max(plan.config.limits.concurrency // slots.per_row, 1)
-        for batch in plan.source.batches(plan.limit, first=first):
-            positions = batch[POSITION]
-            low, high = slots.first(positions[0]), slots.first(positions[-1] + 1)
+        for start, rows, batch in self._input(first):
+            low, high = slots.first(start), slots.first(start + rows)
+            blocks = range(low >> BLOCK_BITS, ((high - 1) >> BLOCK_BITS) + 1)
+            if not rows or all(block in self.settled_blocks for block in blocks):
+                # Nothing to ask, build or convert: how a resume passes a million rows.
+                yield [], high
+                continue
+            frame = batch() if callable(batch) else batch
             done = self.settled(low, high)
             if done:  # drop the input rows whose every variant is done
                 per_row = Counter(slots.input_row(slot) for slot in done)
                 finished = [p for p, count in per_row.items() if count == slots.per_row]
-                batch = batch.filter(~pl.col(POSITION).is_in(finished))
-            yield self.builder.rows(batch, done), high
+                frame = frame.filter(~pl.col(POSITION).is_in(finished))
+            yield self.builder.rows(frame, done), high
+
+    def _input(self, first: int) -> Iterator[tuple[int, int, Batch]]:
+        """The input a batch at a time (`first` rows first): (start, rows, the batch or how to
+        make it). From the batches the plan kept, when the journal's blocks settled then are
+        settled still (every other batch is done), else read again."""
+        plan = self.plan
+        kept = plan.kept
+        if kept is None or not kept.settled_blocks <= self.settled_blocks:
+            for start, table in plan.source.arrow_batches(plan.limit, first=first):
+                yield start, table.num_rows, functools.partial(frame_of, start, table)
+            return
+        want = first
+        for frame in kept.batches:
+            offset, start = 0, frame[POSITION][0]
+            while offset < frame.height:
+                piece = frame.slice(offset, want)
+                yield start + offset, piece.height, piece
+                offset, want = offset + piece.height, BATCH_ROWS
+        yield plan.rows, 0, pl.DataFrame()  # passed every row
+
+
+# An input batch, or how to convert it (only when it holds rows to send).
+Batch = pl.DataFrame | Callable[[], pl.DataFrame]
 
 
 def with_earlier_answers(

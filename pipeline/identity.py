@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline.config import JobConfig
+from pipeline.digests import BLOCK_SLOTS, block_sums, check_of
 from pipeline.errors import InputError
 from pipeline.journal import Journal
 from pipeline.options import describe
 from pipeline.plan import JobPlan
 from pipeline.prompts import RequestBuilder
 from pipeline.records import Slots
-from pipeline.source import Source
+from pipeline.source import POSITION, Source
 
 CHANGED_SHARE_REFUSED = 0.1  # of the rows done: more changed than this is likely a re-export
 
@@ -38,34 +39,47 @@ class Realignment:
 def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realignment:
     """Move the journal's results to today's slots of their rows (`builder`: the plan's, or one
     that knows which models take `n`); raise `InputError`, nothing moved, when too many rows
-    changed for the job's policy."""
-    config, slots, limit = plan.config, builder.slots, plan.limit
+    changed for the job's policy.
+
+    Blocks of slots whose summary equals the journal's hold their answers in place and are
+    left alone (`digests`); the others, and every departed result, are matched row by row, by
+    id or digest. A journal whose digests are unknown (older, or of another polars) is matched
+    by request hash instead, rebuilding every request, and gets today's digests."""
+    config, slots = plan.config, builder.slots
     by_id = config.input.id_column is not None
-    stored = journal.identities()
-    if stored.is_empty():  # a first run: nothing to match, so no rows to build for it
+    summary = journal.blocks()
+    if summary.is_empty() and not journal.has_results():  # a first run: nothing to match
         return Realignment()
-    current = _current(plan.source, builder, limit, by_id)
-    stored = stored.with_columns(
-        ident=pl.col("key") if by_id else pl.col("request_hash"),
-        variant=_variant(pl.col("position"), slots),
-    )
+    current = _identities(plan, builder, by_id)
+    dirty = _dirty_blocks(summary, current)
+    stored = journal.identities(dirty, hashes=False)
+    if stored["digest"].null_count() == 0:
+        current = current.filter((pl.col("slot") // BLOCK_SLOTS).is_in(dirty))
+        ident, asks = ("key" if by_id else "digest"), "digest"
+    else:  # the slow way, once
+        stored = journal.identities()
+        hashes = _request_hashes(plan.source, builder, plan.limit)
+        current = current.join(hashes, on="slot", how="left")
+        if not by_id:  # a row that cannot be sent is simply done again
+            current = current.filter(pl.col("request_hash_now").is_not_null())
+        ident, asks = ("key" if by_id else "request_hash"), "request_hash"
     # Several rows may share a request (no id): the k-th of them keeps the k-th answer.
-    current = current.with_columns(occ=pl.int_range(pl.len()).over("ident", "variant"))
+    on = ["ident", "variant", "occ"]
+    current = current.with_columns(ident=pl.col(f"{ident}_now")).with_columns(
+        occ=pl.int_range(pl.len()).over("ident", "variant")
+    )
+    stored = stored.with_columns(ident=pl.col(ident), variant=_variant(pl.col("position"), slots))
     stored = stored.sort(pl.col("position") < 0, pl.col("position").abs()).with_columns(
         occ=pl.int_range(pl.len()).over("ident", "variant")
     )
-    matched = stored.join(current, on=["ident", "variant", "occ"], how="inner", suffix="_now")
-    active = pl.col("position") >= 0
-    unmatched = stored.join(current, on=["ident", "variant", "occ"], how="anti").filter(active)
-    if limit is not None:  # rows past the limit are not today's business: left where they are
+    matched = stored.join(current, on=on, how="inner")
+    unmatched = stored.join(current, on=on, how="anti").filter(pl.col("position") >= 0)
+    if plan.limit is not None:  # rows past the limit are not today's business: left where they are
         unmatched = unmatched.filter(pl.col("position") < plan.slots)
 
     done = matched.filter(pl.col("retry_on_resume") == 0)
-    changed = done.filter(
-        pl.col("request_hash").is_not_null()
-        & pl.col("request_hash_now").is_not_null()
-        & (pl.col("request_hash") != pl.col("request_hash_now"))
-    )
+    differs = pl.col(asks).is_not_null() & pl.col(f"{asks}_now").is_not_null()
+    changed = done.filter(differs & (pl.col(asks) != pl.col(f"{asks}_now")))
     keep = config.input.on_change == "keep"
     if (
         not keep
@@ -76,12 +90,17 @@ def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realign
 
     moves = matched.filter(pl.col("position") != pl.col("slot")).select("position", "slot")
     departures = unmatched.select("position", "variant")
+    # Answers at a new slot, or whose check is not today's (unknown before): today's check.
+    renewed = matched.join(changed, on="slot", how="anti").filter(
+        (pl.col("position") != pl.col("slot")) | pl.col("ident_check").ne_missing(pl.col("check"))
+    )
     journal.realign(
         moves.rows(),
         departures.rows(),
         slots.per_row,
         changed=changed["slot"].to_list(),
         keep_changed=keep,
+        identified=renewed.select("digest_now", "check", "slot").rows(),
     )
     return Realignment(
         moved=moves.filter(pl.col("position") >= 0).height,
@@ -90,30 +109,53 @@ def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realign
     )
 
 
-def _current(
-    source: Source, builder: RequestBuilder, limit: int | None, by_id: bool
-) -> pl.DataFrame:
-    """Today's slots with their identity and request hash."""
-    slots, idents, variants, hashes = [], [], [], []
+def _identities(plan: JobPlan, builder: RequestBuilder, by_id: bool) -> pl.DataFrame:
+    """Today's slots with their row's id (else its position), variant, digest and check (from
+    what the plan's validation pass read)."""
+    rows = plan.identities
+    assert rows is not None, "an incremental job's plan reads each row's identity"
     per_row = builder.slots.per_row
+    if per_row == 1:  # a slot is the input position
+        current = rows.with_columns(slot=pl.col(POSITION).cast(pl.Int64), variant=pl.lit(0))
+    else:
+        variants = pl.DataFrame({"variant": range(per_row)}, schema={"variant": pl.Int64})
+        current = rows.join(variants, how="cross").with_columns(
+            slot=pl.col(POSITION).cast(pl.Int64) * per_row + pl.col("variant")
+        )
+    checked = pl.col("key") if by_id else pl.lit("")
+    return current.select(
+        "slot", "variant", key_now="key", digest_now="digest",
+        check=check_of(pl.col("slot"), checked, pl.col("digest")),
+    )  # fmt: skip
+
+
+def _dirty_blocks(summary: pl.DataFrame, current: pl.DataFrame) -> list[int]:
+    """The blocks whose results the journal's summary does not show at their rows exactly."""
+    now = block_sums(current)
+    compared = summary.join(now, on="block", how="full", coalesce=True, suffix="_now")
+    same = (
+        (pl.col("rows") == pl.col("rows_now"))
+        & (pl.col("unknown") == 0)
+        & (pl.col("low") == pl.col("low_now"))
+        & (pl.col("high") == pl.col("high_now"))
+    )
+    dirty = compared.filter(~same.fill_null(False))["block"]
+    return sorted(dirty.drop_nulls().to_list())
+
+
+def _request_hashes(source: Source, builder: RequestBuilder, limit: int | None) -> pl.DataFrame:
+    """Today's slots with their request hash (null for a row that cannot be sent): every request
+    built, as a journal without digests is matched."""
+    slots, hashes = [], []
     for batch in source.batches(limit):
         for row in builder.rows(batch):
-            ident = row.key if by_id else (row.request_hash if row.body is not None else None)
             for sample in range(row.samples):
-                slot = row.slot + sample
-                slots.append(slot)
-                idents.append(ident)
-                variants.append(slot % per_row)
+                slots.append(row.slot + sample)
                 hashes.append(row.request_hash if row.body is not None else None)
     return pl.DataFrame(
-        {"slot": slots, "ident": idents, "variant": variants, "request_hash": hashes},
-        schema={
-            "slot": pl.Int64,
-            "ident": pl.String,
-            "variant": pl.Int64,
-            "request_hash": pl.String,
-        },
-    ).filter(pl.col("ident").is_not_null())  # a row that cannot be sent is simply done again
+        {"slot": slots, "request_hash_now": hashes},
+        schema={"slot": pl.Int64, "request_hash_now": pl.String},
+    )
 
 
 def _variant(position: pl.Expr, slots: Slots) -> pl.Expr:

@@ -24,9 +24,11 @@ from typing import Any
 import polars as pl
 
 from pipeline import __version__
+from pipeline.digests import BLOCK_BITS, BLOCK_SLOTS, SCHEME, checks
 from pipeline.errors import JournalError
-from pipeline.journal_file import NOW, OPENING_FULL, columns, connect, when_full
-from pipeline.records import RESULT_FIELDS, ModelTotals, Result, Totals
+from pipeline.journal_file import OPENING_FULL, columns, connect, when_full
+from pipeline.journal_totals import spend_since, totals
+from pipeline.records import RESULT_FIELDS, Result, Totals
 from pipeline.settings import (
     changed_transport,
     describe_changes,
@@ -47,42 +49,6 @@ FLUSH_INTERVAL = 0.1
 JOURNAL_FORMAT = 3
 JOURNAL_SUFFIXES = ("", "-wal", "-shm")  # the database and sqlite's files beside it
 
-# Spend paid after a time, by the minute it was paid in (its last payment's time: a bucket
-# ages out when its newest spend does), oldest first; unknown costs count 0, as in the totals.
-_SPEND_SINCE = """SELECT MAX(paid_at), SUM(cost_usd) FROM (
-    SELECT done_at AS paid_at, cost_usd FROM results WHERE done_at > :since AND cost_usd > 0
-    UNION ALL SELECT {lost_at}, cost_usd FROM lost_attempts WHERE {lost_at} > :since AND cost_usd > 0
-    UNION ALL SELECT {paid_at}, cost_usd FROM {replaced} WHERE {paid_at} > :since AND cost_usd > 0
-) GROUP BY CAST(paid_at / 60 AS INTEGER) ORDER BY 1"""
-# A cost that was paid for (not a reuse's or a shared sample's known 0): with none of these,
-# a job whose rows have no cost has an unknown total, not $0.
-_PRICED = (
-    "cost_usd IS NOT NULL AND (cost_source IS NULL OR cost_source NOT IN ('reused', 'shared'))"
-)
-_TOTALS = f"""SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),
-    COALESCE(SUM(CASE WHEN response_source = 'api' THEN prompt_tokens END), 0),
-    COALESCE(SUM(CASE WHEN response_source = 'api' THEN completion_tokens END), 0),
-    SUM(cost_usd), COALESCE(SUM(response_source = 'duplicate'), 0), COALESCE(SUM(response_source = 'cache'), 0),
-    COALESCE(SUM(status = 'ok' AND cost_usd IS NULL), 0), COALESCE(SUM({_PRICED}), 0)
-    FROM results WHERE {{where}}"""
-_BY_MODEL = f"""SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
-    SUM(cost_usd IS NULL), SUM({_PRICED})
-    FROM results WHERE {{where}} AND response_source = 'api' AND status = 'ok'
-    GROUP BY response_model ORDER BY response_model"""
-_LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
-    COALESCE(SUM(cost_usd IS NULL), 0) FROM lost_attempts"""
-_DEPARTED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0),
-    COALESCE(SUM(status = 'ok' AND response_source = 'api' AND cost_usd IS NULL), 0)
-    FROM results WHERE position < 0"""
-_REPLACED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(cost_usd IS NULL), 0)
-    FROM replaced_answers WHERE {where}"""
-
-
-def _cost(total: float | None, unknown: int, priced: int) -> float | None:
-    """A total of rows' costs: unknown when rows lack a cost and none was paid for, else the
-    sum of the known ones (a lower bound while `unknown` rows have none)."""
-    return None if unknown and not priced else total or 0.0
-
 
 def _null(value: None) -> None:
     return None
@@ -95,12 +61,12 @@ def _null(value: None) -> None:
 sqlite3.register_adapter(type(None), _null)
 sqlite3.register_adapter(bool, int)
 
-_STORED = (*RESULT_FIELDS, "settings")
+_STORED = (*RESULT_FIELDS, "settings", "ident_check")
 _INSERT = f"INSERT OR REPLACE INTO results ({', '.join(_STORED)}) VALUES ({', '.join('?' * len(_STORED))})"
 # sqlite3 releases and retakes the GIL around every step of a statement: with one row a step,
 # the writer thread handed the GIL to the event loop and back once a row. One statement inserts
-# this many rows (24 x 40 parameters: under 999, the limit of SQLite before 3.32).
-ROWS_PER_INSERT = 40
+# this many rows (under 999 parameters, the limit of SQLite before 3.32).
+ROWS_PER_INSERT = 999 // len(_STORED)
 _INSERT_MANY = _INSERT + f", ({', '.join('?' * len(_STORED))})" * (ROWS_PER_INSERT - 1)
 SIMULATED_ONLY = "the journal {path} held only simulated answers (--simulate), which cost nothing: starting over for real"
 
@@ -113,6 +79,7 @@ class Journal:
         self._db = connection
         self._guard = threading.Lock()  # the writer thread and the reader never overlap
         self._settings: str | None = None  # the hash each row written gets
+        self.keyed = False  # whether rows are known by an id column (their checks name it)
         # What opening found worth saying once: (event, message, fields) for the run's log.
         self.notices: list[tuple[str, str, dict[str, Any]]] = []
 
@@ -126,10 +93,12 @@ class Journal:
         incremental: bool = False,
         transport: dict[str, Any] | None = None,
         redo: bool = False,
+        keyed: bool = False,
     ) -> Journal:
         """Open (or create) the journal at `path` and check it against this job's fingerprint
         (an incremental job's input may grow: its files are not compared); `transport`: how
-        the job is sent (`settings.transport`); `redo`: a changed question is accepted.
+        the job is sent (`settings.transport`); `redo`: a changed question is accepted;
+        `keyed`: the job has an id column.
 
         A real run over a journal of simulated answers starts it over (nothing was paid).
         The caller holds the job's lock (`lock.job_locks`)."""
@@ -143,6 +112,7 @@ class Journal:
         db = connect(path)
         journal = cls(path, db)
         journal.notices = notices
+        journal.keyed = keyed
         try:
             journal._check(fingerprint, incremental, transport or {}, redo)
         except BaseException:
@@ -186,7 +156,7 @@ class Journal:
             self._store_meta(
                 {**fingerprint, "version": __version__, "format": JOURNAL_FORMAT,
                  "transport": transport, "configs": {settings_hash(config): config},
-                 "hash_seed": transport.get("request.base_url")}
+                 "hash_seed": transport.get("request.base_url"), "digests": SCHEME}
             )  # fmt: skip
             return
         if stored.get("format") != JOURNAL_FORMAT:
@@ -219,6 +189,13 @@ class Journal:
         }
         if "hash_seed" not in stored:  # its rows were hashed with the endpoint it had then
             self._store_meta({"hash_seed": earlier.get("request.base_url")})
+        if stored.get("digests") != SCHEME:  # digests of another polars mean nothing now
+            with when_full(self.path, JournalError, OPENING_FULL), self._db:
+                self._db.execute(
+                    "UPDATE results SET digest = NULL, ident_check = NULL "
+                    "WHERE digest IS NOT NULL OR ident_check IS NOT NULL"
+                )
+            self._store_meta({"digests": SCHEME})
         moved = changed_transport(earlier, transport)
         if moved:
             self.notices.append(
@@ -265,13 +242,19 @@ class Journal:
                     self._db.execute("ROLLBACK")
 
     def settled_count(self, below: int) -> int:
-        """How many of the first `below` rows an earlier run settled."""
+        """How many of the first `below` rows an earlier run settled: whole blocks from their
+        summary, the rest counted (all of it in a read-only journal from before the blocks)."""
         with self._guard:
+            whole = min(below, 1 << 62) >> BLOCK_BITS if columns(self._db, "blocks") else 0
+            in_blocks = 0
+            if whole:
+                query = "SELECT COALESCE(SUM(settled), 0) FROM blocks WHERE block < ?"
+                (in_blocks,) = self._db.execute(query, (whole,)).fetchone()
             (count,) = self._db.execute(
-                "SELECT COUNT(*) FROM results WHERE position >= 0 AND position < ? AND retry_on_resume = 0",
-                (below,),
+                "SELECT COUNT(*) FROM results WHERE position >= ? AND position < ? AND retry_on_resume = 0",
+                (whole << BLOCK_BITS, below),
             ).fetchone()
-        return int(count)
+        return int(in_blocks) + int(count)
 
     def rows_by_settings(self, below: int) -> dict[str, int]:
         """How many of the first `below` slots were answered under each settings hash."""
@@ -342,24 +325,56 @@ class Journal:
             ).fetchone()
         return int(count)
 
-    def identities(self) -> pl.DataFrame:
-        """Every result's slot (negative: departed), id, request hash and whether it is to be
-        sent again, for matching them to today's input (`identity.realign`)."""
+    def blocks(self) -> pl.DataFrame:
+        """The journal's summary of each block of slots (`digests`; `journal_file`'s triggers)."""
         with self._guard:
             rows = self._db.execute(
-                "SELECT position, key, request_hash, retry_on_resume FROM results"
+                "SELECT block, rows, settled, unknown, low, high FROM blocks WHERE rows > 0"
             ).fetchall()
-        schema = {"position": pl.Int64, "key": pl.String, "request_hash": pl.String,
-                  "retry_on_resume": pl.Int64}  # fmt: skip
+        schema = dict.fromkeys(("block", "rows", "settled", "unknown", "low", "high"), pl.Int64)
         return pl.DataFrame(rows, schema=schema, orient="row")
+
+    def settled_blocks(self) -> frozenset[int]:
+        """The blocks of slots whose every slot an earlier run settled."""
+        with self._guard:
+            cursor = self._db.execute("SELECT block FROM blocks WHERE settled = ?", (BLOCK_SLOTS,))
+            return frozenset(block for (block,) in cursor)
+
+    def has_results(self) -> bool:
+        with self._guard:
+            return self._db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is not None
+
+    def identities(self, blocks: list[int] | None = None, *, hashes: bool = True) -> pl.DataFrame:
+        """The slot (negative: departed), id, digest, check, whether it is to be sent again and
+        (with `hashes`) request hash of the results in these blocks (all: None) and of every
+        departed one, for matching them to today's input (`identity.realign`)."""
+        every = ("position", "key", "digest", "ident_check", "retry_on_resume", "request_hash")
+        names = every[: 5 + hashes]
+        query = f"SELECT {', '.join(names)} FROM results"
+        with self._guard:
+            if blocks is None:
+                rows = self._db.execute(query).fetchall()
+            else:
+                rows = self._db.execute(f"{query} WHERE position < 0").fetchall()
+                for block in blocks:
+                    rows += self._db.execute(
+                        f"{query} WHERE position >= ? AND position < ?",
+                        (block << BLOCK_BITS, (block + 1) << BLOCK_BITS),
+                    ).fetchall()
+        types = (pl.Int64, pl.String, pl.Int64, pl.Int64, pl.Int64, pl.String)
+        values = list(zip(*rows, strict=True)) or [()] * len(names)  # by column: quicker
+        return pl.DataFrame(
+            dict(zip(names, values, strict=True)), schema=dict(zip(names, types, strict=False))
+        )
 
     def realign(
         self, moves: list[tuple[int, int]], departures: list[tuple[int, int]], per_row: int, *,
-        changed: list[int], keep_changed: bool,
+        changed: list[int], keep_changed: bool, identified: list[tuple[int | None, int | None, int]],
     ) -> None:  # fmt: skip
         """In one transaction: move results (old slot, new slot); move the results of rows gone
-        from the input (slot, variant) to negative slots of their own; and mark the `changed`
-        slots to be sent again, or (`keep_changed`) stale."""
+        from the input (slot, variant) to negative slots of their own; mark the `changed`
+        slots to be sent again, or (`keep_changed`) stale; and give results at their new slots
+        the digest and check (digest, check, slot) these have now."""
         with self._guard, when_full(self.path, JournalError, OPENING_FULL), self._db:
             (lowest,) = self._db.execute("SELECT MIN(position) FROM results").fetchone()
             group = (-1 - min(lowest or 0, -1)) // per_row + 1  # the next free departed group
@@ -382,56 +397,19 @@ class Journal:
             self._db.executemany(
                 f"UPDATE results SET {column} = 1 WHERE position = ?", [(s,) for s in changed]
             )
+            self._db.executemany(
+                "UPDATE results SET digest = ?, ident_check = ? WHERE position = ?", identified
+            )
 
     def spend_since(self, since: float) -> list[tuple[float, float]]:
-        """(paid at, USD) of the spend paid after Unix time `since`, a minute at a time, oldest
-        first: answers, lost attempts and replaced answers. A journal not yet upgraded (read
-        only) has no times beside the last two: they count as paid now."""
+        """(paid at, USD) of the spend paid after Unix time `since` (`journal_totals`)."""
         with self._guard:
-            replaced = columns(self._db, "replaced_answers")
-            query = _SPEND_SINCE.format(
-                lost_at="lost_at" if "lost_at" in columns(self._db, "lost_attempts") else NOW,
-                paid_at="paid_at" if "paid_at" in replaced else NOW,
-                replaced="replaced_answers" if replaced else "(SELECT NULL AS cost_usd WHERE 0)",
-            )
-            return [(float(t), float(usd)) for t, usd in self._db.execute(query, {"since": since})]
+            return spend_since(self._db, since)
 
     def totals(self, below: int | None = None) -> Totals:
-        """Counts, tokens and cost over the journal (slots under `below` only, if given).
-
-        Tokens count answers from the API only: a reused answer was not generated again.
-        """
-        # Negative slots hold the answers of rows since gone from the input: spend, not rows.
-        where = "position >= 0 AND position < ?" if below is not None else "position >= 0"
-        args = (below,) if below is not None else ()
+        """Counts, tokens and cost over the journal (`journal_totals`)."""
         with self._guard:
-            row = self._db.execute(_TOTALS.format(where=where), args).fetchone()
-            by_model = self._db.execute(_BY_MODEL.format(where=where), args).fetchall()
-            lost = self._db.execute(_LOST).fetchone()
-            departed = self._db.execute(_DEPARTED).fetchone()
-            replaced = (
-                self._db.execute(_REPLACED.format(where=where), args).fetchone()
-                if self._has_table("replaced_answers")  # not in a journal from before it, read-only
-                else (0, 0.0, 0)
-            )
-        rows, ok, failed, prompt, completion, cost, duplicates, cache_hits, unknown, priced = row
-        return Totals(
-            rows, ok, failed, prompt, completion, _cost(cost, unknown, priced), duplicates,
-            cache_hits, unknown,
-            by_model={
-                model or "(unknown)": ModelTotals(n, p or 0, c or 0, _cost(usd, none, paid), none)
-                for model, n, p, c, usd, none, paid in by_model
-            },
-            lost_attempts=lost[0], paid_twice_requests=lost[1],
-            paid_twice_cost_usd=None if lost[3] else lost[2],  # unknown while any is unpriced
-            lost_attempts_unreconciled=lost[3], replaced_answers=replaced[0],
-            replaced_cost_usd=None if replaced[2] else replaced[1],
-            departed_rows=departed[0], departed_cost_usd=None if departed[2] else departed[1],
-        )  # fmt: skip
-
-    def _has_table(self, name: str) -> bool:
-        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-        return self._db.execute(query, (name,)).fetchone() is not None
+            return totals(self._db, below)
 
     def record_lost(self, attempts: list[tuple[str, int, str]]) -> None:
         """Attempts the server accepted but whose answer never arrived (cost to be reconciled)."""
@@ -466,7 +444,12 @@ class Journal:
         if not results:
             return []
         settings = self._settings
-        values = [(*r.as_tuple(), settings) for r in results]
+        found = checks(
+            [r.position for r in results],
+            [r.key if self.keyed else "" for r in results],
+            [r.digest for r in results],
+        )
+        values = [(*r.as_tuple(), settings, c) for r, c in zip(results, found, strict=True)]
         whole = len(values) - len(values) % ROWS_PER_INSERT
         runs = (
             tuple(chain.from_iterable(values[start : start + ROWS_PER_INSERT]))

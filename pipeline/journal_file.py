@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.digests import BLOCK_BITS
 from pipeline.errors import DiskFull, JournalError, PipelineError, disk_full_message, is_disk_full
 from pipeline.records import NOT_NULL, RESULT_TYPES
 
@@ -30,7 +32,12 @@ _COLUMNS_SQL = ",\n    ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.i
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix time (older sqlite has no unixepoch)
 # Result columns later than the first layout, as an older journal gets them: `settings` is
 # filled in by `Journal._check`.
-ADDED_COLUMNS = {"stale": "INTEGER NOT NULL DEFAULT 0", "settings": "TEXT"}
+ADDED_COLUMNS = {
+    "stale": "INTEGER NOT NULL DEFAULT 0",
+    "settings": "TEXT",
+    "digest": "INTEGER",
+    "ident_check": "INTEGER",
+}
 # When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's
 # `lost_at` (when it was found lost), a replaced answer's `paid_at` (its own done_at).
 _LOST_TABLE = f"""lost_attempts (
@@ -48,7 +55,8 @@ CREATE TABLE IF NOT EXISTS results (
     {_COLUMNS_SQL},
     -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
     done_at REAL NOT NULL DEFAULT {NOW},
-    settings TEXT  -- settings.settings_hash of what was asked; meta `configs` holds each
+    settings TEXT,  -- settings.settings_hash of what was asked; meta `configs` holds each
+    ident_check INTEGER  -- digests.check_of its slot, id and digest; summed in `blocks`
 );
 CREATE INDEX IF NOT EXISTS results_by_request ON results (request_hash) WHERE status = 'ok';
 -- Attempts whose answer never arrived although the server had accepted them (it may have billed).
@@ -57,6 +65,41 @@ CREATE TABLE IF NOT EXISTS {_LOST_TABLE};
 -- --reprocess-changed, a failure that had spent something retried): still the job's spend,
 -- unknown (NULL) for an answer that came without a cost. Filled by the trigger below.
 CREATE TABLE IF NOT EXISTS {_REPLACED_TABLE};
+"""
+# Per block of slots (digests.BLOCK_SLOTS, from slot 0): the results there, how many are
+# settled (not to be sent again), how many have no check, and the sums of the checks' halves.
+# Kept by the triggers below, so an incremental run compares a million rows in a few reads.
+_BLOCKS_TABLE = """blocks (
+    block INTEGER PRIMARY KEY, rows INTEGER NOT NULL, settled INTEGER NOT NULL,
+    unknown INTEGER NOT NULL, low INTEGER NOT NULL, high INTEGER NOT NULL
+)"""
+_BLOCK_OF = f"{{row}}.position >> {BLOCK_BITS}"
+_PARTS = (
+    "{row}.retry_on_resume = 0, {row}.ident_check IS NULL, "
+    f"COALESCE({{row}}.ident_check & {(1 << 31) - 1}, 0), COALESCE({{row}}.ident_check >> 31, 0)"
+)
+_ADD = f"""INSERT INTO blocks SELECT {_BLOCK_OF}, 1, {_PARTS} WHERE {{row}}.position >= 0
+    ON CONFLICT (block) DO UPDATE SET rows = rows + 1, settled = settled + excluded.settled,
+    unknown = unknown + excluded.unknown, low = low + excluded.low, high = high + excluded.high;"""
+_SUBTRACT = f"""UPDATE blocks SET rows = rows - 1, settled = settled - ({{row}}.retry_on_resume = 0),
+    unknown = unknown - ({{row}}.ident_check IS NULL),
+    low = low - COALESCE({{row}}.ident_check & {(1 << 31) - 1}, 0),
+    high = high - COALESCE({{row}}.ident_check >> 31, 0)
+    WHERE block = {_BLOCK_OF} AND {{row}}.position >= 0;"""
+_BLOCK_TRIGGERS = f"""
+CREATE TRIGGER blocks_insert AFTER INSERT ON results
+BEGIN {_ADD.format(row="NEW")} END;
+CREATE TRIGGER blocks_delete AFTER DELETE ON results
+BEGIN {_SUBTRACT.format(row="OLD")} END;
+CREATE TRIGGER blocks_update AFTER UPDATE OF position, retry_on_resume, ident_check ON results
+BEGIN {_SUBTRACT.format(row="OLD")} {_ADD.format(row="NEW")} END;
+"""
+# A journal from before the blocks: they are counted once from its results.
+_FILL_BLOCKS = f"""CREATE TABLE {_BLOCKS_TABLE};
+INSERT INTO blocks SELECT position >> {BLOCK_BITS}, COUNT(*), SUM(retry_on_resume = 0),
+    SUM(ident_check IS NULL), COALESCE(SUM(ident_check & {(1 << 31) - 1}), 0),
+    COALESCE(SUM(ident_check >> 31), 0)
+    FROM results WHERE position >= 0 GROUP BY 1;
 """
 # Replaced on every open, so a journal made before a change to it gets the current one. It
 # fires as INSERT OR REPLACE deletes the old row (needs recursive_triggers).
@@ -85,13 +128,48 @@ ALTER TABLE lost_attempts_new RENAME TO lost_attempts;
 """
 
 
+class _Check(threading.Thread):
+    """`PRAGMA quick_check` of a journal, read-only, in a thread of its own (sqlite leaves
+    the GIL while it reads): on a large journal it takes as long as reading the input."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="journal-check", daemon=True)
+        self.path = path
+        self.verdict: str | None = None  # "ok", else unknown: the opening checks again
+
+    def run(self) -> None:
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            ) as db:
+                db.execute(f"PRAGMA mmap_size = {1 << 40}")  # read in place: a fifth quicker
+                (self.verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        except (sqlite3.Error, OSError):
+            self.verdict = None
+
+
+_CHECKS: dict[str, _Check] = {}
+
+
+def precheck(path: Path) -> None:
+    """Start checking the journal at `path`, if there is one, while the caller does other
+    work (reads the input); the next `connect(path)` uses the verdict. Call with the job's
+    lock held, so nothing writes the journal in between."""
+    if path.is_file():
+        check = _CHECKS[str(path)] = _Check(path)
+        check.start()
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open and check the journal. A stale WAL index (`-shm`) left by a crash can point past a
     torn WAL; it is only an index, so with the job lock held it is dropped and rebuilt from the
     WAL, whose torn frames fail their checksums and are ignored. Anything else damaged is refused."""
+    check = _CHECKS.pop(str(path), None)
+    if check is not None:
+        check.join()
     try:
         with when_full(path, JournalError, OPENING_FULL):
-            return _open_checked(path)
+            return _open_checked(path, checked=check is not None and check.verdict == "ok")
     except sqlite3.DatabaseError as exc:
         failure: sqlite3.DatabaseError = exc
     index = Path(f"{path}-shm")
@@ -128,14 +206,14 @@ def when_full(path: Path, error: type[PipelineError] = DiskFull, then: str = "")
         raise error(disk_full_message("journal", path, exc) + then) from None
 
 
-def _open_checked(path: Path) -> sqlite3.Connection:
+def _open_checked(path: Path, *, checked: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA recursive_triggers=ON")  # REPLACE's deletes fire keep_replaced_spend
         db.executescript(_SCHEMA)
-        (verdict,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        (verdict,) = ("ok",) if checked else db.execute("PRAGMA quick_check(1)").fetchone()
         if verdict != "ok":
             raise sqlite3.DatabaseError(verdict.replace("\n", "; "))
         # Only a whole journal is brought up to date.
@@ -148,8 +226,15 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         upgrades = (_UPGRADE_REPLACED if older else "") + (
             "" if "lost_at" in columns(db, "lost_attempts") else _UPGRADE_LOST
         )
+        if not columns(db, "blocks"):
+            upgrades += _FILL_BLOCKS
+        upgrades += (
+            "CREATE INDEX IF NOT EXISTS results_stale ON results (position) WHERE stale = 1;"
+        )
+        triggers = ("keep_replaced_spend", "blocks_insert", "blocks_delete", "blocks_update")
         db.executescript(
-            f"BEGIN; DROP TRIGGER IF EXISTS keep_replaced_spend; {upgrades} {_TRIGGER} COMMIT;"
+            f"BEGIN; {' '.join(f'DROP TRIGGER IF EXISTS {t};' for t in triggers)} {upgrades} "
+            f"{_TRIGGER} {_BLOCK_TRIGGERS} COMMIT;"
         )
     except BaseException:
         db.close()

@@ -170,11 +170,17 @@ class OutputWriter:
                 if row[POSITION] < self._keep_below:
                     self._kept[row[POSITION]] = row
 
-    async def write_ahead(self, final: FinalSlots, stopped: asyncio.Event) -> None:
-        """Until `stopped`, write (in a thread) each group as soon as it is final. A failure
-        (a full disk) stops only this: the job goes on, and `finish()` raises it."""
+    async def write_ahead(
+        self, final: FinalSlots, stopped: asyncio.Event, begun: threading.Event
+    ) -> None:
+        """Until `stopped`, write (in a thread) each group as soon as it is final, once `begun`
+        (the first requests are on their way: on a resume, groups done before are final at
+        once, and writing them first would hold the first request back). A failure (a full
+        disk) stops only this: the job goes on, and `finish()` raises it."""
         written_upto = 0
         async for _ in every(WRITE_AHEAD_INTERVAL, stopped):
+            if not begun.is_set():
+                continue
             upto = final.upto()
             if upto > written_upto:
                 try:

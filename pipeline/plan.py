@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.config import JobConfig
+from pipeline.digests import BLOCK_BITS
 from pipeline.errors import ConfigError, InputError
 from pipeline.journal import JOURNAL_SUFFIXES
 from pipeline.lock import lock_path, output_key
@@ -31,8 +32,19 @@ from pipeline.prompts import RequestBuilder
 from pipeline.source import POSITION, Source, expand, open_source
 
 VALIDATION_BATCH_ROWS = 50_000  # rows per batch of the validation pass
+KEPT_BYTES = 64 << 20  # of input a resume keeps from that pass for the feed, at most
 # Descriptors beyond one per request in flight: the journal, input files, stdio, the loop.
 OPEN_FILES_HEADROOM = 64
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The input batches of a resume that hold slots outside `settled_blocks` (the journal's,
+    as the plan was made), kept from the validation pass: when those blocks are still settled
+    as the run starts, the feed sends from these and reads nothing again."""
+
+    settled_blocks: frozenset[int]
+    batches: list[pl.DataFrame]
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,10 @@ class JobPlan:
     rows: int  # input rows (within the limit)
     prompt_chars: int | None  # summed over the rows, for the pre-flight cost check
     limit: int | None
+    # Each input row's position, id (else position) and digest, read by the validation pass
+    # of an incremental job for `identity.realign`.
+    identities: pl.DataFrame | None = None
+    kept: Kept | None = None  # input batches the feed need not read again
 
     @functools.cached_property
     def fingerprint(self) -> dict[str, Any]:
@@ -59,13 +75,19 @@ class JobPlan:
         return self.builder.slots.count(self.rows)
 
 
-def plan_job(config: JobConfig, limit: int | None = None) -> JobPlan:
-    """Every check that needs no network: input, columns, ids, output columns and path."""
+def plan_job(
+    config: JobConfig, limit: int | None = None, settled_blocks: frozenset[int] | None = None
+) -> JobPlan:
+    """Every check that needs no network: input, columns, ids, output columns and path.
+    `settled_blocks`: of the journal a resume will open, to keep the batches it must send."""
     source = open_source(config.input.path, config.input.format, config.input.delimiter)
     builder = RequestBuilder(config, source.schema)
     layout = OutputLayout.for_job(config, builder.answers, source.columns)
-    rows, prompt_chars = validate_rows(source, config, builder, limit)
-    return JobPlan(config, source, builder, layout, rows, prompt_chars, limit)
+    read = validate_rows(source, config, builder, limit, settled_blocks)
+    return JobPlan(
+        config, source, builder, layout, read.rows, read.prompt_chars, limit, read.identities,
+        read.kept,
+    )  # fmt: skip
 
 
 def check_folders(config: JobConfig) -> None:
@@ -187,11 +209,25 @@ def ensure_open_files(concurrency: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+@dataclass(frozen=True)
+class RowsRead:
+    rows: int
+    prompt_chars: int | None
+    identities: pl.DataFrame | None
+    kept: Kept | None
+
+
 def validate_rows(
-    source: Source, config: JobConfig, builder: RequestBuilder, limit: int | None
-) -> tuple[int, int | None]:
-    """Count the rows (checking every one can be read), refuse duplicate or null ids, and sum
-    the prompt lengths for estimates, in one pass before anything is sent.
+    source: Source,
+    config: JobConfig,
+    builder: RequestBuilder,
+    limit: int | None,
+    settled_blocks: frozenset[int] | None = None,
+) -> RowsRead:
+    """Count the rows (checking every one can be read), refuse duplicate or null ids, sum the
+    prompt lengths for estimates, (incremental jobs) take each row's identity and (given the
+    journal's `settled_blocks`) keep the batches with slots still to send, up to `KEPT_BYTES`,
+    in one pass before anything is sent.
 
     The pass reads the input a batch at a time, so memory stays flat with the row count: ids
     are kept only as 64-bit hashes (8 bytes a row), and only when two hashes meet is the input
@@ -207,6 +243,11 @@ def validate_rows(
     rows = chars = nulls = 0
     first_null = None
     id_hashes = []
+    key = pl.col(id_column).cast(pl.String) if id_column else pl.col(POSITION).cast(pl.String)
+    identity = (pl.col(POSITION), key.alias("key"), builder.digest_expr.alias("digest"))
+    identities: list[pl.DataFrame] | None = [] if config.input.incremental else None
+    kept: list[pl.DataFrame] | None = [] if settled_blocks is not None else None
+    kept_bytes, slots = 0, builder.slots
     try:
         for batch in source.batches(limit, size=VALIDATION_BATCH_ROWS):
             stats = batch.select(aggregates).row(0, named=True)
@@ -217,6 +258,15 @@ def validate_rows(
                 if first_null is None:
                     first_null = stats["first_null"]
                 id_hashes.append(batch[id_column].drop_nulls().hash())
+            if identities is not None:
+                identities.append(batch.select(identity))
+            if kept is not None and settled_blocks is not None:
+                low, high = slots.first(batch[POSITION][0]), slots.first(batch[POSITION][-1] + 1)
+                blocks = range(low >> BLOCK_BITS, ((high - 1) >> BLOCK_BITS) + 1)
+                if not all(block in settled_blocks for block in blocks):
+                    kept.append(batch)
+                    kept_bytes += int(batch.estimated_size())
+                    kept = kept if kept_bytes <= KEPT_BYTES else None
     except pl.exceptions.PolarsError as exc:
         raise InputError(
             f"input {source.pattern} cannot be read: {str(exc).strip().splitlines()[0]}"
@@ -232,7 +282,12 @@ def validate_rows(
         hashes = pl.concat(id_hashes)
         if hashes.n_unique() < len(hashes):
             _refuse_duplicate(source, id_column, hashes.filter(hashes.is_duplicated()), limit)
-    return rows, chars if builder.prompt_expr is not None else None
+    return RowsRead(
+        rows,
+        chars if builder.prompt_expr is not None else None,
+        pl.concat(identities) if identities else None,
+        Kept(settled_blocks, kept) if kept is not None and settled_blocks is not None else None,
+    )
 
 
 def _refuse_duplicate(source: Source, id_column: str, twice: pl.Series, limit: int | None) -> None:

@@ -24,6 +24,7 @@ import polars as pl
 
 from pipeline.answers import AnswerSpec
 from pipeline.config import JobConfig
+from pipeline.digests import digest_of
 from pipeline.errors import InputError
 from pipeline.money import Catalogue
 from pipeline.options import describe
@@ -103,6 +104,7 @@ class RequestBuilder:
         system = "\n\n".join(text for text in (prompt.system, instruction) if text)
         self._system = [{"role": "system", "content": system}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
+        self.digest_expr = self._digest_expression()
 
     def seeded(self, endpoint: str | None) -> RequestBuilder:
         """This builder, hashing requests as a journal's first run did (`Journal.hash_seed`):
@@ -184,6 +186,18 @@ class RequestBuilder:
             return as_text(prompt.column, self._schema[prompt.column]), None
         return None, None
 
+    def _digest_expression(self) -> pl.Expr:
+        """What a row's request is made of, beside the job's settings: its prompt (or messages),
+        model and parameter columns."""
+        prompt = self.config.prompt
+        parts = [
+            self.prompt_expr if self.prompt_expr is not None else pl.col(prompt.messages_column)  # type: ignore[arg-type]
+        ]
+        if prompt.model_column:
+            parts.append(pl.col(prompt.model_column).cast(pl.String))
+        parts += [pl.col(column) for column in (prompt.param_columns or {}).values()]
+        return digest_of([part.alias(f"p{i}") for i, part in enumerate(parts)])
+
     def rows(self, batch: pl.DataFrame, done: set[int] | frozenset[int] = frozenset()) -> list[Row]:
         """One `Row` per variant of each input row of `batch`, in slot order, except the
         slots in `done`."""
@@ -201,8 +215,10 @@ class RequestBuilder:
             columns.append(pl.col(cfg.prompt.model_column).cast(pl.String).alias("__model"))
         param_columns = cfg.prompt.param_columns or {}
         columns += [pl.col(column).alias(f"__param_{p}") for p, column in param_columns.items()]
+        columns.append(self.digest_expr.alias("__digest"))
         frame = batch.select(columns)
         positions = frame[POSITION].to_list()
+        digests = frame["__digest"].to_list()
         keys = frame["__key"].to_list() if "__key" in frame.columns else [str(p) for p in positions]
         prompts = frame[_PROMPT].to_list()
         nulls = frame[_NULL_COLUMN].to_list() if _NULL_COLUMN in frame.columns else None
@@ -230,7 +246,7 @@ class RequestBuilder:
                 messages = [{"role": "user", "content": text}]
             row_params, bad = _row_params(params, i, param_columns) if params else ({}, None)
             problem = problem or bad
-            samples = cfg.request.n
+            samples, made = cfg.request.n, len(rows)
             for index, model in enumerate(cfg.request.models or (row_model,)):
                 first = self.slots.of(position, index * samples)  # of this model's samples
                 slots = [first + s for s in range(samples) if first + s not in done]
@@ -243,6 +259,8 @@ class RequestBuilder:
                         self._row(slot, key, model, messages, row_params, slot - first)
                         for slot in slots
                     ]
+            for row in rows[made:]:
+                row.digest = digests[i]
         return rows
 
     def _row(

@@ -36,6 +36,7 @@ class Row:
     reuse: Result | None = None  # an earlier answer to the same request (journal or cache)
     # Answers for slots `slot` .. `slot + samples - 1` at once (a request with `n`).
     samples: int = 1
+    digest: int | None = None  # of what the request is made of (`digests.digest_of`)
 
     @property
     def estimated_tokens(self) -> int:
@@ -90,6 +91,7 @@ class Result:
     )  # a structured answer, checked, as canonical JSON
     # Kept under `on_change = "keep"` although its row asks something else now.
     stale: bool = _column("bool", False, not_null=True, output=False)
+    digest: int | None = _column("int64", output=False)  # of the row's inputs (`digests`)
 
     def as_tuple(self) -> tuple[Any, ...]:
         return _result_values(self)
@@ -102,7 +104,7 @@ class Result:
         """This answer, given to another row that asked the same thing: no request, no cost."""
         return dataclasses.replace(
             self, position=row.slot, key=row.key, cost_usd=0.0, cost_source=REUSED,
-            response_source=source, latency_ms=0.0, attempts=0, stale=False,
+            response_source=source, latency_ms=0.0, attempts=0, stale=False, digest=row.digest,
         )  # fmt: skip
 
 

@@ -71,9 +71,7 @@ class Source:
         """The rows in input order, at most `size` at a time (`first` in the first batch), each
         with its position in POSITION."""
         for position, table in self.arrow_batches(limit, size, first):
-            frame = pl.from_arrow(table)
-            assert isinstance(frame, pl.DataFrame)
-            yield frame.with_row_index(POSITION, offset=position)
+            yield frame_of(position, table)
 
     def arrow_batches(
         self, limit: int | None = None, size: int = BATCH_ROWS, first: int | None = None
@@ -136,7 +134,7 @@ class Source:
         parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True)
         last = None
         for last in pacsv.open_csv(
-            path, read_options=pacsv.ReadOptions(block_size=1 << 20), parse_options=parse,
+            path, read_options=pacsv.ReadOptions(block_size=4 << 20), parse_options=parse,
             convert_options=convert,
         ):  # fmt: skip
             yield last
@@ -164,6 +162,13 @@ class Source:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             prints.append({"file": str(path), "bytes": path.stat().st_size, "sha256": digest})
         return prints
+
+
+def frame_of(position: int, table: pa.Table | pa.RecordBatch) -> pl.DataFrame:
+    """An input batch starting at `position` as polars, with each row's position in POSITION."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_row_index(POSITION, offset=position)
 
 
 def open_source(pattern: str, fmt: str | None = None, delimiter: str | None = None) -> Source:
