@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.client import connect
 from pipeline.config import JobConfig, api_key, read_api_key
 from pipeline.feed import Feed
+from pipeline.identity import SettledToday, match
 from pipeline.job import RunOptions, run_job
 from pipeline.journal import Journal
 from pipeline.money import load_catalogue
@@ -93,10 +94,17 @@ def estimate(
             config, RunOptions(limit=pilot_limit, quiet=True, write_output=False)
         )
     done, redone = _settled_rows(config, plan, redo)
+    today = _settled_today(config, plan) if done else None
+    if today is not None:
+        done = today.count - len(redone)
     # Only `/models` is asked, which needs no key: one is sent only if set (the pilot's run
     # above needs it, and asks for it).
     key = api_key(config) if config.request.simulate else read_api_key(config) or ""
-    result = asyncio.run(_estimate(plan, key, done, redone))
+    try:
+        result = asyncio.run(_estimate(plan, key, done, redone, today))
+    finally:
+        if today is not None:
+            today.journal.close()
     if pilot_report is not None:
         result.pilot = _extrapolate(pilot_report.job_totals, result)
     return result
@@ -116,7 +124,10 @@ def _settled_rows(
     try:
         with journal:
             meta = journal.meta()
-            changed = describe_changes(meta, plan.fingerprint, compare_config=redo is None)
+            changed = describe_changes(
+                meta, plan.fingerprint, compare_config=redo is None,
+                compare_input=not config.input.incremental,
+            )  # fmt: skip
             if changed or simulated(meta.get("config", {})) != config.request.simulate:
                 return 0, frozenset()
             chosen = frozenset(redo.choose(journal, plan.slots)) if redo else frozenset()
@@ -125,7 +136,29 @@ def _settled_rows(
         return 0, frozenset()
 
 
-async def _estimate(plan: JobPlan, key: str, done: int, redone: frozenset[int]) -> Estimate:
+def _settled_today(config: JobConfig, plan: JobPlan) -> SettledToday | None:
+    """For an incremental job, which of today's rows a run would find settled, matched by
+    identity as the run matches them (`identity.match`); None otherwise, or when the journal
+    cannot tell (read-only, from before this version: counted by position)."""
+    if not config.input.incremental:
+        return None
+    journal = Journal.read_only(config.output.journal_path)
+    if journal is None:
+        return None
+    try:
+        found = match(plan, plan.builder.seeded(journal.hash_seed), journal)
+        if found is not None:
+            keep = config.input.on_change == "keep"
+            return SettledToday(journal, found, keep, plan.slots)
+    except sqlite3.Error:
+        pass
+    journal.close()
+    return None
+
+
+async def _estimate(
+    plan: JobPlan, key: str, done: int, redone: frozenset[int], today: SettledToday | None
+) -> Estimate:
     config = plan.config
     async with connect(config, key) as client:
         catalogue = await load_catalogue(client, config)
@@ -151,6 +184,8 @@ async def _estimate(plan: JobPlan, key: str, done: int, redone: frozenset[int]) 
     journal = Journal.read_only(config.output.journal_path) if done else None
 
     def settled(low: int, high: int) -> set[int]:
+        if today is not None:
+            return today(low, high) - redone
         found = journal.settled_slots(low, high) if journal is not None else set()
         return found - redone
 

@@ -12,6 +12,7 @@ unless `reprocess_changed`), under "keep" its answer stays, marked stale.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import polars as pl
@@ -36,28 +37,38 @@ class Realignment:
     changed: int = 0  # rows done for another request than they ask now
 
 
-def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realignment:
-    """Move the journal's results to today's slots of their rows (`builder`: the plan's, or one
-    that knows which models take `n`); raise `InputError`, nothing moved, when too many rows
-    changed for the job's policy.
+@dataclass(frozen=True)
+class Matching:
+    """The journal's results matched to today's input (`match`), before anything moves."""
+
+    matched: pl.DataFrame  # results (`position`) and the slot of their row today (`slot`)
+    departed: pl.DataFrame  # results whose row is no longer in the input (`position`, `variant`)
+    changed: pl.DataFrame  # matched and settled, but done for what the row asked before
+    done: int  # matched results that are settled
+    compared: frozenset[int] | None  # blocks matched row by row (None: all); the rest in place
+
+
+def match(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Matching | None:
+    """Match the journal's results to today's rows, reading only (None: the journal has none).
 
     Blocks of slots whose summary equals the journal's hold their answers in place and are
     left alone (`digests`); the others, and every departed result, are matched row by row, by
     id or digest. A journal whose digests are unknown (older, or of another polars) is matched
-    by request hash instead, rebuilding every request, and gets today's digests."""
+    by request hash instead, rebuilding every request."""
     config, slots = plan.config, builder.slots
     by_id = config.input.id_column is not None
     summary = journal.blocks()
     if summary.is_empty() and not journal.has_results():  # a first run: nothing to match
-        return Realignment()
+        return None
     current = _identities(plan, builder, by_id)
     dirty = _dirty_blocks(summary, current)
     stored = journal.identities(dirty, hashes=False)
+    compared: frozenset[int] | None = frozenset(dirty)
     if stored["digest"].null_count() == 0:
         current = current.filter((pl.col("slot") // BLOCK_SLOTS).is_in(dirty))
         ident, asks = ("key" if by_id else "digest"), "digest"
     else:  # the slow way, once
-        stored = journal.identities()
+        stored, compared = journal.identities(), None
         hashes = _request_hashes(plan.source, builder, plan.limit)
         current = current.join(hashes, on="slot", how="left")
         if not by_id:  # a row that cannot be sent is simply done again
@@ -76,27 +87,38 @@ def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realign
     unmatched = stored.join(current, on=on, how="anti").filter(pl.col("position") >= 0)
     if plan.limit is not None:  # rows past the limit are not today's business: left where they are
         unmatched = unmatched.filter(pl.col("position") < plan.slots)
-
     done = matched.filter(pl.col("retry_on_resume") == 0)
     differs = pl.col(asks).is_not_null() & pl.col(f"{asks}_now").is_not_null()
     changed = done.filter(differs & (pl.col(asks) != pl.col(f"{asks}_now")))
+    departed = unmatched.select("position", "variant")
+    return Matching(matched, departed, changed, done.height, compared)
+
+
+def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realignment:
+    """Move the journal's results to today's slots of their rows (`builder`: the plan's, or one
+    that knows which models take `n`), and give those that moved (or had none) today's
+    digests; raise `InputError`, nothing moved, when too many rows changed for the job's
+    policy."""
+    config, slots = plan.config, builder.slots
+    found = match(plan, builder, journal)
+    if found is None:
+        return Realignment()
+    matched, changed = found.matched, found.changed
     keep = config.input.on_change == "keep"
     if (
         not keep
         and not config.input.reprocess_changed
-        and changed.height > CHANGED_SHARE_REFUSED * done.height
+        and changed.height > CHANGED_SHARE_REFUSED * found.done
     ):
-        _refuse(config, changed, done.height)
-
+        _refuse(config, changed, found.done)
     moves = matched.filter(pl.col("position") != pl.col("slot")).select("position", "slot")
-    departures = unmatched.select("position", "variant")
     # Answers at a new slot, or whose check is not today's (unknown before): today's check.
     renewed = matched.join(changed, on="slot", how="anti").filter(
         (pl.col("position") != pl.col("slot")) | pl.col("ident_check").ne_missing(pl.col("check"))
     )
     journal.realign(
         moves.rows(),
-        departures.rows(),
+        found.departed.rows(),
         slots.per_row,
         changed=changed["slot"].to_list(),
         keep_changed=keep,
@@ -104,9 +126,41 @@ def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realign
     )
     return Realignment(
         moved=moves.filter(pl.col("position") >= 0).height,
-        departed=departures.height,
+        departed=found.departed.height,
         changed=changed.height,
     )
+
+
+class SettledToday:
+    """Which of today's slots an earlier run settled, as a run would find after `realign`,
+    without moving anything (for `pipeline estimate` of an incremental job): a callable
+    (low, high) -> slots, and how many in all."""
+
+    def __init__(self, journal: Journal, found: Matching, keep_changed: bool, below: int) -> None:
+        self.journal = journal
+        self.compared = found.compared
+        settled = found.matched.filter(pl.col("retry_on_resume") == 0)
+        if not keep_changed:
+            settled = settled.join(found.changed, on="slot", how="anti")
+        self._slots = sorted(settled["slot"].filter(settled["slot"] < below).to_list())
+        self.count = len(self._slots)
+        if self.compared is not None:  # and those in place in the other blocks
+            in_compared = sum(
+                len(journal.settled_slots(b * BLOCK_SLOTS, min((b + 1) * BLOCK_SLOTS, below)))
+                for b in self.compared
+            )
+            self.count += journal.settled_count(below) - in_compared
+
+    def __call__(self, low: int, high: int) -> set[int]:
+        first, last = bisect.bisect_left(self._slots, low), bisect.bisect_left(self._slots, high)
+        found = set(self._slots[first:last])
+        if self.compared is not None:  # the blocks not compared hold their answers in place
+            found |= {
+                slot
+                for slot in self.journal.settled_slots(low, high)
+                if slot // BLOCK_SLOTS not in self.compared
+            }
+        return found
 
 
 def _identities(plan: JobPlan, builder: RequestBuilder, by_id: bool) -> pl.DataFrame:
