@@ -30,6 +30,7 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.config import JobConfig
 from pipeline.errors import InputError, JournalError
+from pipeline.identity import match
 from pipeline.journal import JOURNAL_FORMAT, JOURNAL_SUFFIXES, Journal
 from pipeline.lock import lock_holder, lock_path
 from pipeline.output import ParquetSink
@@ -157,10 +158,15 @@ def _write(plan: JobPlan, journal: Journal, sink: ParquetSink) -> tuple[int, int
     """Write every input row with its result or as pending; the counts (ok, failed, pending)."""
     layout, slots = plan.layout, plan.layout.slots
     incremental = plan.config.input.incremental
+    builder = plan.builder.seeded(journal.hash_seed)
+    moved = _moved(plan, builder, journal) if incremental else {}
     ok = failed = pending = 0
-    for start, inputs, expected in _groups(plan, plan.builder.seeded(journal.hash_seed)):
+    for start, inputs, expected in _groups(plan, builder):
         low, high = slots.first(start), slots.first(start + inputs.num_rows)
         stored = {row[0]: row for row in journal.results_between(low, high)}
+        here = {moved[slot]: slot for slot in range(low, high) if slot in moved}
+        for answer in journal.results_at(list(here)):  # a run moves these to these slots
+            stored[here[answer[0]]] = (here[answer[0]], *answer[1:])
         results = []
         for slot in range(low, high):
             row = stored.get(slot)
@@ -177,6 +183,16 @@ def _write(plan: JobPlan, journal: Journal, sink: ParquetSink) -> tuple[int, int
 
 
 Expected = dict[int, tuple[str, set[str | None]]]  # slot -> (key, request hashes it may have)
+
+
+def _moved(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> dict[int, int]:
+    """Today's slots whose answer the journal holds at another slot (a row that moved since
+    the last run, which moves it as it starts): slot -> where its answer is."""
+    found = match(plan, builder, journal)
+    if found is None:
+        return {}
+    matched = found.matched.filter(pl.col("position") != pl.col("slot"))
+    return dict(matched.select("slot", "position").rows())
 
 
 def _groups(plan: JobPlan, builder: RequestBuilder) -> Iterator[tuple[int, pa.Table, Expected]]:

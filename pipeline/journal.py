@@ -292,6 +292,18 @@ class Journal:
             )
             return cursor.fetchall()
 
+    def results_at(self, positions: list[int]) -> list[tuple[Any, ...]]:
+        """The stored results (`RESULT_FIELDS` tuples) at these slots, those there are."""
+        found: list[tuple[Any, ...]] = []
+        with self._guard:
+            for start in range(0, len(positions), 500):
+                chunk = positions[start : start + 500]
+                found += self._db.execute(
+                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+        return found
+
     def answers(self, request_hashes: list[str]) -> dict[str, Result]:
         """Successful answers already journaled for any of these requests, by request hash."""
         found: dict[str, Result] = {}

@@ -225,3 +225,21 @@ def test_a_row_edited_since_its_answer_is_pending_in_the_export_not_paired_with_
     frame, meta = check_partial(tmp_path, texts)  # every ok row answers its prompt as it is now
     assert frame["status"].to_list() == ["ok", "ok", "pending", "ok", "ok", "ok"]
     assert meta["partial"]["pending"] == 1
+
+
+def test_an_export_of_a_resorted_input_shows_each_answer_at_its_own_row(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    texts = write_input(tmp_path, 8)
+    with sim_thread() as sim:
+        config = write_job(tmp_path, sim)
+        assert run_cli(str(config), "--incremental").returncode == 0
+        order = [5, 2, 7, 0, 1, 6, 3, 4]
+        resorted = [texts[i] for i in order] + ["a new row"]
+        ids = [f"r{i}" for i in order] + ["r100"]
+        pl.DataFrame({"id": ids, "text": resorted}).write_csv(tmp_path / "in.csv")
+        exported = pipeline("export", str(config), "--incremental")
+    assert exported.returncode == 0, exported.stderr
+    frame, meta = check_partial(tmp_path, resorted)  # every ok row answers its prompt
+    assert frame["status"].to_list() == ["ok"] * 8 + ["pending"]
+    assert meta["partial"]["pending"] == 1
