@@ -210,13 +210,17 @@ def run(
         sys.exit(code)
 
     with exits(fail):
+        chosen = _redo(redo, redo_where)
+        config = _load_config(config_file, simulate, flags)
+        if not restart:  # the journal's integrity check leaves the GIL to the imports below
+            from pipeline.journal_file import precheck
+
+            precheck(config.output.journal_path)
         from pipeline.job import RunOptions, run_job
 
         options = RunOptions(
-            limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream,
-            redo=_redo(redo, redo_where),
-        )  # fmt: skip
-        config = _load_config(config_file, simulate, flags)
+            limit=limit, restart=restart, quiet=quiet, logs=logs, stream=stream, redo=chosen
+        )
         report = run_job(config, options)
     if logs.json:
         print(json_line("summary", **render.run_summary_json(report)), file=stream, flush=True)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import polars as pl
 
-BLOCK_BITS = 16
-BLOCK_SLOTS = 1 << BLOCK_BITS
+from pipeline.journal_file import BLOCK_SLOTS
+
 SCHEME = f"polars {pl.__version__}, scheme 1"
 _SEED = 0x5EED
 

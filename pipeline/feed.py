@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import polars as pl
 
 from pipeline.cache import ResponseCache
-from pipeline.digests import BLOCK_BITS
 from pipeline.journal import Journal
+from pipeline.journal_file import BLOCK_BITS
 from pipeline.plan import JobPlan
 from pipeline.prompts import RequestBuilder
 from pipeline.records import CACHE, DUPLICATE, Row

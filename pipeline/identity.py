@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline.config import JobConfig
-from pipeline.digests import BLOCK_SLOTS, block_sums, check_of
+from pipeline.digests import block_sums, check_of
 from pipeline.errors import InputError
 from pipeline.journal import Journal
+from pipeline.journal_file import BLOCK_SLOTS
 from pipeline.options import describe
 from pipeline.plan import JobPlan
 from pipeline.prompts import RequestBuilder

@@ -24,9 +24,16 @@ from typing import Any
 import polars as pl
 
 from pipeline import __version__
-from pipeline.digests import BLOCK_BITS, BLOCK_SLOTS, SCHEME, checks
+from pipeline.digests import SCHEME, checks
 from pipeline.errors import JournalError
-from pipeline.journal_file import OPENING_FULL, columns, connect, when_full
+from pipeline.journal_file import (
+    BLOCK_BITS,
+    BLOCK_SLOTS,
+    OPENING_FULL,
+    columns,
+    connect,
+    when_full,
+)
 from pipeline.journal_totals import spend_since, totals
 from pipeline.records import RESULT_FIELDS, Result, Totals
 from pipeline.settings import (

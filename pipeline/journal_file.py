@@ -11,11 +11,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.digests import BLOCK_BITS
 from pipeline.errors import DiskFull, JournalError, PipelineError, disk_full_message, is_disk_full
 from pipeline.records import NOT_NULL, RESULT_TYPES
 
 OPENING_FULL = "; nothing was sent. Free some space and run again"
+# The journal sums its results' checks by blocks of this many slots (`digests`).
+BLOCK_BITS = 16
+BLOCK_SLOTS = 1 << BLOCK_BITS
 
 _SQL_TYPES = {
     "string": "TEXT",
@@ -152,10 +154,12 @@ _CHECKS: dict[str, _Check] = {}
 
 
 def precheck(path: Path) -> None:
-    """Start checking the journal at `path`, if there is one, while the caller does other
-    work (reads the input); the next `connect(path)` uses the verdict. Call with the job's
-    lock held, so nothing writes the journal in between."""
-    if path.is_file():
+    """Start checking the journal at `path`, if there is one (and no check of it is under
+    way), while the caller does other work (imports, reads the input); the next
+    `connect(path)` uses the verdict. The check reads a snapshot: a run that gets the job's
+    lock after another run wrote more has a journal whole all the same (sqlite's writes keep
+    it so), and a run that does not get the lock uses no verdict."""
+    if str(path) not in _CHECKS and path.is_file():
         check = _CHECKS[str(path)] = _Check(path)
         check.start()
 

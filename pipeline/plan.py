@@ -21,9 +21,9 @@ from typing import Any
 import polars as pl
 
 from pipeline.config import JobConfig
-from pipeline.digests import BLOCK_BITS
 from pipeline.errors import ConfigError, InputError
 from pipeline.journal import JOURNAL_SUFFIXES
+from pipeline.journal_file import BLOCK_BITS
 from pipeline.lock import lock_path, output_key
 from pipeline.money import Catalogue, most_output_tokens, unknown_limit
 from pipeline.options import describe
@@ -233,33 +233,40 @@ def validate_rows(
     are kept only as 64-bit hashes (8 bytes a row), and only when two hashes meet is the input
     read again for the actual duplicate."""
     id_column = config.input.id_column
-    aggregates = [pl.len().alias("rows")]
+    incremental = config.input.incremental
+    # One query a batch, so the prompt is rendered once for its length and its digest.
+    columns = [pl.col(POSITION)]
     if builder.prompt_expr is not None:
-        aggregates.append(builder.prompt_expr.str.len_chars().sum().alias("chars"))
+        columns.append(builder.prompt_expr.str.len_chars().alias("chars"))
     if id_column:
         ids = pl.col(id_column)
-        aggregates.append(ids.null_count().alias("nulls"))
-        aggregates.append(pl.col(POSITION).filter(ids.is_null()).first().alias("first_null"))
+        columns += [
+            ids.is_null().alias("null_id"),
+            pl.when(ids.is_not_null()).then(ids.hash()).alias("id_hash"),
+        ]
+    if incremental:
+        key = pl.col(id_column).cast(pl.String) if id_column else pl.col(POSITION).cast(pl.String)
+        columns += [key.alias("key"), builder.digest_expr.alias("digest")]
     rows = chars = nulls = 0
     first_null = None
     id_hashes = []
-    key = pl.col(id_column).cast(pl.String) if id_column else pl.col(POSITION).cast(pl.String)
-    identity = (pl.col(POSITION), key.alias("key"), builder.digest_expr.alias("digest"))
-    identities: list[pl.DataFrame] | None = [] if config.input.incremental else None
+    identities: list[pl.DataFrame] = []
     kept: list[pl.DataFrame] | None = [] if settled_blocks is not None else None
     kept_bytes, slots = 0, builder.slots
     try:
         for batch in source.batches(limit, size=VALIDATION_BATCH_ROWS):
-            stats = batch.select(aggregates).row(0, named=True)
-            rows += stats["rows"]
-            chars += stats.get("chars") or 0
+            read = batch.lazy().select(columns).collect()
+            rows += read.height
+            if "chars" in read.columns:
+                chars += int(read["chars"].sum() or 0)
             if id_column:
-                nulls += stats["nulls"]
-                if first_null is None:
-                    first_null = stats["first_null"]
-                id_hashes.append(batch[id_column].drop_nulls().hash())
-            if identities is not None:
-                identities.append(batch.select(identity))
+                missing = read.filter(pl.col("null_id"))[POSITION]
+                nulls += missing.len()
+                if first_null is None and missing.len():
+                    first_null = missing[0]
+                id_hashes.append(read["id_hash"].drop_nulls())
+            if incremental:
+                identities.append(read.select(POSITION, "key", "digest"))
             if kept is not None and settled_blocks is not None:
                 low, high = slots.first(batch[POSITION][0]), slots.first(batch[POSITION][-1] + 1)
                 blocks = range(low >> BLOCK_BITS, ((high - 1) >> BLOCK_BITS) + 1)
@@ -285,7 +292,7 @@ def validate_rows(
     return RowsRead(
         rows,
         chars if builder.prompt_expr is not None else None,
-        pl.concat(identities) if identities else None,
+        pl.concat(identities) if incremental else None,
         Kept(settled_blocks, kept) if kept is not None and settled_blocks is not None else None,
     )
 

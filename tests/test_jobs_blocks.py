@@ -18,11 +18,11 @@ import polars as pl
 import pytest
 
 from pipeline.config import load
-from pipeline.digests import BLOCK_SLOTS
 from pipeline.feed import Feed
 from pipeline.identity import _dirty_blocks, _identities, realign
 from pipeline.job import settled_blocks
 from pipeline.journal import Journal
+from pipeline.journal_file import BLOCK_SLOTS
 from pipeline.plan import JobPlan, plan_job
 from pipeline.records import OK, Result
 from pipeline.settings import transport
