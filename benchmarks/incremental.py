@@ -106,17 +106,30 @@ def main() -> None:
         help="length of each stored answer (the journal's size, which its integrity check reads)",
     )  # fmt: skip
     args = parser.parse_args()
+    found = measure(args.rows, args.new, args.repeat, args.answer_chars)
+    print(
+        f"rows {args.rows:,}, new {args.new:,}, repeat {args.repeat}, cores {os.cpu_count()}, "
+        f"journal {found['journal_mb']:.0f} MB"
+    )
+    print(
+        f"before the first request: {found['ours_s']:.2f} s; polars read_csv: "
+        f"{found['polars_s']:.2f} s; ratio {found['ratio']:.1f}x"
+    )
+
+
+def measure(rows: int, new: int, repeat: int, answer_chars: int = 4) -> dict[str, float]:
+    """Medians of `repeat` interleaved timings: ours to the first request, polars' read."""
     with (
         tempfile.TemporaryDirectory() as tmp,
         SimulatorThread(SimConfig().updated({"latency": 0})) as sim,
     ):
         folder = Path(tmp)
-        config = make_job(folder, args.rows, args.new, sim.base_url, args.answer_chars)
+        config = make_job(folder, rows, new, sim.base_url, answer_chars)
         journal = folder / "out.parquet.journal"
         pristine = journal.read_bytes()
         os.sync()  # what make_job wrote is on disk before anything is timed
         ours, theirs = [], []
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             theirs.append(polars_read(folder / "in.csv"))
             ours.append(until_first_request(config, sim))
             for suffix in ("-wal", "-shm"):  # the next run starts from the same journal
@@ -124,14 +137,10 @@ def main() -> None:
             journal.write_bytes(pristine)
             os.sync()  # the copy's writeback is not the next run's to wait for
         o, t = statistics.median(ours), statistics.median(theirs)
-        size = journal.stat().st_size / 1e6
-        print(
-            f"rows {args.rows:,}, new {args.new:,}, repeat {args.repeat}, cores {os.cpu_count()}, "
-            f"journal {size:.0f} MB"
-        )
-        print(
-            f"before the first request: {o:.2f} s; polars read_csv: {t:.2f} s; ratio {o / t:.1f}x"
-        )
+        return {
+            "ours_s": o, "polars_s": t, "ratio": o / t, "journal_mb": journal.stat().st_size / 1e6,
+            "rows": rows, "new": new,
+        }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -45,10 +45,12 @@ class Sizes:
     repeat: int
     # The CPU figure is the noisiest (±20% between runs here) and a run takes seconds: more.
     overhead_repeat: int
+    incremental_rows: int = 1_000_000  # of which 1,000 new (benchmarks/incremental.py)
+    incremental_repeat: int = 5  # its ratio's two sides are each under two seconds: noisy
 
 
 FULL = Sizes(20_000, (5_000, 50_000), 3_000, (100_000, 1_000_000), 3, 7)
-QUICK = Sizes(400, (200,), 60, (500, 1_000), 1, 1)
+QUICK = Sizes(400, (200,), 60, (500, 1_000), 1, 1, 20_000, 1)
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -332,6 +334,16 @@ def memory(sizes: Sizes, work: Path) -> dict[str, Any]:
     return figures
 
 
+def incremental(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Deciding what is new: an incremental run over a large input with 1,000 new rows."""
+    from incremental import measure as before_first_request  # beside this script
+
+    return before_first_request(sizes.incremental_rows, 1_000, sizes.incremental_repeat)
+
+
+SCENARIOS = ["overhead", "latency_bound", "rate_precision", "memory", "startup", "incremental"]
+
+
 def startup(repeat: int) -> dict[str, Any]:
     figures = {}
     for label, args in (
@@ -371,6 +383,7 @@ def verdicts(r: dict[str, Any], sizes: Sizes) -> list[tuple[str, str, bool]]:
         ("memory: RSS at large < 500 MB", f"{r['memory'][str(sizes.memory_rows[1])]['peak_rss_mb']:.0f} MB", r["memory"][str(sizes.memory_rows[1])]["peak_rss_mb"] < 500),
         ("memory: final Parquet write <= 10% of wall", f"{(r['memory']['write_share'] or 0) * 100:.1f}%", (r["memory"]["write_share"] or 0) <= 0.10),
         ("start-up: pipeline --help < 0.25 s", f"{r['startup']['pipeline --help']:.3f} s", r["startup"]["pipeline --help"] < 0.25),
+        ("incremental: before the first request <= 3x polars' read", f"{r['incremental']['ratio']:.1f}x", r["incremental"]["ratio"] <= 3),
     ]  # fmt: skip
     return checks
 
@@ -389,13 +402,13 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["overhead", "latency_bound", "rate_precision", "memory", "startup"],
+        choices=SCENARIOS,
     )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.repeat:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
-    wanted = args.only or ["overhead", "latency_bound", "rate_precision", "memory", "startup"]
+    wanted = args.only or SCENARIOS
     compile_bytecode()
     results: dict[str, Any] = {
         "machine": {
@@ -413,7 +426,7 @@ def main() -> None:
                 startup(sizes.repeat) if name == "startup" else globals()[name](sizes, work)
             )
             print(f"[{name}: {time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
-    if len(wanted) == 5:
+    if set(wanted) == set(SCENARIOS):
         results["targets"] = [
             {"target": t, "measured": m, "met": ok} for t, m, ok in verdicts(results, sizes)
         ]
@@ -468,6 +481,14 @@ def print_table(r: dict[str, Any]) -> None:
         print("\nstart-up (median wall)")
         for label, seconds in r["startup"].items():
             print(f"  {label:<22} {seconds:.3f} s")
+    if "incremental" in r:
+        i = r["incremental"]
+        print(
+            f"\nincremental ({i['rows']:,} rows, {i['new']:,} new; journal {i['journal_mb']:.0f} MB)"
+        )
+        print(
+            f"  before the first request {i['ours_s']:.2f} s, polars read_csv {i['polars_s']:.2f} s: {i['ratio']:.1f}x"
+        )
     if "targets" in r:
         print("\ntargets")
         for t in r["targets"]:

@@ -88,9 +88,15 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=230, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert {"overhead", "latency_bound", "rate_precision", "memory", "startup", "targets"} <= set(
-        results
-    )
+    assert {
+        "overhead",
+        "latency_bound",
+        "rate_precision",
+        "memory",
+        "startup",
+        "incremental",
+        "targets",
+    } <= set(results)
     assert (
         results["overhead"]["ours"]["cpu_us_per_row"] > 0
         and results["overhead"]["baseline"]["cpu_us_per_row"] > 0
