@@ -17,7 +17,7 @@ import polars as pl
 
 from pipeline.cache import ResponseCache
 from pipeline.journal import Journal
-from pipeline.journal_file import BLOCK_BITS
+from pipeline.journal_file import within
 from pipeline.plan import JobPlan
 from pipeline.prompts import RequestBuilder
 from pipeline.records import CACHE, DUPLICATE, Row
@@ -49,8 +49,7 @@ class Feed:
         first = max(plan.config.limits.concurrency // slots.per_row, 1)
         for start, rows, batch in self._input(first):
             low, high = slots.first(start), slots.first(start + rows)
-            blocks = range(low >> BLOCK_BITS, ((high - 1) >> BLOCK_BITS) + 1)
-            if not rows or all(block in self.settled_blocks for block in blocks):
+            if not rows or within(self.settled_blocks, low, high):
                 # Nothing to ask, build or convert: how a resume passes a million rows.
                 yield [], high
                 continue

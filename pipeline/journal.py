@@ -190,10 +190,7 @@ class Journal:
                 self._db.execute(
                     "UPDATE results SET settings = ? WHERE settings IS NULL", (settings_hash(old),)
                 )
-        # An older journal kept the endpoint among what was asked.
-        earlier = stored.get("transport") or {
-            "request.base_url": stored.get("config", {}).get("request", {}).get("base_url")
-        }
+        earlier = _recorded_transport(stored)
         if "hash_seed" not in stored:  # its rows were hashed with the endpoint it had then
             self._store_meta({"hash_seed": earlier.get("request.base_url")})
         if stored.get("digests") != SCHEME:  # digests of another polars mean nothing now
@@ -229,10 +226,7 @@ class Journal:
         first run (`settings.SIMULATOR` for the simulator's), kept for the journal's life, so
         a row asked again on a moved endpoint is the same request (`RequestBuilder.seeded`)."""
         meta = self.meta()
-        earlier = meta.get("transport") or {
-            "request.base_url": meta.get("config", {}).get("request", {}).get("base_url")
-        }
-        seed = meta.get("hash_seed", earlier.get("request.base_url"))
+        seed = meta.get("hash_seed", _recorded_transport(meta).get("request.base_url"))
         return seed if isinstance(seed, str) else None
 
     @contextlib.contextmanager
@@ -301,30 +295,28 @@ class Journal:
 
     def results_at(self, positions: list[int]) -> list[tuple[Any, ...]]:
         """The stored results (`RESULT_FIELDS` tuples) at these slots, those there are."""
-        found: list[tuple[Any, ...]] = []
-        with self._guard:
-            for start in range(0, len(positions), 500):
-                chunk = positions[start : start + 500]
-                found += self._db.execute(
-                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position IN ({', '.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-        return found
+        return self._results_in("position", positions)
 
     def answers(self, request_hashes: list[str]) -> dict[str, Result]:
         """Successful answers already journaled for any of these requests, by request hash."""
         found: dict[str, Result] = {}
+        where = "status = 'ok' AND retry_on_resume = 0 AND request_hash"
+        for values in self._results_in(where, request_hashes):
+            result = Result.from_tuple(values)
+            found.setdefault(result.request_hash or "", result)
+        return found
+
+    def _results_in(self, where: str, values: list[Any]) -> list[tuple[Any, ...]]:
+        """Results (`RESULT_FIELDS` tuples) where `where` (ending in a column) is one of
+        `values`, asked 500 at a time (under SQLite's limit on parameters)."""
+        found: list[tuple[Any, ...]] = []
         with self._guard:
-            for start in range(0, len(request_hashes), 500):
-                chunk = request_hashes[start : start + 500]
-                marks = ", ".join("?" * len(chunk))
-                cursor = self._db.execute(
-                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE status = 'ok' AND retry_on_resume = 0 AND request_hash IN ({marks})",
+            for start in range(0, len(values), 500):
+                chunk = values[start : start + 500]
+                found += self._db.execute(
+                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE {where} IN ({', '.join('?' * len(chunk))})",
                     chunk,
-                )
-                for values in cursor:
-                    result = Result.from_tuple(values)
-                    found.setdefault(result.request_hash or "", result)
+                ).fetchall()
         return found
 
     def settled_slots(self, low: int, high: int) -> set[int]:
@@ -478,6 +470,14 @@ class Journal:
             self._db.executemany(_INSERT_MANY, runs)
             self._db.executemany(_INSERT, values[whole:])
         return values
+
+
+def _recorded_transport(meta: dict[str, Any]) -> dict[str, Any]:
+    """How a journal's job was last sent; an older journal kept only its endpoint, among what
+    was asked."""
+    return meta.get("transport") or {
+        "request.base_url": meta.get("config", {}).get("request", {}).get("base_url")
+    }
 
 
 def _simulated_only(path: Path) -> bool:

@@ -76,10 +76,14 @@ _BLOCKS_TABLE = """blocks (
     unknown INTEGER NOT NULL, low INTEGER NOT NULL, high INTEGER NOT NULL
 )"""
 _BLOCK_OF = f"{{row}}.position >> {BLOCK_BITS}"
-_PARTS = (
-    "{row}.retry_on_resume = 0, {row}.ident_check IS NULL, "
-    f"COALESCE({{row}}.ident_check & {(1 << 31) - 1}, 0), COALESCE({{row}}.ident_check >> 31, 0)"
+# What each result adds to its block's settled, unknown, low and high.
+_COUNTED = (
+    "{row}.retry_on_resume = 0",
+    "{row}.ident_check IS NULL",
+    f"COALESCE({{row}}.ident_check & {(1 << 31) - 1}, 0)",
+    "COALESCE({row}.ident_check >> 31, 0)",
 )
+_PARTS = ", ".join(_COUNTED)
 _ADD = f"""INSERT INTO blocks SELECT {_BLOCK_OF}, 1, {_PARTS} WHERE {{row}}.position >= 0
     ON CONFLICT (block) DO UPDATE SET rows = rows + 1, settled = settled + excluded.settled,
     unknown = unknown + excluded.unknown, low = low + excluded.low, high = high + excluded.high;"""
@@ -98,9 +102,8 @@ BEGIN {_SUBTRACT.format(row="OLD")} {_ADD.format(row="NEW")} END;
 """
 # A journal from before the blocks: they are counted once from its results.
 _FILL_BLOCKS = f"""CREATE TABLE {_BLOCKS_TABLE};
-INSERT INTO blocks SELECT position >> {BLOCK_BITS}, COUNT(*), SUM(retry_on_resume = 0),
-    SUM(ident_check IS NULL), COALESCE(SUM(ident_check & {(1 << 31) - 1}), 0),
-    COALESCE(SUM(ident_check >> 31), 0)
+INSERT INTO blocks SELECT {_BLOCK_OF.format(row="results")}, COUNT(*),
+    {", ".join(f"SUM({part.format(row='results')})" for part in _COUNTED)}
     FROM results WHERE position >= 0 GROUP BY 1;
 """
 # Replaced on every open, so a journal made before a change to it gets the current one. It
@@ -128,6 +131,11 @@ INSERT INTO lost_attempts_new SELECT generation_id, position, kind, cost_usd, {_
 DROP TABLE lost_attempts;
 ALTER TABLE lost_attempts_new RENAME TO lost_attempts;
 """
+
+
+def within(blocks: frozenset[int], low: int, high: int) -> bool:
+    """Whether every slot in [low, high) lies in one of these blocks."""
+    return all(b in blocks for b in range(low >> BLOCK_BITS, ((high - 1) >> BLOCK_BITS) + 1))
 
 
 class _Check(threading.Thread):

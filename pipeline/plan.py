@@ -23,7 +23,7 @@ import polars as pl
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.journal import JOURNAL_SUFFIXES
-from pipeline.journal_file import BLOCK_BITS
+from pipeline.journal_file import within
 from pipeline.lock import lock_path, output_key
 from pipeline.money import Catalogue, most_output_tokens, unknown_limit
 from pipeline.options import describe
@@ -245,8 +245,7 @@ def validate_rows(
             pl.when(ids.is_not_null()).then(ids.hash()).alias("id_hash"),
         ]
     if incremental:
-        key = pl.col(id_column).cast(pl.String) if id_column else pl.col(POSITION).cast(pl.String)
-        columns += [key.alias("key"), builder.digest_expr.alias("digest")]
+        columns += [builder.key_expr.alias("key"), builder.digest_expr.alias("digest")]
     rows = chars = nulls = 0
     first_null = None
     id_hashes = []
@@ -269,8 +268,7 @@ def validate_rows(
                 identities.append(read.select(POSITION, "key", "digest"))
             if kept is not None and settled_blocks is not None:
                 low, high = slots.first(batch[POSITION][0]), slots.first(batch[POSITION][-1] + 1)
-                blocks = range(low >> BLOCK_BITS, ((high - 1) >> BLOCK_BITS) + 1)
-                if not all(block in settled_blocks for block in blocks):
+                if not within(settled_blocks, low, high):
                     kept.append(batch)
                     kept_bytes += int(batch.estimated_size())
                     kept = kept if kept_bytes <= KEPT_BYTES else None

@@ -105,6 +105,12 @@ class RequestBuilder:
         self._system = [{"role": "system", "content": system}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
         self.digest_expr = self._digest_expression()
+        # A row's key: its id, else (no id column, or a null id) its input position.
+        position = pl.col(POSITION).cast(pl.String)
+        id_column = config.input.id_column
+        self.key_expr = (
+            pl.coalesce(pl.col(id_column).cast(pl.String), position) if id_column else position
+        )
 
     def seeded(self, endpoint: str | None) -> RequestBuilder:
         """This builder, hashing requests as a journal's first run did (`Journal.hash_seed`):
@@ -202,9 +208,7 @@ class RequestBuilder:
         """One `Row` per variant of each input row of `batch`, in slot order, except the
         slots in `done`."""
         cfg = self.config
-        columns: list[pl.Expr] = [pl.col(POSITION)]
-        if cfg.input.id_column:
-            columns.append(pl.col(cfg.input.id_column).cast(pl.String).alias("__key"))
+        columns: list[pl.Expr] = [pl.col(POSITION), self.key_expr.alias("__key")]
         if self.prompt_expr is not None:
             columns.append(self.prompt_expr.alias(_PROMPT))
         else:
@@ -219,7 +223,7 @@ class RequestBuilder:
         frame = batch.select(columns)
         positions = frame[POSITION].to_list()
         digests = frame["__digest"].to_list()
-        keys = frame["__key"].to_list() if "__key" in frame.columns else [str(p) for p in positions]
+        keys = frame["__key"].to_list()
         prompts = frame[_PROMPT].to_list()
         nulls = frame[_NULL_COLUMN].to_list() if _NULL_COLUMN in frame.columns else None
         models = frame["__model"].to_list() if "__model" in frame.columns else None
@@ -228,7 +232,7 @@ class RequestBuilder:
 
         rows: list[Row] = []
         for i, position in enumerate(positions):
-            key = keys[i] if keys[i] is not None else str(position)
+            key = keys[i]
             row_model = (models[i] if models else None) or self.default_model
             messages, problem = None, None
             if messages_mode:

@@ -44,14 +44,21 @@ def cli_env(key: str | None = TEST_KEY) -> dict[str, str]:
     return env
 
 
+def run_command(
+    *args: str, key: str | None = TEST_KEY, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`pipeline ARGS` in a subprocess, the way a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True, text=True, env=cli_env(key), timeout=timeout, cwd=cwd, check=False,
+    )  # fmt: skip
+
+
 def run_cli(
     *args: str, key: str | None = TEST_KEY, timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`pipeline run ARGS` in a subprocess, the way a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", *args],
-        capture_output=True, text=True, env=cli_env(key), timeout=timeout, cwd=cwd, check=False,
-    )  # fmt: skip
+    return run_command("run", *args, key=key, timeout=timeout, cwd=cwd)
 
 
 def start_cli(*args: str, key: str | None = TEST_KEY) -> subprocess.Popen[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,16 +17,12 @@ import pytest
 from pipeline import read_metadata
 from pipeline.records import RESULT_COLUMNS
 from pipeline.simulator import messages_digest
-from tests.helpers import cli_env, run_cli, sim_get, start_cli, wait_for, write_job
+from tests.helpers import run_cli, run_command, sim_get, start_cli, wait_for, write_job
 
 FLAGGED = "forbidden"  # the simulator refuses prompts with it (403 moderation): a failed row
 
 
-def pipeline(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True, text=True, env=cli_env(), timeout=60, check=False,
-    )  # fmt: skip
+pipeline = run_command
 
 
 def write_input(folder: Path, n: int, flagged: tuple[int, ...] = ()) -> list[str]:

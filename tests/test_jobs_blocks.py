@@ -28,7 +28,12 @@ from pipeline.records import OK, Result
 from pipeline.settings import transport
 from pipeline.source import POSITION
 from tests.helpers import run_cli, sim_get, write_job
-from tests.test_jobs_identity import assert_each_row_answers_its_own_prompt, billed, frame
+from tests.test_jobs_identity import (
+    assert_each_row_answers_its_own_prompt,
+    billed,
+    edited,
+    frame,
+)
 
 RECOUNT = f"""SELECT position / {BLOCK_SLOTS}, COUNT(*), SUM(retry_on_resume = 0),
     SUM(ident_check IS NULL), COALESCE(SUM(ident_check % 2147483648), 0),
@@ -65,15 +70,9 @@ def test_the_summary_always_equals_a_recount(tmp_path: Path, sim_thread: Any) ->
             ("a redo", [*range(30), 100], ("--redo-where", "status = 'ok'")),
         ]
         for step, order, flags in steps:
-            texts = frame(order)
-            if step.startswith("an edit"):
-                texts = texts.with_columns(
-                    pl.when(pl.col("id") == "r12")
-                    .then(pl.lit("edited"))
-                    .otherwise("text")
-                    .alias("text")
-                )
-            texts.write_csv(tmp_path / "in.csv")
+            edited(order, {12} if step.startswith("an edit") else set()).write_csv(
+                tmp_path / "in.csv"
+            )
             done = run_cli(config, "--incremental", *flags)
             assert done.returncode == 0, (step, done.stderr)
             kept, recount = summary_and_recount(journal)
@@ -201,11 +200,7 @@ def test_an_untouched_block_is_not_read_row_by_row(tmp_path: Path) -> None:
 def test_an_edit_in_a_block_is_found(tmp_path: Path) -> None:
     rows = 2_000
     config = write_done_journal(tmp_path, rows)
-    texts = frame(list(range(rows)))
-    texts = texts.with_columns(
-        pl.when(pl.col("id") == "r1500").then(pl.lit("edited")).otherwise("text").alias("text")
-    )
-    texts.write_csv(tmp_path / "in.csv")
+    edited(list(range(rows)), {1500}).write_csv(tmp_path / "in.csv")
     with opened(config) as (plan, journal):
         moved = realigned(plan, journal)
         with sqlite3.connect(tmp_path / "out.parquet.journal") as db:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import pytest
 
 from pipeline import read_metadata
 from pipeline.simulator import messages_digest
-from tests.helpers import cli_env, run_cli, sim_get, write_job
+from tests.helpers import run_cli, run_command, sim_get, write_job
 
 
 def frame(ids: list[int], text: str = "item {i}: the lamp is bright") -> pl.DataFrame:
@@ -155,13 +153,6 @@ def test_keep_changed_keeps_earlier_answers_and_marks_them_stale(
     assert "1 row(s) changed since they were done: kept their earlier answers" in kept.stderr
 
 
-def estimate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "estimate", *args],
-        capture_output=True, text=True, env=cli_env(), timeout=60, check=False,
-    )  # fmt: skip
-
-
 def test_estimate_of_a_resorted_grown_input_counts_only_the_new_and_edited_rows(
     tmp_path: Path, sim_thread: Any
 ) -> None:
@@ -169,13 +160,10 @@ def test_estimate_of_a_resorted_grown_input_counts_only_the_new_and_edited_rows(
     with sim_thread() as sim:
         config = str(write_job(tmp_path, sim))
         assert run_cli(config, "--incremental").returncode == 0
-        grown = frame(reshuffled_with_inserts(list(range(12)), [100, 101, 102]))
-        grown = grown.with_columns(
-            pl.when(pl.col("id") == "r4").then(pl.lit("edited")).otherwise("text").alias("text")
-        )
+        grown = edited(reshuffled_with_inserts(list(range(12)), [100, 101, 102]), changed={4})
         grown.write_csv(tmp_path / "in.csv")
-        estimated = estimate(config, "--incremental", "--json")
-        kept = estimate(config, "--incremental", "--keep-changed", "--json")
+        estimated = run_command("estimate", config, "--incremental", "--json")
+        kept = run_command("estimate", config, "--incremental", "--keep-changed", "--json")
     assert estimated.returncode == 0, estimated.stderr
     assert json.loads(estimated.stdout)["todo_rows"] == 4  # three new, one edited
     assert json.loads(kept.stdout)["todo_rows"] == 3  # the edited one keeps its answer

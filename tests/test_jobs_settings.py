@@ -9,8 +9,6 @@ import json
 import shlex
 import shutil
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.simulator.content import messages_digest
-from tests.helpers import cli_env, run_cli, sim_get, write_job
+from tests.helpers import run_cli, run_command, sim_get, write_job
 from tests.test_perimeter_endpoint import SimOnPort, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,11 +55,7 @@ def answers_own_prompts(frame: pl.DataFrame) -> bool:
     )
 
 
-def pipeline(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True, text=True, env=cli_env(), timeout=60, cwd=cwd, check=False,
-    )  # fmt: skip
+pipeline = run_command
 
 
 # ------------------------------------------------------------------- settings that move
