@@ -45,7 +45,7 @@ class Matching:
     matched: pl.DataFrame  # results (`position`) and the slot of their row today (`slot`)
     departed: pl.DataFrame  # results whose row is no longer in the input (`position`, `variant`)
     changed: pl.DataFrame  # matched and settled, but done for what the row asked before
-    done: int  # matched results that are settled
+    done: int  # results settled for today's rows: those matched, and those in blocks left alone
     compared: frozenset[int] | None  # blocks matched row by row (None: all); the rest in place
 
 
@@ -65,9 +65,14 @@ def match(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Matching 
     dirty = _dirty_blocks(summary, current)
     stored = journal.identities(dirty, hashes=False)
     compared: frozenset[int] | None = frozenset(dirty)
-    if stored["digest"].null_count() == 0:
+    in_reach = (pl.col("position") >= 0) & (pl.col("position") < plan.slots)
+    if stored.filter(in_reach)["digest"].null_count() == 0:
         current = current.filter((pl.col("slot") // BLOCK_SLOTS).is_in(dirty))
         ident, asks = ("key" if by_id else "digest"), "digest"
+        # What the slow way left without a digest (rows departed, or past a --limit) stays
+        # where it is: a departed row that comes back is answered from the journal by its
+        # request hash (`feed.with_earlier_answers`), never matched blindly.
+        stored = stored.filter(pl.col("digest").is_not_null())
     else:  # the slow way, once
         stored, compared = journal.identities(), None
         hashes = _request_hashes(plan.source, builder, plan.limit)
@@ -92,7 +97,9 @@ def match(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Matching 
     differs = pl.col(asks).is_not_null() & pl.col(f"{asks}_now").is_not_null()
     changed = done.filter(differs & (pl.col(asks) != pl.col(f"{asks}_now")))
     departed = unmatched.select("position", "variant")
-    return Matching(matched, departed, changed, done.height, compared)
+    left_alone = summary.filter(~pl.col("block").is_in(dirty))  # settled in place, if compared
+    in_place = 0 if compared is None else int(left_alone["settled"].sum())
+    return Matching(matched, departed, changed, done.height + in_place, compared)
 
 
 def realign(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> Realignment:

@@ -13,6 +13,7 @@ A lock file next to the journal (`lock.py`) keeps two runs from sharing it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ from pipeline import __version__
 from pipeline.digests import SCHEME, checks
 from pipeline.errors import JournalError
 from pipeline.journal_file import (
+    AS_ADDED,
     BLOCK_BITS,
     BLOCK_SLOTS,
     OPENING_FULL,
@@ -34,6 +36,7 @@ from pipeline.journal_file import (
     connect,
     when_full,
 )
+from pipeline.journal_moves import move_results, results_in_blocks
 from pipeline.journal_totals import spend_since, totals
 from pipeline.records import RESULT_FIELDS, Result, Totals
 from pipeline.settings import (
@@ -288,7 +291,7 @@ class Journal:
         """The stored results (`RESULT_FIELDS` tuples) for positions in [low, high), in order."""
         with self._guard:
             cursor = self._db.execute(
-                f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE position >= ? AND position < ? ORDER BY position",
+                f"SELECT {self._selecting(RESULT_FIELDS)} FROM results WHERE position >= ? AND position < ? ORDER BY position",
                 (low, high),
             )
             return cursor.fetchall()
@@ -314,7 +317,7 @@ class Journal:
             for start in range(0, len(values), 500):
                 chunk = values[start : start + 500]
                 found += self._db.execute(
-                    f"SELECT {', '.join(RESULT_FIELDS)} FROM results WHERE {where} IN ({', '.join('?' * len(chunk))})",
+                    f"SELECT {self._selecting(RESULT_FIELDS)} FROM results WHERE {where} IN ({', '.join('?' * len(chunk))})",
                     chunk,
                 ).fetchall()
         return found
@@ -337,11 +340,16 @@ class Journal:
         return int(count)
 
     def blocks(self) -> pl.DataFrame:
-        """The journal's summary of each block of slots (`digests`; `journal_file`'s triggers)."""
+        """The journal's summary of each block of slots (`digests`; `journal_file`'s triggers);
+        none where a journal read without being brought up to date has no blocks, or digests
+        of another polars."""
+        known = self._digests_known()
         with self._guard:
-            rows = self._db.execute(
-                "SELECT block, rows, settled, unknown, low, high FROM blocks WHERE rows > 0"
-            ).fetchall()
+            rows = []
+            if known and columns(self._db, "blocks"):
+                rows = self._db.execute(
+                    "SELECT block, rows, settled, unknown, low, high FROM blocks WHERE rows > 0"
+                ).fetchall()
         schema = dict.fromkeys(("block", "rows", "settled", "unknown", "low", "high"), pl.Int64)
         return pl.DataFrame(rows, schema=schema, orient="row")
 
@@ -350,6 +358,23 @@ class Journal:
         with self._guard:
             cursor = self._db.execute("SELECT block FROM blocks WHERE settled = ?", (BLOCK_SLOTS,))
             return frozenset(block for (block,) in cursor)
+
+    def _digests_known(self) -> bool:
+        """Whether the journal's digests are this polars' (`Journal._check` forgets others)."""
+        return self.meta().get("digests") == SCHEME
+
+    @functools.cached_property
+    def _stored_columns(self) -> dict[str, bool]:
+        return columns(self._db, "results")
+
+    def _selecting(self, names: tuple[str, ...], unknown: tuple[str, ...] = ()) -> str:
+        """These result columns for a SELECT, those `unknown` as NULL: one that a journal from
+        before it lacks (read without being brought up to date) reads as an upgrade fills it."""
+        stored = self._stored_columns
+        return ", ".join(
+            "NULL" if name in unknown else name if name in stored else AS_ADDED[name]
+            for name in names
+        )
 
     def has_results(self) -> bool:
         with self._guard:
@@ -361,17 +386,11 @@ class Journal:
         departed one, for matching them to today's input (`identity.realign`)."""
         every = ("position", "key", "digest", "ident_check", "retry_on_resume", "request_hash")
         names = every[: 5 + hashes]
-        query = f"SELECT {', '.join(names)} FROM results"
+        # Digests of another polars: only in a journal read, not opened (which forgets them).
+        foreign = () if self._digests_known() else ("digest", "ident_check")
+        query = f"SELECT {self._selecting(names, unknown=foreign)} FROM results"
         with self._guard:
-            if blocks is None:
-                rows = self._db.execute(query).fetchall()
-            else:
-                rows = self._db.execute(f"{query} WHERE position < 0").fetchall()
-                for block in blocks:
-                    rows += self._db.execute(
-                        f"{query} WHERE position >= ? AND position < ?",
-                        (block << BLOCK_BITS, (block + 1) << BLOCK_BITS),
-                    ).fetchall()
+            rows = results_in_blocks(self._db, query, blocks)
         types = (pl.Int64, pl.String, pl.Int64, pl.Int64, pl.Int64, pl.String)
         values = list(zip(*rows, strict=True)) or [()] * len(names)  # by column: quicker
         return pl.DataFrame(
@@ -387,30 +406,10 @@ class Journal:
         slots to be sent again, or (`keep_changed`) stale; and give results at their new slots
         the digest and check (digest, check, slot) these have now."""
         with self._guard, when_full(self.path, JournalError, OPENING_FULL), self._db:
-            (lowest,) = self._db.execute("SELECT MIN(position) FROM results").fetchone()
-            group = (-1 - min(lowest or 0, -1)) // per_row + 1  # the next free departed group
-            gone = [
-                (old, -1 - ((group + i) * per_row + v)) for i, (old, v) in enumerate(departures)
-            ]
-            everything = moves + gone
-            if everything:  # by way of slots nothing uses, as slots are unique at every step
-                aside = -(1 << 62)
-                self._db.executemany(
-                    "UPDATE results SET position = ? WHERE position = ?",
-                    [(aside - i, old) for i, (old, _) in enumerate(everything)],
-                )
-                self._db.executemany(
-                    "UPDATE results SET position = ? WHERE position = ?",
-                    [(new, aside - i) for i, (_, new) in enumerate(everything)],
-                )
-            self._db.execute("UPDATE results SET stale = 0 WHERE stale = 1")
-            column = "stale" if keep_changed else "retry_on_resume"
-            self._db.executemany(
-                f"UPDATE results SET {column} = 1 WHERE position = ?", [(s,) for s in changed]
-            )
-            self._db.executemany(
-                "UPDATE results SET digest = ?, ident_check = ? WHERE position = ?", identified
-            )
+            move_results(
+                self._db, moves, departures, per_row, changed=changed, keep_changed=keep_changed,
+                identified=identified,
+            )  # fmt: skip
 
     def spend_since(self, since: float) -> list[tuple[float, float]]:
         """(paid at, USD) of the spend paid after Unix time `since` (`journal_totals`)."""

@@ -40,6 +40,7 @@ ADDED_COLUMNS = {
     "digest": "INTEGER",
     "ident_check": "INTEGER",
 }
+AS_ADDED = {name: "0" if "DEFAULT 0" in kind else "NULL" for name, kind in ADDED_COLUMNS.items()}
 # When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's
 # `lost_at` (when it was found lost), a replaced answer's `paid_at` (its own done_at).
 _LOST_TABLE = f"""lost_attempts (
@@ -167,7 +168,9 @@ def precheck(path: Path) -> None:
     `connect(path)` uses the verdict. The check reads a snapshot: a run that gets the job's
     lock after another run wrote more has a journal whole all the same (sqlite's writes keep
     it so), and a run that does not get the lock uses no verdict."""
-    if str(path) not in _CHECKS and path.is_file():
+    under_way = _CHECKS.get(str(path))
+    # One finished but never used (a run that stopped before opening) is of an older journal.
+    if (under_way is None or not under_way.is_alive()) and path.is_file():
         check = _CHECKS[str(path)] = _Check(path)
         check.start()
 

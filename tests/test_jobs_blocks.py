@@ -17,7 +17,9 @@ from typing import Any
 import polars as pl
 import pytest
 
+from pipeline import identity
 from pipeline.config import load
+from pipeline.errors import InputError
 from pipeline.feed import Feed
 from pipeline.identity import _dirty_blocks, _identities, realign
 from pipeline.job import settled_blocks
@@ -26,8 +28,9 @@ from pipeline.journal_file import BLOCK_SLOTS
 from pipeline.plan import JobPlan, plan_job
 from pipeline.records import OK, Result
 from pipeline.settings import transport
+from pipeline.simulator import messages_digest
 from pipeline.source import POSITION
-from tests.helpers import run_cli, sim_get, write_job
+from tests.helpers import run_cli, run_command, sim_get, write_job
 from tests.test_jobs_identity import (
     assert_each_row_answers_its_own_prompt,
     billed,
@@ -222,6 +225,18 @@ def test_shuffled_rows_within_a_block_are_all_found(tmp_path: Path) -> None:
     assert stored == dict(enumerate(f"r{i}" for i in order))
 
 
+def to_layout_before_blocks(journal: Path) -> None:
+    """Make the journal look as the previous version left it: no digests, checks or blocks."""
+    with sqlite3.connect(journal) as db:
+        for trigger in ("blocks_insert", "blocks_delete", "blocks_update"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("DROP TABLE blocks")
+        db.execute("DROP INDEX results_stale")
+        db.execute("ALTER TABLE results DROP COLUMN ident_check")
+        db.execute("ALTER TABLE results DROP COLUMN digest")
+        db.execute("DELETE FROM meta WHERE name = 'digests'")
+
+
 def test_a_journal_from_before_the_blocks_is_brought_up_to_date(
     tmp_path: Path, sim_thread: Any
 ) -> None:
@@ -230,14 +245,7 @@ def test_a_journal_from_before_the_blocks_is_brought_up_to_date(
     with sim_thread() as sim:
         config = str(write_job(tmp_path, sim))
         assert run_cli(config, "--incremental").returncode == 0
-        with sqlite3.connect(journal) as db:  # the layout before digests and blocks
-            for trigger in ("blocks_insert", "blocks_delete", "blocks_update"):
-                db.execute(f"DROP TRIGGER {trigger}")
-            db.execute("DROP TABLE blocks")
-            db.execute("DROP INDEX results_stale")
-            db.execute("ALTER TABLE results DROP COLUMN ident_check")
-            db.execute("ALTER TABLE results DROP COLUMN digest")
-            db.execute("DELETE FROM meta WHERE name = 'digests'")
+        to_layout_before_blocks(journal)
         frame([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 10]).write_csv(tmp_path / "in.csv")
         again = run_cli(config, "--incremental")
         paid = sum(billed(sim).values())
@@ -271,3 +279,104 @@ def test_a_resume_passes_settled_blocks_without_reading_them(tmp_path: Path) -> 
     assert sent == [f"r{rows + 1}"]
     # Only the batches reaching into block 1 were asked about, not the 65,536 slots of block 0.
     assert asked and sum(high - low for low, high in asked) < 5_000
+
+
+def test_a_journal_the_previous_version_wrote_can_be_exported_before_any_run(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # export opens the journal read-only: nothing brings it up to date first.
+    frame(list(range(10))).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = str(write_job(tmp_path, sim))
+        assert run_cli(config, "--incremental").returncode == 0
+    to_layout_before_blocks(tmp_path / "out.parquet.journal")
+    frame([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 10]).write_csv(tmp_path / "in.csv")
+    exported = run_command("export", config, "--incremental")
+    assert exported.returncode == 0, exported.stderr
+    out = pl.read_parquet(tmp_path / "out.partial.parquet")
+    assert out["status"].to_list() == ["ok"] * 10 + ["pending"]
+    for text, completion in zip(out["text"][:10], out["completion"][:10], strict=True):
+        digest = messages_digest([{"role": "user", "content": text}])
+        assert completion.startswith(f"sim:{digest}"), (text, completion)
+
+
+@pytest.mark.timeout(120)
+def test_edits_crowded_into_one_block_are_measured_against_every_row_done(
+    tmp_path: Path,
+) -> None:
+    rows = BLOCK_SLOTS + 5_000
+    config = write_done_journal(tmp_path, rows)
+    ids = list(range(rows))
+    # 2,000 edits: two fifths of the second block, a thirty-fifth of the rows done.
+    second_block = set(range(BLOCK_SLOTS, BLOCK_SLOTS + 2_000))
+    edited(ids, second_block).write_csv(tmp_path / "in.csv")
+    with opened(config) as (plan, journal):
+        assert realigned(plan, journal).changed == 2_000
+    # 8,000 more (those 2,000 are no longer done): over a tenth of the 68,536 done.
+    edited(ids, second_block | set(range(8_000))).write_csv(tmp_path / "in.csv")
+    refused = pytest.raises(InputError, match="8,000 of 68,536 rows done earlier have changed")
+    with opened(config) as (plan, journal), refused:
+        realigned(plan, journal)
+
+
+@pytest.mark.parametrize("id_column", ["id", None], ids=["with an id", "without an id"])
+def test_a_journal_without_digests_is_matched_the_slow_way_only_once_though_rows_departed(
+    tmp_path: Path, sim_thread: Any, id_column: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = tmp_path / "out.parquet.journal"
+    frame(list(range(12))).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = write_job(tmp_path, sim, id_column=id_column)
+        assert run_cli(str(config), "--incremental").returncode == 0
+    forget_digests(journal)
+    frame([11, 3, 0, 1, 2, 4, 5, 6, 7, 8, 9]).write_csv(tmp_path / "in.csv")  # r10 departs
+    slow: list[int] = []
+    original = identity._request_hashes
+
+    def request_hashes(*args: Any) -> pl.DataFrame:
+        slow.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(identity, "_request_hashes", request_hashes)
+    for _ in range(2):
+        with opened(config) as (plan, journal_):
+            moved = realigned(plan, journal_)
+    assert slow == [1]  # the second run found every row's digest
+    assert moved.departed == 0 and moved.changed == 0
+    with sqlite3.connect(journal) as db:
+        stored = dict(db.execute("SELECT position, completion FROM results WHERE position >= 0"))
+        (departed,) = db.execute("SELECT COUNT(*) FROM results WHERE position < 0").fetchone()
+    assert departed == 1
+    texts = frame([11, 3, 0, 1, 2, 4, 5, 6, 7, 8, 9])["text"]
+    assert sorted(stored) == list(range(11))
+    for slot, completion in stored.items():  # every answer at the row it answers
+        digest = messages_digest([{"role": "user", "content": texts[slot]}])
+        assert completion.startswith(f"sim:{digest}"), (slot, completion)
+    # The row that left comes back: answered from the journal, nothing paid.
+    frame(list(range(12))).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        back = run_cli(str(write_job(tmp_path, sim, id_column=id_column)), "--incremental")
+        paid = sum(billed(sim).values())
+    assert back.returncode == 0, back.stderr
+    assert paid == 0
+    assert_each_row_answers_its_own_prompt(tmp_path)
+
+
+def test_an_estimate_does_not_trust_digests_another_polars_made(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # A run forgets such digests as it opens the journal; an estimate only reads it.
+    journal = tmp_path / "out.parquet.journal"
+    frame(list(range(12))).write_csv(tmp_path / "in.csv")
+    with sim_thread() as sim:
+        config = str(write_job(tmp_path, sim))
+        assert run_cli(config, "--incremental").returncode == 0
+        with sqlite3.connect(journal) as db:  # as another polars would have hashed the rows
+            db.execute("UPDATE results SET digest = digest + 1, ident_check = ident_check + 1")
+            db.execute(
+                "UPDATE meta SET value = ? WHERE name = 'digests'", (json.dumps("polars 0"),)
+            )
+        frame([*reversed(range(12)), 12]).write_csv(tmp_path / "in.csv")
+        estimated = run_command("estimate", config, "--incremental", "--json")
+    assert estimated.returncode == 0, estimated.stderr
+    assert json.loads(estimated.stdout)["todo_rows"] == 1  # the new row, nothing "changed"

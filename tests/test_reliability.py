@@ -3,6 +3,7 @@ journals, signals under slow requests, a thousand-plus connections, and concurre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
@@ -18,7 +19,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline import read_metadata
+from pipeline import journal_file, read_metadata
+from pipeline.errors import JournalError
 from pipeline.simulator import messages_digest
 from tests.helpers import (
     cli_env,
@@ -182,6 +184,26 @@ def test_a_damaged_journal_is_refused_with_a_clear_message(
     assert done.returncode == 1, done.stderr
     assert f"journal {journal} is damaged" in done.stderr and "--restart" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and after == before
+
+
+def test_a_journal_check_left_unused_is_not_trusted_by_a_later_opening(tmp_path: Path) -> None:
+    # In one process (the library used from a notebook), a run that stopped before opening
+    # its journal leaves a verdict on the journal as it was then.
+    path = tmp_path / "out.parquet.journal"
+    with contextlib.closing(journal_file.connect(path)) as db:
+        db.execute("CREATE TABLE filler (x BLOB)")
+        db.executemany("INSERT INTO filler VALUES (?)", [(bytes(500),)] * 400)
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    journal_file.precheck(path)
+    journal_file._CHECKS[str(path)].join()  # "ok", never used
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\x00garbage\xff" * 400)
+    journal_file.precheck(path)  # the next run
+    with pytest.raises(JournalError, match="is damaged"):
+        journal_file.connect(path).close()
 
 
 # --------------------------------------------------------------------------- signals
