@@ -15,6 +15,7 @@ Each layer returns results or raises a job-wide `JobStopped`; a row-level failur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,15 @@ from typing import Any, NamedTuple
 
 from pipeline.answers import AnswerSpec
 from pipeline.client import Completion, OpenRouterClient
-from pipeline.errors import JobStopped, Kind, NotSent, PermanentError, RetryableError, Unreachable
+from pipeline.errors import (
+    JobStopped,
+    Kind,
+    NotSent,
+    PermanentError,
+    RetryableError,
+    Throttle,
+    Unreachable,
+)
 from pipeline.limits import Limits
 from pipeline.money import Catalogue, Reservations, completion_cost
 from pipeline.options import describe
@@ -88,6 +97,8 @@ class ChatAnswerer:
         self.stopping = stopping or asyncio.Event()  # once set, invalid answers are not re-asked
         self.on_lost = on_lost
         self._sleep = sleep
+        # While a row waits out a back-off: the dispatcher's `resting`, once there is one.
+        self.resting: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.retries = 0
         self._responses = 0  # attempts the endpoint answered (with anything, even an error)
         self._unanswered = 0  # attempts in a row, across rows, it did not
@@ -197,9 +208,11 @@ class ChatAnswerer:
                     message = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f}s; last: {exc.message}"
                     return _failed(row, exc.kind, message, attempts, retry_on_resume=True)
                 self.retries += 1
-                # After a 429 the limits make every worker wait; for the rest, this row waits.
-                if exc.kind != Kind.HTTP_429 and delay > 0:
-                    await self._sleep(delay)
+                # After the key's own 429 the limits make every worker wait; else this row waits
+                # (and another worker takes rows meanwhile).
+                if exc.throttle is not Throttle.KEY and delay > 0:
+                    with self.resting():
+                        await self._sleep(delay)
             except PermanentError as exc:
                 return _failed(row, exc.kind, exc.message, attempts, retry_on_resume=False)
 
@@ -214,37 +227,45 @@ class ChatAnswerer:
             )
         try:
             await self.limits.acquire(row.estimated_tokens)
-            # The budget or the limits may have held this back while the run began to stop.
-            if self.stopping.is_set():
-                raise NotSent
         except BaseException:
             if reservations is not None:  # nothing was sent
                 reservations.settle(reserved, 0.0)
             raise
-        sent = time.perf_counter()
+        throttled = False
         try:
-            completion = await self.client.complete(row.body)
-        except RetryableError as exc:
-            self._heard(not _unanswered(exc))
-            lost = exc.generation_id is not None and exc.kind in LOST_ANSWER_KINDS
-            if lost:
-                self.on_lost((exc.generation_id or "", row.slot, exc.kind))
-            if reservations is not None:
-                reservations.settle(reserved, None if lost else 0.0)
-            # Only the endpoint's own 429 judges our pace; a 429 inside a 200 body is an
-            # upstream provider throttling one answer, which a retry of that row gets past.
-            if exc.kind == Kind.HTTP_429:
-                self.limits.rate_limited_for(exc.retry_after)
-            raise
-        except PermanentError:
-            self._heard(True)
-            if reservations is not None:
-                reservations.settle(reserved, 0.0)
-            raise
-        except BaseException:
-            if reservations is not None:  # stopped or cancelled mid-request: assume it was billed
-                reservations.settle(reserved, None)
-            raise
+            # The budget or the limits may have held this back while the run began to stop.
+            if self.stopping.is_set():
+                if reservations is not None:
+                    reservations.settle(reserved, 0.0)
+                raise NotSent
+            sent = time.perf_counter()
+            try:
+                completion = await self.client.complete(row.body)
+            except RetryableError as exc:
+                self._heard(not _unanswered(exc))
+                lost = exc.generation_id is not None and exc.kind in LOST_ANSWER_KINDS
+                if lost:
+                    self.on_lost((exc.generation_id or "", row.slot, exc.kind))
+                if reservations is not None:
+                    reservations.settle(reserved, None if lost else 0.0)
+                # Only the key's own limit holds every request back; a provider's 429 (or one
+                # in a 200 body) concerns this one, and only many of them lower the pace.
+                if exc.throttle is Throttle.KEY:
+                    self.limits.key_limited(exc.retry_after)
+                else:
+                    throttled = exc.kind == Kind.HTTP_429
+                raise
+            except PermanentError:
+                self._heard(True)
+                if reservations is not None:
+                    reservations.settle(reserved, 0.0)
+                raise
+            except BaseException:
+                if reservations is not None:  # stopped or cancelled mid-request: assume billed
+                    reservations.settle(reserved, None)
+                raise
+        finally:
+            self.limits.release(throttled)
         self._heard(True)
         latency_ms = (time.perf_counter() - sent) * 1000
         cost, source = completion_cost(completion, self.catalogue, row.model)

@@ -27,6 +27,7 @@ from pipeline.errors import (
     PermanentError,
     RequestError,
     RetryableError,
+    Throttle,
     TrustError,
     Unreachable,
 )
@@ -352,8 +353,32 @@ def _status_error(
             status=status,
             retry_after=_retry_after(headers),
             generation_id=generation_id,
+            throttle=throttled_by(error, headers) if status == 429 else None,
         )
     return PermanentError(kind, text, status=status, generation_id=generation_id)
+
+
+def throttled_by(error: Any, headers: Any) -> Throttle:
+    """Whose limit a 429 is. OpenRouter's own (free-model caps, shared capacity) names an
+    `openrouter_*` limit source or says in `X-RateLimit-Remaining` (a header, or repeated in
+    `metadata.headers`; OpenAI's `-requests` / `-tokens` too) that nothing remains: the key is
+    limited. One that names an upstream limit source, provider, its raw error or code is that
+    provider throttling this request. Anything else is unknown."""
+    metadata = _dict(_dict(error).get("metadata"))
+    source = str(metadata.get("limit_source") or "")
+    if source.startswith("openrouter"):
+        return Throttle.KEY
+    if source.startswith("upstream"):
+        return Throttle.UPSTREAM
+    told = [*_dict(metadata.get("headers")).items(), *(headers.items() if headers else ())]
+    if any(
+        str(name).lower().startswith("x-ratelimit-remaining") and str(value).strip() == "0"
+        for name, value in told
+    ):
+        return Throttle.KEY
+    if any(metadata.get(name) for name in ("provider_name", "raw", "provider_code")):
+        return Throttle.UPSTREAM
+    return Throttle.UNKNOWN
 
 
 def _class_for(code: int) -> type[RequestError]:

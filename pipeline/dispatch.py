@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from pipeline.errors import JobStopped, NotSent
 from pipeline.records import Result, Row
@@ -22,7 +23,8 @@ Answer = Callable[[Row], Awaitable[list[Result]]]
 
 
 class Dispatcher:
-    """Runs rows through `concurrency` workers; at most that many rows are ever being answered."""
+    """Runs rows through `concurrency` workers; at most that many rows are ever being answered,
+    not counting rows waiting out a back-off (`resting`)."""
 
     def __init__(
         self, answer: Answer, concurrency: int, *, stopping: asyncio.Event | None = None
@@ -32,6 +34,9 @@ class Dispatcher:
         self.stopping = stopping or asyncio.Event()
         self.stopped: JobStopped | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._live = 0  # workers taking rows, or about to
+        self._resting = 0  # of them, those whose row waits (`resting`)
+        self._spawn: Callable[[], None] | None = None
 
     def stop(self) -> None:
         """Take no new rows; rows being answered finish."""
@@ -49,12 +54,21 @@ class Dispatcher:
         """Answer every row; `on_result` gets each result as it finishes. Returns when all are
         done; raises the job-wide failure, if one stopped the pool, once it has drained."""
         feed = RowFeed(batches)
-        self._workers = [
-            asyncio.create_task(self._worker(feed, on_result)) for _ in range(self.concurrency)
-        ]
+
+        def spawn() -> None:
+            self._live += 1
+            self._workers.append(asyncio.create_task(self._worker(feed, on_result)))
+
+        self._spawn = spawn
+        for _ in range(self.concurrency):
+            spawn()
         try:
-            outcomes = await asyncio.gather(*self._workers, return_exceptions=True)
+            outcomes: list[Any] = []
+            while len(outcomes) < len(self._workers):  # a stand-in may join meanwhile
+                waited = self._workers[len(outcomes) :]
+                outcomes += await asyncio.gather(*waited, return_exceptions=True)
         finally:
+            self._spawn = None
             for worker in self._workers:
                 worker.cancel()
             await feed.aclose()
@@ -66,24 +80,43 @@ class Dispatcher:
         if self.stopped is not None:
             raise self.stopped
 
+    @contextlib.contextmanager
+    def resting(self) -> Iterator[None]:
+        """A worker whose row must wait (its own Retry-After, a back-off) stands aside while
+        it does: another worker takes rows meanwhile, so the waits of a few rows do not slow
+        the rest. Workers beyond `concurrency` leave as soon as they are done with a row (the
+        requests in flight are capped in `Limits` all the same)."""
+        self._resting += 1
+        spawn = self._spawn
+        short = self._live - self._resting < self.concurrency
+        if spawn is not None and short and not self.stopping.is_set():
+            spawn()
+        try:
+            yield
+        finally:
+            self._resting -= 1
+
     async def _worker(self, feed: RowFeed, on_result: Callable[[Row, Result], None]) -> None:
         answer = self.answer
-        while not self.stopping.is_set():
-            row = await feed.next()
-            if row is None:
-                return
-            try:
-                results = await answer(row)
-            except (JobStopped, NotSent) as exc:
-                for result in exc.results:  # paid for before the stop
+        try:
+            while not self.stopping.is_set() and self._live - self._resting <= self.concurrency:
+                row = await feed.next()
+                if row is None:
+                    return
+                try:
+                    results = await answer(row)
+                except (JobStopped, NotSent) as exc:
+                    for result in exc.results:  # paid for before the stop
+                        on_result(row, result)
+                    if isinstance(exc, JobStopped):
+                        if self.stopped is None:
+                            self.stopped = exc
+                        self.stopping.set()
+                    return
+                for result in results:
                     on_result(row, result)
-                if isinstance(exc, JobStopped):
-                    if self.stopped is None:
-                        self.stopped = exc
-                    self.stopping.set()
-                return
-            for result in results:
-                on_result(row, result)
+        finally:
+            self._live -= 1
 
 
 class RowFeed:

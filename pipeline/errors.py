@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+from enum import StrEnum
 from typing import Any
 
 
@@ -74,8 +75,19 @@ class Kind:
         return f"http_{status}"
 
 
+class Throttle(StrEnum):
+    """Whose limit a 429 is (`client.throttled_by`): the key's, which every request of the job
+    runs into until the reset, or one upstream provider's (or nobody says), which concerns the
+    request it refused."""
+
+    KEY = "key"
+    UPSTREAM = "upstream"
+    UNKNOWN = "unknown"
+
+
 class RequestError(PipelineError):
-    """One request failed. `kind` is a short stable name recorded in the `error_type` column."""
+    """One request failed. `kind` is a short stable name recorded in the `error_type` column;
+    `throttle`, for a 429, whose limit it was."""
 
     def __init__(
         self,
@@ -85,6 +97,7 @@ class RequestError(PipelineError):
         status: int | None = None,
         retry_after: float | None = None,
         generation_id: str | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -92,6 +105,7 @@ class RequestError(PipelineError):
         self.status = status
         self.retry_after = retry_after
         self.generation_id = generation_id
+        self.throttle = throttle
 
 
 class RetryableError(RequestError):

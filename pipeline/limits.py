@@ -1,6 +1,4 @@
-"""Request and token rate limits (aiolimiter) and the shared 429 cool-down.
-
-Requests in flight are capped elsewhere, by the size of the worker pool. Here:
+"""Request and token rate limits (aiolimiter), requests in flight, and what a 429 does.
 
 - requests per second: an `AsyncLimiter` holding just over one request, so requests are
   spaced evenly (a bucket of `rate` per second would allow a burst of twice that across a
@@ -8,10 +6,15 @@ Requests in flight are capped elsewhere, by the size of the worker pool. Here:
   more than the configured rate;
 - tokens per minute: an `AsyncLimiter(tpm, 60)` charged with each request's estimate, and
   with what an answer used beyond it when the next request starts;
-- on a 429, *every* worker waits until the server's reset time, and, if that wait is not zero,
-  the request rate is halved (from the configured rate, or from the rate actually achieved when
-  none is configured), then raised again by 25% for each second without a 429, back up to the
-  configured rate.
+- a 429 from the key's own limit (`Throttle.KEY`): *every* worker waits until the server's
+  reset time, and, if that wait is not zero, the request rate is lowered to a little under
+  what the server accepted over the last second (never below half the rate before), then
+  raised again by 25% for each second without a 429 — up to that learned rate, and past it
+  towards the configured rate only after `PROBE_AFTER` quiet seconds;
+- a 429 from an upstream provider, or from nobody says whom: only that row waits (its
+  Retry-After, `attempt.py`); `InFlight` lowers the requests in flight when such 429s are a
+  good share of the last answers (a storm) and raises them again as they stop, so a sprinkle
+  holds nobody up.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from aiolimiter import AsyncLimiter
 DEFAULT_COOLDOWN = 1.0  # seconds all workers pause after a 429 that names no reset time
 MIN_RATE = 0.5  # requests per second the adaptive rate never goes below
 RECOVERY_STEP = 1.25  # each quiet second multiplies the lowered rate by this much
+KEY_HEADROOM = 0.98  # of the rate the key's limit accepted: what the rate is lowered to
+PROBE_AFTER = 60.0  # quiet seconds before the rate rises past the one the key's limit accepted
 # The sliding window no `rate` may be exceeded in: a little over a second, so that the jitter
 # between our send and the server's clock does not put one request too many in its second.
 WINDOW = 1.01
@@ -38,6 +43,7 @@ class Limits:
         requests_per_second: float | None,
         tokens_per_minute: float | None,
         *,
+        concurrency: int | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -49,14 +55,34 @@ class Limits:
         self._tokens_owed = 0.0  # used beyond the estimates, paid by the next request
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep
+        self.in_flight = InFlight(concurrency, self._clock) if concurrency else None
         self.paused_until = 0.0
         self._last_change = float("-inf")
+        self._learned: float | None = None  # the rate the key's limit accepted, a little under
         self._starts: deque[float] = deque()  # request start times over the last 2 s
         self._window: deque[float] = deque()  # request start times over the last WINDOW
+        self._refused: deque[float] = deque()  # the key's 429s over the last second
         self.rate_limited = 0  # 429s seen, for the progress line
 
     async def acquire(self, estimated_tokens: int) -> None:
-        """Wait until a request of about `estimated_tokens` may start."""
+        """Wait until a request of about `estimated_tokens` may start; `release` it once
+        answered (or failed), whatever happens."""
+        if self.in_flight is not None:
+            await self.in_flight.enter()
+        try:
+            await self._start(estimated_tokens)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self, throttled: bool = False) -> None:
+        """The request `acquire` let start is over; `throttled`: an upstream provider's (or an
+        unknown) 429 refused it."""
+        self.rate_limited += throttled
+        if self.in_flight is not None:
+            self.in_flight.leave(throttled)
+
+    async def _start(self, estimated_tokens: int) -> None:
         while (delay := self.paused_until - self._clock()) > 0:
             await self._sleep(delay)
         self._recover()
@@ -93,22 +119,30 @@ class Limits:
         if self._tokens is not None and tokens > 0:
             self._tokens_owed += tokens
 
-    def rate_limited_for(self, retry_after: float | None) -> None:
-        """A 429: pause every worker until the reset time and lower the request rate."""
+    def key_limited(self, retry_after: float | None) -> None:
+        """A 429 from the key's own limit: pause every worker until the reset time and lower
+        the request rate to a little under what the limit accepted."""
         self.rate_limited += 1
         now = self._clock()
+        self._refused.append(now)
+        while self._refused[0] < now - 1.0:
+            self._refused.popleft()
         wait = retry_after if retry_after is not None else DEFAULT_COOLDOWN
         self.paused_until = max(self.paused_until, now + wait)
         # A 429 that asks for no wait (Retry-After: 0, a reset already past) says the window has
-        # already reset: our pace is not what it objects to, and halving on every such 429 would
-        # sink the rate under a provider that throws them at random.
+        # already reset: our pace is not what it objects to, and lowering on every such 429 would
+        # sink the rate under a server that throws them at random.
         if wait <= 0:
             return
         # One lowering per cool-down: the other 429s of the same burst were already in flight.
         if now < self._last_change + max(wait, 1.0):
             return
         current = self.rate if self.rate is not None else self.observed_rate()
-        self._set_rate(max(MIN_RATE, current / 2))
+        started = sum(1 for start in self._starts if start > now - 1.0)
+        accepted = (started - len(self._refused)) * KEY_HEADROOM
+        learned = current / 2 < accepted < current  # else too few starts to tell: halved
+        self._set_rate(max(MIN_RATE, accepted if learned else current / 2))
+        self._learned = self.rate if learned else None
         self._last_change = now
 
     def _recover(self) -> None:
@@ -118,6 +152,11 @@ class Limits:
         if now - max(self._last_change, self.paused_until) < 1.0:
             return
         raised = self.rate * RECOVERY_STEP
+        learned = self._learned
+        if learned is not None and now - self._last_change < PROBE_AFTER:
+            if self.rate >= learned:  # as fast as the key's limit allowed: stay there a while
+                return
+            raised = min(raised, learned)
         if self.ceiling is not None and raised >= self.ceiling:
             self._set_rate(self.ceiling)
         elif self.ceiling is None and raised >= 4 * max(self.observed_rate(), MIN_RATE):
@@ -153,3 +192,78 @@ def _spacing_limiter(rate: float | None) -> AsyncLimiter | None:
         return None
     headroom = min(0.5, 0.005 * rate)
     return AsyncLimiter(1 + headroom, (1 + headroom) / (rate - headroom))
+
+
+# Upstream 429s among the last answers that make a storm (the requests in flight are halved),
+# and few enough to raise them again; judged over at least MIN_OUTCOMES of the last OUTCOMES.
+STORM_SHARE = 0.25
+CALM_SHARE = 0.10
+OUTCOMES = 100
+MIN_OUTCOMES = 20
+SETTLE = 1.0  # seconds between two changes, so each is judged by answers sent after it
+
+
+class InFlight:
+    """How many requests may be in flight: the job's concurrency, halved while upstream
+    providers refuse a good share of the last answers with 429s (a storm: a provider's pool
+    is saturated, and more requests only add 429s), raised again by an eighth of it each
+    second once they are few (additive increase, multiplicative decrease)."""
+
+    def __init__(self, ceiling: int, clock: Callable[[], float]) -> None:
+        self.ceiling = self.cap = ceiling
+        self.count = 0
+        self._clock = clock
+        self._outcomes: deque[bool] = deque(maxlen=OUTCOMES)  # throttled or not, oldest first
+        self._throttled = 0  # of `_outcomes`
+        self._changed = float("-inf")
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._woken = 0  # waiters woken for a free slot that have not taken it yet
+
+    async def enter(self) -> None:
+        while self.count + self._woken >= self.cap or self._waiting:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+                elif not waiter.cancelled():  # woken, then cancelled: the slot goes to the next
+                    self._woken -= 1
+                    self._wake()
+                raise
+            self._woken -= 1
+            if self.count < self.cap:
+                break
+        self.count += 1
+
+    def leave(self, throttled: bool) -> None:
+        self.count -= 1
+        self._judge(throttled)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake as many waiting workers, first come first served, as there are free slots."""
+        while self._waiting and self.count + self._woken < self.cap:
+            self._waiting.popleft().set_result(None)
+            self._woken += 1
+
+    def _judge(self, throttled: bool) -> None:
+        outcomes = self._outcomes
+        if len(outcomes) == outcomes.maxlen:
+            self._throttled -= outcomes[0]
+        outcomes.append(throttled)
+        self._throttled += throttled
+        now = self._clock()
+        if len(outcomes) < MIN_OUTCOMES or now < self._changed + SETTLE:
+            return
+        share = self._throttled / len(outcomes)
+        if share >= STORM_SHARE and self.cap > 1:
+            self.cap = max(1, self.cap // 2)
+            outcomes.clear()  # the next change is judged by answers at the new cap
+            self._throttled = 0
+        elif share <= CALM_SHARE and self.cap < self.ceiling:
+            self.cap = min(self.ceiling, self.cap + max(1, self.ceiling // 8))
+        else:
+            return
+        self._changed = now

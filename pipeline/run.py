@@ -202,7 +202,11 @@ class Run:
         """Send the rows still to do, each result to the journal as it comes, until done or
         stopped; then shut down in order."""
         config = self.config
-        limits = Limits(config.limits.requests_per_second, config.limits.tpm)
+        limits = Limits(
+            config.limits.requests_per_second,
+            config.limits.tpm,
+            concurrency=config.limits.concurrency,
+        )
         stopping = asyncio.Event()
         self.writer = JournalWriter(
             self.journal, self.cache, on_commit=self._committed, on_failure=self._journal_full
@@ -215,6 +219,7 @@ class Run:
             stopping=stopping, on_lost=lambda lost: self.writer.add_lost([lost]),
         )  # fmt: skip
         self.dispatcher = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
+        answerer.resting = self.dispatcher.resting
         self.final = FinalSlots()
         self._fed = threading.Event()  # the first rows to send are fed (or there are none)
         journal = self.journal

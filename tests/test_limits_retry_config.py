@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import ConfigError, load_config
-from pipeline.limits import MIN_RATE, Limits
+from pipeline.limits import KEY_HEADROOM, PROBE_AFTER, Limits
 from pipeline.retry import RetryPolicy
 from tests.fastclock import run_fast
 
@@ -32,8 +32,8 @@ async def test_a_429_pauses_every_worker_until_the_reset_and_halves_the_rate() -
     clock = FakeClock()
     limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
     await limits.acquire(10)
-    limits.rate_limited_for(3.0)
-    limits.rate_limited_for(3.0)  # the rest of the same burst does not lower the rate again
+    limits.key_limited(3.0)
+    limits.key_limited(3.0)  # the rest of the same burst does not lower the rate again
     assert limits.rate == 500 and limits.paused_until == 3.0 and limits.rate_limited == 2
     await asyncio.gather(*(limits.acquire(10) for _ in range(4)))  # four workers
     assert clock.now >= 3.0  # nobody started before the reset time
@@ -44,14 +44,14 @@ async def test_a_429_that_asks_for_no_wait_does_not_lower_the_rate() -> None:
     limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
     for _ in range(5):
         clock.now += 2.0
-        limits.rate_limited_for(0.0)  # Retry-After: 0, e.g. a provider's random upstream 429
+        limits.key_limited(0.0)  # Retry-After: 0, e.g. a provider's random upstream 429
     assert limits.rate == 1000 and limits.rate_limited == 5
 
 
 async def test_the_rate_recovers_gradually_to_the_configured_ceiling() -> None:
     clock = FakeClock()
     limits = Limits(1000, None, clock=clock.time, sleep=clock.sleep)
-    limits.rate_limited_for(0.5)
+    limits.key_limited(0.5)
     seen = []
     for _ in range(12):
         clock.now += 1.0
@@ -65,43 +65,48 @@ async def test_the_rate_recovers_gradually_to_the_configured_ceiling() -> None:
     assert seen[-1] == 1000
 
 
-async def test_without_a_configured_rate_a_429_sets_one_from_the_observed_rate() -> None:
+async def test_a_key_limit_sets_the_rate_under_what_it_accepted_and_probes_past_it_later() -> None:
     clock = FakeClock()
     limits = Limits(None, None, clock=clock.time, sleep=clock.sleep)
     for _ in range(41):
         await limits.acquire(1)
         clock.now += 0.05  # 20 starts a second
-    limits.rate_limited_for(None)
-    assert limits.rate == pytest.approx(10, rel=0.05)  # half the pace actually kept
-    assert limits.paused_until == pytest.approx(
-        clock.now + 1.0
-    )  # default cool-down without Retry-After
-    limits.rate_limited_for(None)
-    assert limits.rate >= MIN_RATE
+    limits.key_limited(None)  # the last of them refused
+    limits.key_limited(None)  # the rest of the same burst: no second lowering
+    # About 19 started in the last second, one refused: a little under the 18 let through.
+    assert limits.rate == pytest.approx(18 * KEY_HEADROOM, abs=KEY_HEADROOM)
+    assert limits.paused_until == pytest.approx(clock.now + 1.0)  # no Retry-After: 1 s
+    learned, seen = limits.rate, []
+    for _ in range(int(PROBE_AFTER) + 5):
+        clock.now += 1.0
+        await limits.acquire(1)
+        seen.append(limits.rate)
+    assert seen[: int(PROBE_AFTER) - 2] == [learned] * (int(PROBE_AFTER) - 2)  # held there
+    assert seen[-1] is None or seen[-1] > learned  # then faster: the limit may have gone
 
 
 def test_without_a_rate_limit_only_the_last_seconds_of_starts_are_remembered() -> None:
     """A run of millions of rows keeps no record per request (it did: one float each). When a
     429 then sets a rate, the rate holds from the first start after the pause."""
 
-    async def run() -> tuple[int, list[float]]:
+    async def run() -> tuple[int, list[float], float | None]:
         loop = asyncio.get_running_loop()
         limits = Limits(None, None)
         for _ in range(5_000):
             await limits.acquire(1)
             await asyncio.sleep(0.001)  # 1,000 starts a second
         remembered = len(limits._starts) + len(limits._window)
-        limits.rate_limited_for(None)  # a rate from the pace kept: 500 a second
+        limits.key_limited(None)  # a rate from the pace the limit accepted: ~980 a second
         starts = []
         for _ in range(1_000):
             await limits.acquire(1)
             starts.append(loop.time())
             assert len(limits._window) <= limits.rate  # type: ignore[operator]
-        return remembered, starts
+        return remembered, starts, limits.rate
 
-    remembered, starts = run_fast(run())
+    remembered, starts, rate = run_fast(run())
     assert remembered <= 2_001
-    assert bisect.bisect_right(starts, starts[0] + 1.0) <= 500  # the first second at the new rate
+    assert bisect.bisect_right(starts, starts[0] + 1.0) <= rate < 1_000  # the new rate holds
 
 
 def test_retry_policy_caps_attempts_and_time_and_honours_retry_after() -> None:

@@ -222,13 +222,11 @@ async def _pre_generation_fault(
     extra: dict[str, Any] = {}
     if fault in _RETRY_AFTER_FAULTS:
         retry_after = sim.config.retry_after
-        headers = (
-            bodies.rate_limit_headers(1, now + retry_after, retry_after)
-            if fault is Fault.HTTP_429
-            else {"Retry-After": str(max(0, int(-(-retry_after // 1))))}
-        )
+        # Whole seconds, rounded up. An upstream 429 has no X-RateLimit-* headers: those are
+        # OpenRouter's own limits' (`limits.py`); it names the provider and its raw error.
+        headers = {"Retry-After": str(max(0, int(-(-retry_after // 1))))}
         if fault is Fault.HTTP_429:
-            metadata["headers"] = dict(headers)
+            metadata["provider_code"] = "429"
             metadata["raw"] = json.dumps(
                 {"error": {"message": "Too many requests", "type": "rate_limit"}}
             )

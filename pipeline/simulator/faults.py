@@ -23,7 +23,7 @@ class Fault(StrEnum):
     HTTP_402 = "402"  # out of credits
     HTTP_403 = "403"  # moderation: the prompt was flagged
     HTTP_408 = "408"
-    HTTP_429 = "429"  # OpenRouter-style, with Retry-After and X-RateLimit-* headers
+    HTTP_429 = "429"  # an upstream provider's: Retry-After, the provider and its raw error
     HTTP_500 = "500"
     HTTP_502 = "502"
     HTTP_503 = "503"
