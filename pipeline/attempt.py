@@ -33,7 +33,7 @@ from pipeline.errors import (
     Throttle,
     Unreachable,
 )
-from pipeline.limits import Limits
+from pipeline.limits import Limits, RecentShare
 from pipeline.money import Catalogue, Reservations, completion_cost
 from pipeline.options import describe
 from pipeline.records import API, DUPLICATE, ERROR, OK, SHARED, Result, Row
@@ -102,6 +102,7 @@ class ChatAnswerer:
         self.retries = 0
         self._responses = 0  # attempts the endpoint answered (with anything, even an error)
         self._unanswered = 0  # attempts in a row, across rows, it did not
+        self._failing = RecentShare()  # of the last attempts, those that failed and may retry
         self._inflight: dict[str, asyncio.Future[Result] | None] = {}
         self._recent: OrderedDict[str, Result] = OrderedDict()
 
@@ -195,12 +196,24 @@ class ChatAnswerer:
         `attempts` were made before (answers turned down), since `started`."""
         clock = asyncio.get_running_loop().time
         responses = self._responses  # unchanged: no attempt anywhere got a response since
+        failed = 0  # attempts of this call that failed
         while True:
             attempts += 1
+            sent = clock()
             try:
-                return await self._attempt(row, attempts)
+                results = await self._attempt(row, attempts)
+                self._failing.add(False)
+                return results
             except RetryableError as exc:
+                self._failing.add(True)
+                failed += 1
                 delay = self.policy.delay(attempts, exc.retry_after)
+                if exc.retry_after is None:
+                    # The first failure of a row among requests that mostly succeed is a fault,
+                    # not an overload: tried again at once. Else the back-off runs from when the
+                    # attempt was sent (a timeout has waited it out).
+                    calm = failed == 1 and not self._failing.storm
+                    delay = 0.0 if calm else max(0.0, delay - (clock() - sent))
                 elapsed = clock() - started
                 if self.policy.gives_up(attempts, elapsed, delay):
                     if self._responses == responses and self._unanswered >= UNREACHABLE_STREAK:
@@ -214,6 +227,7 @@ class ChatAnswerer:
                     with self.resting():
                         await self._sleep(delay)
             except PermanentError as exc:
+                self._failing.add(False)  # the endpoint answered: this request is at fault
                 return _failed(row, exc.kind, exc.message, attempts, retry_on_resume=False)
 
     async def _attempt(self, row: Row, attempt: int) -> list[Result]:

@@ -203,6 +203,37 @@ MIN_OUTCOMES = 20
 SETTLE = 1.0  # seconds between two changes, so each is judged by answers sent after it
 
 
+class RecentShare:
+    """The share of the last `OUTCOMES` events that were of a kind (a 429, a failure), and
+    whether there are enough of them (`MIN_OUTCOMES`) to call them a storm."""
+
+    def __init__(self) -> None:
+        self._events: deque[bool] = deque(maxlen=OUTCOMES)
+        self._hits = 0
+
+    def add(self, hit: bool) -> None:
+        if len(self._events) == self._events.maxlen:
+            self._hits -= self._events[0]
+        self._events.append(hit)
+        self._hits += hit
+
+    def clear(self) -> None:
+        self._events.clear()
+        self._hits = 0
+
+    @property
+    def known(self) -> bool:
+        return len(self._events) >= MIN_OUTCOMES
+
+    @property
+    def share(self) -> float:
+        return self._hits / len(self._events) if self._events else 0.0
+
+    @property
+    def storm(self) -> bool:
+        return self.known and self.share >= STORM_SHARE
+
+
 class InFlight:
     """How many requests may be in flight: the job's concurrency, halved while upstream
     providers refuse a good share of the last answers with 429s (a storm: a provider's pool
@@ -213,8 +244,7 @@ class InFlight:
         self.ceiling = self.cap = ceiling
         self.count = 0
         self._clock = clock
-        self._outcomes: deque[bool] = deque(maxlen=OUTCOMES)  # throttled or not, oldest first
-        self._throttled = 0  # of `_outcomes`
+        self._throttled = RecentShare()  # of the last answers, those an upstream 429
         self._changed = float("-inf")
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._woken = 0  # waiters woken for a free slot that have not taken it yet
@@ -249,20 +279,15 @@ class InFlight:
             self._woken += 1
 
     def _judge(self, throttled: bool) -> None:
-        outcomes = self._outcomes
-        if len(outcomes) == outcomes.maxlen:
-            self._throttled -= outcomes[0]
-        outcomes.append(throttled)
-        self._throttled += throttled
+        recent = self._throttled
+        recent.add(throttled)
         now = self._clock()
-        if len(outcomes) < MIN_OUTCOMES or now < self._changed + SETTLE:
+        if not recent.known or now < self._changed + SETTLE:
             return
-        share = self._throttled / len(outcomes)
-        if share >= STORM_SHARE and self.cap > 1:
+        if recent.storm and self.cap > 1:
             self.cap = max(1, self.cap // 2)
-            outcomes.clear()  # the next change is judged by answers at the new cap
-            self._throttled = 0
-        elif share <= CALM_SHARE and self.cap < self.ceiling:
+            recent.clear()  # the next change is judged by answers at the new cap
+        elif recent.share <= CALM_SHARE and self.cap < self.ceiling:
             self.cap = min(self.ceiling, self.cap + max(1, self.ceiling // 8))
         else:
             return

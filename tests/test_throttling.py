@@ -132,13 +132,15 @@ def upstream_429(retry_after: float) -> RetryableError:
     )  # fmt: skip
 
 
-def run_job(endpoint: Endpoint, rows: int, concurrency: int) -> tuple[list[Result], float, Limits]:
+def run_job(
+    endpoint: Endpoint, rows: int, concurrency: int, policy: RetryPolicy = NO_BACKOFF
+) -> tuple[list[Result], float, Limits]:
     """Every row through the answerer and the worker pool: results, fake seconds, limits."""
 
     async def job() -> tuple[list[Result], float, Limits]:
         loop = asyncio.get_running_loop()
         limits = Limits(None, None, concurrency=concurrency)
-        answer = ChatAnswerer(endpoint, limits, NO_BACKOFF)  # type: ignore[arg-type]
+        answer = ChatAnswerer(endpoint, limits, policy)  # type: ignore[arg-type]
         batch = [
             Row(i, f"r{i}", json.dumps(chat_body(f"r{i}")).encode(), MIXTRAL, request_hash=f"h{i}")
             for i in range(rows)
@@ -252,3 +254,47 @@ def test_the_keys_own_limit_pauses_every_worker_until_its_reset() -> None:
     refusals_per_window = Counter(int(when - 1000.0) for when, _, _ in endpoint.refused)
     assert max(refusals_per_window.values()) <= 40
     assert 1_500 / seconds >= 0.8 * 50  # close to the limit's 50 a second
+
+
+def server_error() -> RetryableError:
+    return RetryableError(Kind.http(500), "HTTP 500: Internal Server Error", status=500)
+
+
+def retry_gaps(endpoint: Endpoint) -> list[float]:
+    """For each failed request, the time until its row was sent again."""
+    failed = {(when, key) for when, key, _ in endpoint.refused}
+    last: dict[str, float] = {}
+    gaps = []
+    for when, key in endpoint.sent:
+        if key in last:
+            gaps.append(when - last.pop(key))
+        if (when, key) in failed:
+            last[key] = when
+    return gaps
+
+
+@pytest.mark.timeout(30)
+def test_a_rare_server_error_is_retried_at_once_and_a_broad_failure_backs_off() -> None:
+    policy = RetryPolicy(max_attempts=20, max_elapsed=600, backoff_base=1.0, backoff_max=30)
+    tries: Counter[str] = Counter()
+
+    def rare(key: str, now: float) -> RetryableError | None:
+        tries[key] += 1
+        return server_error() if tries[key] == 1 and int(key[1:]) % 25 == 3 else None
+
+    sprinkle = Endpoint(rare)
+    results, _, _ = run_job(sprinkle, 500, 20, policy)
+    assert [r.status for r in results] == [OK] * 500
+    assert retry_gaps(sprinkle) == [0.0] * 20  # each one alone in a sea of answers: no wait
+
+    broad_tries: Counter[str] = Counter()
+
+    def broad(key: str, now: float) -> RetryableError | None:
+        broad_tries[key] += 1
+        return server_error() if broad_tries[key] <= 2 else None  # every row fails twice
+
+    outage = Endpoint(broad)
+    results, _, _ = run_job(outage, 200, 20, policy)
+    assert [r.status for r in results] == [OK] * 200
+    gaps = retry_gaps(outage)
+    assert len(gaps) == 400 and sum(g > 0 for g in gaps) >= 150  # most retries waited
