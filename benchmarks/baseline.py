@@ -1,10 +1,11 @@
 """The bare aiohttp baseline the benchmark compares `pipeline run` against.
 
 A fixed pool of workers, one `ClientSession`, an aiolimiter request limit, JSON decode of every
-answer, the same retry rule (408/429/5xx and dropped connections, up to 6 attempts, no waiting)
-— and nothing else: no journal, no output file, no templating beyond string formatting.
+answer, the same retry rule (408/429/5xx, dropped connections and timeouts, up to 6 attempts,
+each row on its own, no waiting) — and nothing else: no journal, no output file, no templating
+beyond string formatting. Prints how many rows got an answer.
 
-    python benchmarks/baseline.py --base-url URL --input rows.parquet --concurrency 256 [--rps 100]
+    python benchmarks/baseline.py --base-url URL --input rows.parquet --concurrency 256 [--rps 100] [--timeout 10]
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ RETRY = {408, 429, 500, 502, 503, 504, 524, 529}
 
 
 async def main(
-    base_url: str, prompts: list[str], concurrency: int, rps: float | None, model: str
-) -> int:
+    base_url: str, prompts: list[str], concurrency: int, rps: float | None, model: str,
+    attempt_seconds: float = 300,
+) -> int:  # fmt: skip
     url = f"{base_url}/chat/completions"
     limiter = AsyncLimiter(1, 1 / rps) if rps else None
     todo = iter(prompts)
@@ -30,7 +32,7 @@ async def main(
     headers = {"Authorization": "Bearer sk-or-v1-baseline", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(
-        connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=300)
+        connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=attempt_seconds)
     ) as session:
 
         async def worker() -> None:
@@ -50,7 +52,7 @@ async def main(
                                 break
                             if resp.status not in RETRY:
                                 break
-                    except (aiohttp.ClientError, ValueError):
+                    except (aiohttp.ClientError, ValueError, TimeoutError):
                         continue
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -64,7 +66,10 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--rps", type=float)
     parser.add_argument("--model", default="mistralai/mixtral-8x7b-instruct")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds one attempt may take")
     args = parser.parse_args()
     rows = pq.read_table(args.input, columns=["text"])["text"].to_pylist()
-    ok = asyncio.run(main(args.base_url, rows, args.concurrency, args.rps, args.model))
+    ok = asyncio.run(
+        main(args.base_url, rows, args.concurrency, args.rps, args.model, args.timeout)
+    )
     print(json.dumps({"ok": ok}))

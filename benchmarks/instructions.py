@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import KEY, Simulator, write_rows
+from harness import KEY, Simulator, write_rows
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCY = 256  # as the overhead scenario of benchmarks/run.py

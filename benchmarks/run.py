@@ -1,14 +1,14 @@
 """The benchmark suite: `pipeline run` against a bare aiohttp loop, on the same simulator.
 
-    python benchmarks/run.py                 # the full suite (about 25 minutes on 2 cores)
+    python benchmarks/run.py                 # the full suite (about 30 minutes on 2 cores)
     python benchmarks/run.py --quick         # tiny sizes: checks the suite itself works
 
 The simulator runs in its own process. For each scenario the two clients run interleaved,
 `--repeat` times each, and the median is reported. Client CPU and peak RSS are user+sys and
-`ru_maxrss` of the client process from `os.wait4`, taken in a small launcher (see `measure`);
-server CPU is read from /proc so readers see the two share the machine. Ratios (ours / baseline)
-are what to compare across machines; absolute times drift on shared hosts. Prints one table and
-writes every figure to `--out` (JSON).
+`ru_maxrss` of the client process from `os.wait4`, taken in a small launcher (see
+`harness.measure`); server CPU is read from /proc so readers see the two share the machine.
+Ratios (ours / baseline) are what to compare across machines; absolute times drift on shared
+hosts. Prints one table and writes every figure to `--out` (JSON).
 """
 
 from __future__ import annotations
@@ -18,22 +18,27 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
-HERE = Path(__file__).resolve().parent
-PYTHON = sys.executable
-KEY = "sk-or-v1-benchmark-0000000000000000000000"
+import throttling  # beside this script
+from harness import (
+    HERE,
+    PYTHON,
+    Simulator,
+    baseline,
+    compile_bytecode,
+    interleaved,
+    measure,
+    median,
+    ours,
+    write_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -47,191 +52,12 @@ class Sizes:
     overhead_repeat: int
     incremental_rows: int = 1_000_000  # of which 1,000 new (benchmarks/incremental.py)
     incremental_repeat: int = 5  # its ratio's two sides are each under two seconds: noisy
+    storm_rows: int = 3_000  # benchmarks/throttling.py
+    key_limit_rows: int = 3_000
 
 
 FULL = Sizes(20_000, (5_000, 50_000), 3_000, (100_000, 1_000_000), 3, 7)
-QUICK = Sizes(400, (200,), 60, (500, 1_000), 1, 1, 20_000, 1)
-
-
-# ------------------------------------------------------------------------------ plumbing
-
-
-def write_rows(folder: Path, n: int) -> Path:
-    """`n` rows of ~200-character prompts (distinct, so nothing is deduplicated)."""
-    path = folder / f"rows-{n}.parquet"
-    if not path.exists():
-        sentence = "The blender is loud but crushes ice well; the jug is sturdy, easy to clean and it fits under the cupboard. "
-        frame = pl.DataFrame({"id": pl.int_range(n, eager=True).cast(pl.String)}).with_columns(
-            text=pl.format("Review {}: {}", pl.col("id"), pl.lit(sentence * 2).str.slice(0, 190))
-        )
-        frame.write_parquet(path)
-    return path
-
-
-def compile_bytecode() -> None:
-    """Compile the package's modules once, as `pip install` does. Without this, an editable
-    install under PYTHONDONTWRITEBYTECODE (set on this project's machines) compiles every module
-    from source in every run: 0.1 s that no installed copy ever spends."""
-    import pipeline
-
-    subprocess.run(
-        [PYTHON, "-m", "compileall", "-q", str(Path(pipeline.__file__).parent)], check=True
-    )
-
-
-class Simulator:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "pipeline", "simulate", "--port", "0", "--ready-after", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        self.origin = self.base_url.removesuffix("/api/v1")
-
-    def cpu(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.origin}/_sim/stats", timeout=30) as resp:
-            return json.load(resp)  # type: ignore[no-any-return]
-
-    def reset(self) -> None:
-        urllib.request.urlopen(
-            urllib.request.Request(f"{self.origin}/_sim/reset", data=b"{}"), timeout=30
-        ).close()
-
-    def __enter__(self) -> Simulator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-# Runs one client and reports its wall time, CPU and peak RSS. The harness cannot wait for the
-# client itself: Linux carries the old address space's high-water mark across exec, and Python
-# spawns children with vfork, so a client started from this (large) process would report this
-# process's peak RSS as its own. A bare interpreter in between (-S: no site) keeps that floor
-# at about 10 MB.
-LAUNCHER = """
-import json, os, sys, time
-started = time.perf_counter()
-pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as report:
-    json.dump({"wall": time.perf_counter() - started, "code": os.waitstatus_to_exitcode(status),
-               "cpu": usage.ru_utime + usage.ru_stime, "sys": usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
-               "switches": usage.ru_nvcsw + usage.ru_nivcsw, "preempted": usage.ru_nivcsw}, report)
-"""
-
-
-def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a client to completion: wall seconds, CPU seconds (user+sys), peak RSS (MB), output."""
-    with tempfile.TemporaryDirectory() as folder:
-        report = Path(folder) / "usage.json"
-        proc = subprocess.Popen(
-            [PYTHON, "-S", "-c", LAUNCHER, str(report), *command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        stdout, stderr = _drain(proc)  # to the end before reaping: the child never blocks on a pipe
-        if proc.wait() != 0:
-            raise SystemExit(f"the launcher failed:\n{stderr.decode(errors='replace')[-2000:]}")
-        usage = json.loads(report.read_text())
-    return {
-        **usage,
-        "stdout": stdout.decode(errors="replace"),
-        "stderr": stderr.decode(errors="replace"),
-    }
-
-
-def _drain(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
-    import threading
-
-    chunks: dict[str, bytes] = {}
-
-    def read(name: str, stream: Any) -> None:
-        chunks[name] = stream.read()
-
-    threads = [
-        threading.Thread(target=read, args=(n, s))
-        for n, s in (("out", proc.stdout), ("err", proc.stderr))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return chunks["out"], chunks["err"]
-
-
-def ours(
-    sim: Simulator, rows: Path, work: Path, concurrency: int, rps: float | None = None
-) -> dict[str, Any]:
-    output = work / "out.parquet"
-    for stale in work.glob("out.parquet*"):
-        stale.unlink()
-    command = [PYTHON, "-m", "pipeline", "run", "--input", str(rows), "--template", "{text}", "--id-column", "id",
-               "--output", str(output), "--base-url", sim.base_url, "--concurrency", str(concurrency), "--quiet"]  # fmt: skip
-    if rps:
-        command += ["--rps", str(rps)]
-    env = {**os.environ, "OPENROUTER_API_KEY": KEY, "PIPELINE_CACHE_DIR": str(work / "cache")}
-    result = measure(command, env)
-    if result["code"] != 0:
-        raise SystemExit(f"pipeline run failed ({result['code']}):\n{result['stderr'][-2000:]}")
-    # The output is written a row group at a time while the job runs; the summary gives the
-    # part left for the end (which adds to the wall time) and the CPU of all of it.
-    match = re.search(r"\(([0-9.]+)s at the end, ([0-9.]+)s CPU in all\)", result["stderr"])
-    result["write_seconds"], result["write_cpu_seconds"] = (
-        (float(match.group(1)), float(match.group(2))) if match else (None, None)
-    )
-    return result
-
-
-def baseline(
-    sim: Simulator, rows: Path, concurrency: int, rps: float | None = None
-) -> dict[str, Any]:
-    command = [
-        PYTHON,
-        str(HERE / "baseline.py"),
-        "--base-url",
-        sim.base_url,
-        "--input",
-        str(rows),
-        "--concurrency",
-        str(concurrency),
-    ]
-    if rps:
-        command += ["--rps", str(rps)]
-    result = measure(command)
-    if result["code"] != 0:
-        raise SystemExit(f"baseline failed:\n{result['stderr'][-2000:]}")
-    return result
-
-
-def interleaved(
-    repeat: int, sim: Simulator, runs: dict[str, Any]
-) -> dict[str, list[dict[str, Any]]]:
-    """Run each client `repeat` times, alternating, with the server's CPU and stats per run."""
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
-            sim.reset()
-            before = sim.cpu()
-            result = run()
-            result["server_cpu"] = sim.cpu() - before
-            result["server"] = sim.stats()
-            results[name].append(result)
-    return results
-
-
-def median(results: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(r[key] for r in results))
+QUICK = Sizes(400, (200,), 60, (500, 1_000), 1, 1, 20_000, 1, 200, 200)
 
 
 # ------------------------------------------------------------------------------ scenarios
@@ -307,7 +133,8 @@ def rate_precision(sizes: Sizes, work: Path) -> dict[str, Any]:
         ]
         figures[name] = {
             "achieved_rps": statistics.median(achieved),
-            "max_in_one_second": max(s["max_requests_per_second"] for s in servers),
+            "max_in_one_second": max(s["max_requests_per_second"] for s in servers),  # sliding
+            "max_in_a_clock_second": max(s["max_requests_per_clock_second"] for s in servers),
             "http_429": sum(s["by_status"].get("429", 0) for s in servers),
         }
     return figures
@@ -341,7 +168,16 @@ def incremental(sizes: Sizes, work: Path) -> dict[str, Any]:
     return before_first_request(sizes.incremental_rows, 1_000, sizes.incremental_repeat)
 
 
-SCENARIOS = ["overhead", "latency_bound", "rate_precision", "memory", "startup", "incremental"]
+def fault_storm(sizes: Sizes, work: Path) -> dict[str, Any]:
+    return throttling.fault_storm(sizes.storm_rows, sizes.repeat, work)
+
+
+def key_limit(sizes: Sizes, work: Path) -> dict[str, Any]:
+    return throttling.key_limit(sizes.key_limit_rows, sizes.repeat, work)
+
+
+SCENARIOS = ["overhead", "latency_bound", "rate_precision", "fault_storm", "key_limit", "memory",
+             "startup", "incremental"]  # fmt: skip
 
 
 def startup(repeat: int) -> dict[str, Any]:
@@ -375,10 +211,16 @@ def verdicts(r: dict[str, Any], sizes: Sizes) -> list[tuple[str, str, bool]]:
             )
         )
     rate = r["rate_precision"]["ours"]
+    storm, key = r["fault_storm"]["ours"], r["key_limit"]["ours"]
     checks += [
         ("rate: achieved >= 98% of 100 rps", f"{rate['achieved_rps']:.1f} rps", rate["achieved_rps"] >= 98),
         ("rate: no one-second window above 100", f"max {rate['max_in_one_second']}", rate["max_in_one_second"] <= 100),
         ("rate: zero 429s", str(rate["http_429"]), rate["http_429"] == 0),
+        ("fault storm: wall <= 1.1x baseline", f"{r['fault_storm']['ratio_wall']:.2f}x", r["fault_storm"]["ratio_wall"] <= 1.1),
+        ("fault storm: no row lost", str(storm["lost"]), storm["lost"] == 0),
+        ("fault storm: nothing paid twice beyond what faults bill", f"{storm['paid_twice']} repeats, {storm['billing_faults']} billing faults", storm["paid_twice"] <= storm["billing_faults"]),
+        ("key limit: >= 95% of the server's limit", f"{key['share_of_limit'] * 100:.1f}%", key["share_of_limit"] >= 0.95),
+        ("key limit: at most one 429 per worker per second", f"max {key['max_429s_in_a_second']} in a second, {r['key_limit']['concurrency']} workers", key["max_429s_in_a_second"] <= r["key_limit"]["concurrency"]),
         ("memory: RSS at large <= 1.25x small", f"{r['memory']['ratio_rss']:.2f}x", r["memory"]["ratio_rss"] <= 1.25),
         ("memory: RSS at large < 500 MB", f"{r['memory'][str(sizes.memory_rows[1])]['peak_rss_mb']:.0f} MB", r["memory"][str(sizes.memory_rows[1])]["peak_rss_mb"] < 500),
         ("memory: final Parquet write <= 10% of wall", f"{(r['memory']['write_share'] or 0) * 100:.1f}%", (r["memory"]["write_share"] or 0) <= 0.10),
@@ -468,7 +310,27 @@ def print_table(r: dict[str, Any]) -> None:
         print("\nrate precision (limit 100 rps, server enforces 110)")
         for name, f in r["rate_precision"].items():
             print(
-                f"  {name:<9} achieved {f['achieved_rps']:6.1f} rps, busiest second {f['max_in_one_second']}, 429s {f['http_429']}"
+                f"  {name:<9} achieved {f['achieved_rps']:6.1f} rps, busiest sliding second {f['max_in_one_second']}, busiest clock second {f['max_in_a_clock_second']}, 429s {f['http_429']}"
+            )
+    if "fault_storm" in r:
+        print(
+            "\nfault storm (50 ms, 5% upstream 429s, ~6% other faults, 0.5% hangs; concurrency 100)"
+        )
+        for name in ("ours", "baseline"):
+            f = r["fault_storm"][name]
+            print(
+                f"  {name:<9} wall {f['wall_s']:6.1f} s, rows lost {f['lost']}, paid twice {f['paid_twice']} ({f['billing_faults']} faults that bill), 429s {f['http_429']:.0f}"
+            )
+        print(f"  ours/baseline wall {r['fault_storm']['ratio_wall']:.2f}")
+    if "key_limit" in r:
+        k = r["key_limit"]
+        print(
+            f"\nkey limit (server allows {k['limit_rps']} rps, concurrency {k['concurrency']}, no client rate)"
+        )
+        for name in ("ours", "baseline"):
+            f = k[name]
+            print(
+                f"  {name:<9} {f['accepted_rps']:6.1f} rps accepted ({f['share_of_limit'] * 100:.1f}% of the limit), 429s {f['http_429']:.0f} (at most {f['max_429s_in_a_second']} in a second), sent before Retry-After {f['retry_after_violations']}, rows lost {f['lost']}"
             )
     if "memory" in r:
         print("\nmemory at scale (~200-char prompts, ~100-token answers)")

@@ -61,7 +61,8 @@ _MASKS = [
     (re.compile(r'"created_at": "[^"]*"'), '"created_at": "<TIME>"'),
     (re.compile(r'"X-RateLimit-Reset": "\d+"'), '"X-RateLimit-Reset": "<RESET_MS>"'),
     (re.compile(r'"(first|last)_request_at": [\d.]+'), r'"\1_request_at": <TIME>'),
-    (re.compile(r'"max_requests_per_second": \d+'), '"max_requests_per_second": <N>'),
+    (re.compile(r'"max_requests_per_(clock_)?second": \d+'), r'"max_requests_per_\1second": <N>'),
+    (re.compile(r'"max_429s_per_clock_second": \d+'), '"max_429s_per_clock_second": <N>'),
     (re.compile(r'"Host": "127\.0\.0\.1:\d+"'), '"Host": "127.0.0.1:<PORT>"'),
     (re.compile(r'"User-Agent": "[^"]*"'), '"User-Agent": "<UA>"'),
 ]

@@ -107,6 +107,8 @@ async def complete(sim: Simulator, request: web.Request, now: float) -> web.Stre
         return await _answer(sim, request, req, now)
     except Refusal as refusal:
         sim.counters[f"status:{refusal.status}"] += 1
+        if refusal.status == 429:
+            sim.refused_by_second[int(now)] += 1
         return refusal.response
     except FaultSpecError as exc:
         sim.counters["status:400"] += 1

@@ -55,7 +55,9 @@ class Simulator:
         self.arrivals: deque[float] = deque()
         self.first_request_at: float | None = None
         self.last_request_at: float | None = None
-        self.max_per_second = 0
+        self.max_per_second = 0  # in any sliding second
+        self.by_clock_second: Counter[int] = Counter()  # arrivals in each whole second of the clock
+        self.refused_by_second: Counter[int] = Counter()  # 429s answered, likewise
         self.in_flight = 0
         self.max_in_flight = 0
         self.limits = Limits()
@@ -115,6 +117,8 @@ class Simulator:
             "billed_cost": sum(g.cost for g in self.ledger),
             "billed_tokens": sum(g.prompt_tokens + g.completion_tokens for g in self.ledger),
             "max_requests_per_second": self.max_per_second,
+            "max_requests_per_clock_second": max(self.by_clock_second.values(), default=0),
+            "max_429s_per_clock_second": max(self.refused_by_second.values(), default=0),
             "max_in_flight": self.max_in_flight,
             "retry_after_violations": self.limits.retry_after_violations,
             "first_request_at": self.first_request_at,
@@ -146,6 +150,7 @@ class Simulator:
         while arrivals[0] <= now - 1.0:
             arrivals.popleft()
         self.max_per_second = max(self.max_per_second, len(arrivals))
+        self.by_clock_second[int(now)] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
