@@ -245,7 +245,7 @@ class ChatAnswerer:
             if reservations is not None:  # nothing was sent
                 reservations.settle(reserved, 0.0)
             raise
-        throttled = False
+        throttled: bool | None = None  # not sent
         try:
             # The budget or the limits may have held this back while the run began to stop.
             if self.stopping.is_set():
@@ -253,6 +253,7 @@ class ChatAnswerer:
                     reservations.settle(reserved, 0.0)
                 raise NotSent
             sent = time.perf_counter()
+            throttled = False
             try:
                 completion = await self.client.complete(row.body)
             except RetryableError as exc:

@@ -72,13 +72,13 @@ class Limits:
         try:
             await self._start(estimated_tokens)
         except BaseException:
-            self.release()
+            self.release(None)
             raise
 
-    def release(self, throttled: bool = False) -> None:
-        """The request `acquire` let start is over; `throttled`: an upstream provider's (or an
-        unknown) 429 refused it."""
-        self.rate_limited += throttled
+    def release(self, throttled: bool | None) -> None:
+        """The request `acquire` let start is over; `throttled`: whether an upstream
+        provider's (or an unknown) 429 refused it, None if it was never sent."""
+        self.rate_limited += bool(throttled)
         if self.in_flight is not None:
             self.in_flight.leave(throttled)
 
@@ -267,9 +267,10 @@ class InFlight:
                 break
         self.count += 1
 
-    def leave(self, throttled: bool) -> None:
+    def leave(self, throttled: bool | None) -> None:
         self.count -= 1
-        self._judge(throttled)
+        if throttled is not None:
+            self._judge(throttled)
         self._wake()
 
     def _wake(self) -> None:
