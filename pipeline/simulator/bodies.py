@@ -47,6 +47,8 @@ class Generation:
     outcome: str  # "ok", or the fault that kept the answer from the client
     user: str | None = None
     http_referer: str | None = None
+    cache_write_tokens: int | None = None  # prompt tokens written to the cache, where reported
+    uncached_cost: float | None = None  # what it would have cost without the cache
 
     def ledger_entry(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,8 @@ class Generation:
             "completion_tokens": self.completion_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens or 0,
+            "provider": self.provider,
             "cost": self.cost,
             "finish_reason": self.finish_reason,
             "outcome": self.outcome,
@@ -69,7 +73,15 @@ class Generation:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "prompt_tokens_details": {
+                "cached_tokens": self.cached_tokens,
+                **(
+                    {}
+                    if self.cache_write_tokens is None
+                    else {"cache_write_tokens": self.cache_write_tokens}
+                ),
+                "audio_tokens": 0,
+            },
             "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
             "cost": self.cost,
             "is_byok": False,
@@ -88,7 +100,12 @@ class Generation:
             "request_id": f"req-{self.id[-12:]}",
             "total_cost": self.cost,
             "usage": self.cost,
-            "cache_discount": None,
+            # What the cache saved (negative: a write cost more), as OpenRouter reports it.
+            "cache_discount": (
+                None
+                if self.uncached_cost is None or not (self.cached_tokens or self.cache_write_tokens)
+                else self.uncached_cost - self.cost
+            ),
             "upstream_inference_cost": None,
             "created_at": datetime.fromtimestamp(self.created, UTC)
             .isoformat()

@@ -43,20 +43,29 @@ class SimModel:
     completion_price: Decimal
     supported_parameters: tuple[str, ...]
     cache_read_price: Decimal | None = None
+    # Writing a prefix to the cache (explicit caching), per token; None: no charge above the
+    # prompt price. Explicit models cache only up to a `cache_control` mark (`caching.py`).
+    cache_write_price: Decimal | None = None
+    explicit_cache: bool = False
+    min_cache_tokens: int = 0
+    # Every provider serving the model (`provider` first); each keeps its own cache.
+    providers: tuple[str, ...] = ()
     reasoning: bool = False
     native_length_reason: str = "length"
 
     def charges(
-        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-    ) -> tuple[float, float, float]:
-        """(total, prompt part, completion part) in USD; reasoning tokens bill as completion.
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+        written_tokens: int = 0,
+    ) -> tuple[float, float, float]:  # fmt: skip
+        """(total, prompt part, completion part) in USD; reasoning tokens bill as completion,
+        prompt tokens read from the cache at its price and those written to it at that price.
 
         The total is summed in Decimal and rounded to a float once, as `usage.cost` is.
         """
-        cached_price = (
-            self.cache_read_price if self.cache_read_price is not None else self.prompt_price
-        )
-        prompt = (prompt_tokens - cached_tokens) * self.prompt_price + cached_tokens * cached_price
+        read = self.cache_read_price if self.cache_read_price is not None else self.prompt_price
+        write = self.cache_write_price if self.cache_write_price is not None else self.prompt_price
+        plain = prompt_tokens - cached_tokens - written_tokens
+        prompt = plain * self.prompt_price + cached_tokens * read + written_tokens * write
         completion = completion_tokens * self.completion_price
         return float(prompt + completion), float(prompt), float(completion)
 
@@ -74,6 +83,8 @@ class SimModel:
         }
         if self.cache_read_price is not None:
             pricing["input_cache_read"] = _price_str(self.cache_read_price)
+        if self.cache_write_price is not None:
+            pricing["input_cache_write"] = _price_str(self.cache_write_price)
         entry: dict[str, Any] = {
             "id": self.id,
             "canonical_slug": self.id.removesuffix(":free"),
@@ -176,6 +187,26 @@ CATALOGUE: tuple[SimModel, ...] = (
         prompt_price=_per_million("0.028"),
         completion_price=_per_million("0.054"),
         supported_parameters=_COMMON_PARAMETERS,
+    ),
+    SimModel(
+        # Explicit caching, as Anthropic's models have: only up to a `cache_control` mark, a
+        # prefix of at least 1,024 tokens, writes at 1.25x and reads at 0.1x the prompt price,
+        # each of its three providers with a cache of its own.
+        id="anthropic/claude-sonnet-4",
+        name="Anthropic: Claude Sonnet 4",
+        provider="Anthropic",
+        providers=("Anthropic", "Amazon Bedrock", "Google"),
+        tokenizer="Claude",
+        instruct_type=None,
+        context_length=200_000,
+        max_completion_tokens=64_000,
+        prompt_price=_per_million("3.00"),
+        completion_price=_per_million("15.00"),
+        cache_read_price=_per_million("0.30"),
+        cache_write_price=_per_million("3.75"),
+        explicit_cache=True,
+        min_cache_tokens=1_024,
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED,
     ),
     SimModel(
         id="meta-llama/llama-3.3-70b-instruct:free",

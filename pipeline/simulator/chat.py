@@ -24,7 +24,6 @@ from pipeline.simulator.config import SimConfig
 from pipeline.simulator.content import (
     Answer,
     compose,
-    count_tokens,
     message_text,
     messages_digest,
     prompt_tokens,
@@ -252,12 +251,15 @@ async def _answer(
     # With `native_n`, one answer per choice, each drawn on from the same generator.
     answers = [_compose(sim.config, req, rng) for _ in range(_choices(sim.config, body))]
     answer = answers[0]
-    cached = _cached_tokens(sim.seen_prefixes, req)
+    session = body.get("session_id")
+    if not isinstance(session, str):
+        session = request.headers.get("x-session-id")
+    cache = sim.prompt_cache.serve(req.key, model, body, session, now)
     empty = fault is Fault.EMPTY
     errored = fault in (Fault.CHOICE_ERROR, Fault.ERROR_BODY)
     completion_tokens = 0 if empty else sum(a.completion_tokens for a in answers)
     total, prompt_part, completion_part = model.charges(
-        req.prompt_tokens, completion_tokens, cached
+        req.prompt_tokens, completion_tokens, cache.cached_tokens, cache.written_tokens
     )
     if empty or errored:
         total, prompt_part, completion_part = 0.0, 0.0, 0.0  # zero-completion insurance
@@ -268,11 +270,14 @@ async def _answer(
         messages_digest=req.digest,
         key_label=bodies.key_label(req.key),
         model=model.id,
-        provider=model.provider,
+        provider=cache.provider,
         prompt_tokens=req.prompt_tokens,
         completion_tokens=completion_tokens,
         reasoning_tokens=0 if empty else sum(a.reasoning_tokens for a in answers),
-        cached_tokens=cached,
+        cached_tokens=cache.cached_tokens,
+        # Reported only by models that price cache writes (OAS `ChatUsage`).
+        cache_write_tokens=cache.written_tokens if model.cache_write_price is not None else None,
+        uncached_cost=model.charges(req.prompt_tokens, completion_tokens)[0],
         cost=total,
         prompt_cost=prompt_part,
         completion_cost=completion_part,
@@ -325,22 +330,6 @@ def _compose(config: SimConfig, req: ChatRequest, rng: random.Random) -> Answer:
         response_schema=schema,
         json_object=fmt.get("type") == "json_object",
     )
-
-
-def _cached_tokens(seen_prefixes: set[tuple[str, str]], req: ChatRequest) -> int:
-    """Prompt caching: a system prompt this key already sent to a caching model is read from cache."""
-    first = req.messages[0]
-    if (
-        req.model.cache_read_price is None
-        or not isinstance(first, dict)
-        or first.get("role") != "system"
-    ):
-        return 0
-    prefix = (req.key, messages_digest(first))
-    if prefix not in seen_prefixes:
-        seen_prefixes.add(prefix)
-        return 0
-    return min(count_tokens(message_text(first)) + 4, req.prompt_tokens)
 
 
 def _reasoning_budget(model: SimModel, body: dict[str, Any], digest: str) -> int:

@@ -91,6 +91,8 @@ class SimConfig:
     keepalive_interval: float | None = None
     # How long `hang` and `stall` faults hold the connection (the server's shutdown ends them early).
     hang_seconds: float = 600.0
+    # How long a provider keeps a prompt prefix cached after its last use (`caching.py`).
+    cache_ttl: float = 300.0
     free_requests_per_minute: int = 20
     free_requests_per_day: int = 50
     request_log_size: int = 10_000

@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler
 
 from pipeline.simulator import bodies, chat, listing
 from pipeline.simulator.bodies import Generation
+from pipeline.simulator.caching import PromptCache
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.faults import FaultPicker, FaultSpecError
 from pipeline.simulator.limits import Limits
@@ -61,7 +62,7 @@ class Simulator:
         self.in_flight = 0
         self.max_in_flight = 0
         self.limits = Limits()
-        self.seen_prefixes: set[tuple[str, str]] = set()  # (key, system prompt digest) cached
+        self.prompt_cache = PromptCache(self.config.cache_ttl)  # every provider's prefixes
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
         """Apply `changes` (as `SimConfig.updated` takes them) to the running simulator."""
