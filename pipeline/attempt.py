@@ -366,7 +366,7 @@ def _answered(
         row.slot, row.key,
         c.content, c.finish_reason, c.model, c.provider, c.generation_id,
         c.prompt_tokens, c.completion_tokens, c.total_tokens, c.reasoning_tokens, c.cached_tokens,
-        cost, source, API, round(latency_ms, 3), attempts, OK,
+        c.cache_write_tokens, cost, source, API, round(latency_ms, 3), attempts, OK,
         request_hash=row.request_hash, digest=row.digest,
     )  # fmt: skip
     if row.samples == 1:
@@ -375,7 +375,7 @@ def _answered(
         replace(
             first, position=row.slot + i, completion=content, finish_reason=finish,
             prompt_tokens=None, completion_tokens=None, total_tokens=None, reasoning_tokens=None,
-            cached_tokens=None, cost_usd=0.0, cost_source=SHARED,
+            cached_tokens=None, cache_write_tokens=None, cost_usd=0.0, cost_source=SHARED,
         )
         for i, (content, finish) in enumerate(c.choices[1 : row.samples], start=1)
     ]  # fmt: skip

@@ -19,7 +19,10 @@ from pipeline.records import RESULT_FIELDS, Result
 
 # What an answer is, not which row had it or how it stands there.
 _STORED = tuple(
-    f for f in RESULT_FIELDS if f not in ("position", "key", "request_hash", "stale", "digest")
+    f
+    for f in RESULT_FIELDS
+    # cache_write_tokens: what answering cost the provider's cache, nothing to a reuse.
+    if f not in ("position", "key", "request_hash", "stale", "digest", "cache_write_tokens")
 )
 # Named for its columns: a cache written by a version that stored other fields is not misread.
 _TABLE = "responses_" + hashlib.blake2b(" ".join(_STORED).encode(), digest_size=4).hexdigest()

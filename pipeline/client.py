@@ -53,6 +53,7 @@ class Completion:
     reasoning_tokens: int | None
     cached_tokens: int | None
     cost: float | None
+    cache_write_tokens: int | None = None  # where the endpoint reports them
     # (content, finish_reason) of every choice, the first included: a request with `n` has
     # several; usage and cost above cover them all.
     choices: list[tuple[str | None, str | None]] = field(default_factory=list)
@@ -296,6 +297,7 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
     counts: tuple[Any, ...] = (
         usage.get("prompt_tokens"), completion_tokens, usage.get("total_tokens"),
         completion_details.get("reasoning_tokens"), prompt_details.get("cached_tokens"),
+        prompt_details.get("cache_write_tokens"),
     )  # fmt: skip
     # These go to the journal and to typed output columns as they are. The usual body passes
     # one test in C; from a server in the wild, each is made a count or text, or unknown.
@@ -305,7 +307,9 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
     if not usual:
         counts = tuple(map(_count, counts))
         model, provider, answer_id = _text(model), _text(provider), _text(answer_id)
-    prompt_tokens, completion_tokens, total_tokens, reasoning_tokens, cached_tokens = counts
+    prompt_tokens, completion_tokens, total_tokens, reasoning_tokens, cached_tokens, written = (
+        counts
+    )
     return Completion(
         content=content,
         finish_reason=finish,
@@ -317,6 +321,7 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
         total_tokens=total_tokens,
         reasoning_tokens=reasoning_tokens,
         cached_tokens=cached_tokens,
+        cache_write_tokens=written,
         cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         choices=answers,
     )

@@ -4,7 +4,8 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 
 ```toml
 [input]    path, format, delimiter, id_column, incremental, on_change, reprocess_changed
-[prompt]   column | template | messages_column, system, model_column, param_columns
+[prompt]   column | template | messages_column, system, model_column, param_columns,
+           cache_prefix
 [request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
            max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
            referer, title, key_file, timeout, connect_timeout, extra, cache
@@ -70,6 +71,9 @@ class PromptConfig:
     model_column: str | None = None
     # Request parameters taken per row from columns: {"temperature": "temp_column"}.
     param_columns: Mapping[str, str] | None = None
+    # Mark the system prompt for prompt caching: "auto" (models that price cache writes, i.e.
+    # need explicit breakpoints), "on" (every model) or "off" (`prompts.CACHE_MARK`).
+    cache_prefix: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +348,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         system=v.string("prompt.system"),
         model_column=v.string("prompt.model_column"),
         param_columns=v.param_columns("prompt.param_columns"),
+        cache_prefix=v.auto_or_flag("prompt.cache_prefix"),
     )
     sources = [
         k for k in ("column", "template", "messages_column") if getattr(prompt, k) is not None

@@ -22,8 +22,9 @@ from pipeline.feed import Feed
 from pipeline.identity import SettledToday, match
 from pipeline.job import RunOptions, run_job
 from pipeline.journal import Journal
-from pipeline.money import load_catalogue
+from pipeline.money import ModelPrice, load_catalogue
 from pipeline.plan import JobPlan, plan_job
+from pipeline.prompts import RequestBuilder
 from pipeline.records import TYPICAL_ANSWER_TOKENS, Totals
 from pipeline.redo import Redo
 from pipeline.settings import describe_changes, simulated
@@ -206,13 +207,29 @@ async def _estimate(
     finally:
         if journal is not None:
             journal.close()
+    caching = False
     for model_id, m in by_model.items():
         price = catalogue.get(model_id) if catalogue else None
         if price is None:
             notes.append(f"no price for {model_id}: the endpoint's /models does not list it")
             continue
-        m.cost_low = price.cost(int(m.prompt_tokens * PROMPT_LOW), m.output_low)
-        m.cost_high = price.cost(int(m.prompt_tokens * PROMPT_HIGH), m.output_high)
+        prefix = _cached_prefix(builder, model_id, price)
+        if prefix and m.rows > 1:  # at best read from the cache after the first row; at worst
+            # never read, and (where a write costs more) written by every row
+            written = prefix if price.cache_write is not None else 0
+            m.cost_low = price.cost(
+                int(m.prompt_tokens * PROMPT_LOW), m.output_low,
+                cached_tokens=int(prefix * PROMPT_LOW) * (m.rows - 1), written_tokens=written,
+            )  # fmt: skip
+            dearer = price.cache_write is not None and price.cache_write > price.prompt
+            m.cost_high = price.cost(
+                int(m.prompt_tokens * PROMPT_HIGH), m.output_high,
+                written_tokens=int(prefix * PROMPT_HIGH) * m.rows if dearer else 0,
+            )  # fmt: skip
+            caching = True
+        else:
+            m.cost_low = price.cost(int(m.prompt_tokens * PROMPT_LOW), m.output_low)
+            m.cost_high = price.cost(int(m.prompt_tokens * PROMPT_HIGH), m.output_high)
     method = (
         "prompt tokens ~ characters/4 + 4 per message, range x0.75-x1.25 (tokenizers differ; code and "
         "non-Latin scripts can fall outside); output tokens "
@@ -222,6 +239,11 @@ async def _estimate(
             else f"{out_low}-{out_high} per row"
         )
         + "; prices from /models; duplicates counted once"
+        + (
+            "; the system prompt read from the prompt cache after the first row at best, never at worst"
+            if caching
+            else ""
+        )
     )
     return Estimate(
         plan.slots,
@@ -232,6 +254,20 @@ async def _estimate(
         method,
         notes,
     )
+
+
+IMPLICIT_CACHE_TOKENS = 1_024  # the least a provider caching by itself caches (OpenAI's)
+
+
+def _cached_prefix(builder: RequestBuilder, model: str, price: ModelPrice) -> int:
+    """Tokens of the system prompt a provider may cache for each row: marked for caching, or
+    long enough for a model that caches by itself; 0 if neither."""
+    if price.cache_read is None or not builder.system_prompt:
+        return 0
+    tokens = builder.system_tokens
+    if builder.mark_every_model or model in builder.cache_marked:
+        return tokens
+    return tokens if price.cache_write is None and tokens >= IMPLICIT_CACHE_TOKENS else 0
 
 
 def _extrapolate(totals: Totals, after: Estimate) -> dict[str, Any]:

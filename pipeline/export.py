@@ -197,12 +197,19 @@ def _moved(plan: JobPlan, builder: RequestBuilder, journal: Journal) -> dict[int
 
 def _groups(plan: JobPlan, builder: RequestBuilder) -> Iterator[tuple[int, pa.Table, Expected]]:
     """The input a row group at a time, with what each slot's answer must have been for: its
-    row's id and request (either way a run may send it when it asks for `n` samples)."""
+    row's id and request (either way a run may send it when it asks for `n` samples, or
+    marks the system prompt for caching: neither is known here, without the listing)."""
     builders = [builder]
-    if plan.config.request.n > 1:  # all samples at once, or one request each: not known here
+    models = frozenset(plan.config.request.models or (plan.config.request.model,))
+    if plan.config.request.n > 1:
         native = copy.copy(builder)
-        native.native_n = frozenset(plan.config.request.models or (plan.config.request.model,))
+        native.native_n = models
         builders.append(native)
+    if plan.config.prompt.cache_prefix == "auto" and builder.system_prompt:
+        for unmarked in list(builders):
+            marked = copy.copy(unmarked)
+            marked.mark_every_model = True
+            builders.append(marked)
     for start, inputs in plan.source.arrow_batches(plan.limit, size=plan.layout.group_rows):
         frame = pl.from_arrow(inputs)
         assert isinstance(frame, pl.DataFrame)

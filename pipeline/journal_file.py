@@ -39,6 +39,7 @@ ADDED_COLUMNS = {
     "settings": "TEXT",
     "digest": "INTEGER",
     "ident_check": "INTEGER",
+    "cache_write_tokens": "INTEGER",
 }
 AS_ADDED = {name: "0" if "DEFAULT 0" in kind else "NULL" for name, kind in ADDED_COLUMNS.items()}
 # When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's

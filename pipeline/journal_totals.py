@@ -27,7 +27,7 @@ _TOTALS = f"""SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(sta
     COALESCE(SUM(status = 'ok' AND cost_usd IS NULL), 0), COALESCE(SUM({_PRICED}), 0)
     FROM results WHERE {{where}}"""
 _BY_MODEL = f"""SELECT response_model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
-    SUM(cost_usd IS NULL), SUM({_PRICED})
+    SUM(cost_usd IS NULL), SUM({_PRICED}), COALESCE(SUM(cached_tokens), 0), {{written}}
     FROM results WHERE {{where}} AND response_source = 'api' AND status = 'ok'
     GROUP BY response_model ORDER BY response_model"""
 _LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_usd), 0),
@@ -61,7 +61,11 @@ def totals(db: sqlite3.Connection, below: int | None = None) -> Totals:
     where = "position >= 0 AND position < ?" if below is not None else "position >= 0"
     args = (below,) if below is not None else ()
     row = db.execute(_TOTALS.format(where=where), args).fetchone()
-    by_model = db.execute(_BY_MODEL.format(where=where), args).fetchall()
+    # A journal from before cache writes were kept (read only) has none.
+    written = "COALESCE(SUM(cache_write_tokens), 0)"
+    if "cache_write_tokens" not in columns(db, "results"):
+        written = "0"
+    by_model = db.execute(_BY_MODEL.format(where=where, written=written), args).fetchall()
     lost = db.execute(_LOST).fetchone()
     departed = db.execute(_DEPARTED).fetchone()
     replaced = (
@@ -74,8 +78,8 @@ def totals(db: sqlite3.Connection, below: int | None = None) -> Totals:
         rows, ok, failed, prompt, completion, _cost(cost, unknown, priced), duplicates,
         cache_hits, unknown,
         by_model={
-            model or "(unknown)": ModelTotals(n, p or 0, c or 0, _cost(usd, none, paid), none)
-            for model, n, p, c, usd, none, paid in by_model
+            model or "(unknown)": ModelTotals(n, p or 0, c or 0, _cost(usd, none, paid), none, read, wrote)
+            for model, n, p, c, usd, none, paid, read, wrote in by_model
         },
         lost_attempts=lost[0], paid_twice_requests=lost[1],
         paid_twice_cost_usd=None if lost[3] else lost[2],  # unknown while any is unpriced

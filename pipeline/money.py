@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.client import Completion, OpenRouterClient
     from pipeline.config import JobConfig
     from pipeline.journal import Journal
+    from pipeline.records import Totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +44,33 @@ class ModelPrice:
     completion: Decimal
     request: Decimal = Decimal(0)
     cache_read: Decimal | None = None
+    cache_write: Decimal | None = None  # listed by models with explicit caching
     supported_parameters: frozenset[str] = frozenset()
     priced: bool = True
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
-        """USD for a request: tokens x prices (cached prompt tokens at the cache-read price)."""
-        cached_price = self.cache_read if self.cache_read is not None else self.prompt
+    def cost(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+        written_tokens: int = 0,
+    ) -> float:  # fmt: skip
+        """USD for a request: tokens x prices, the prompt tokens read from the cache at the
+        cache-read price and those written to it at the cache-write price."""
+        read = self.cache_read if self.cache_read is not None else self.prompt
+        write = self.cache_write if self.cache_write is not None else self.prompt
         total = (
-            (prompt_tokens - cached_tokens) * self.prompt
-            + cached_tokens * cached_price
+            (prompt_tokens - cached_tokens - written_tokens) * self.prompt
+            + cached_tokens * read
+            + written_tokens * write
             + completion_tokens * self.completion
             + self.request
         )
         return float(total)
+
+    def cache_saving(self, cached_tokens: int, written_tokens: int) -> float:
+        """What reading and writing the cache saved against the uncached prompt price
+        (negative when writes cost more than reads saved)."""
+        read = self.cache_read if self.cache_read is not None else self.prompt
+        write = self.cache_write if self.cache_write is not None else self.prompt
+        return float(cached_tokens * (self.prompt - read) - written_tokens * (write - self.prompt))
 
     def per_million(self, price: Decimal) -> str:
         if not self.priced:
@@ -77,10 +92,9 @@ class ModelPrice:
                 Decimal(str(pricing["completion"])),
             )
             request = Decimal(str(pricing.get("request") or 0))
-            cache_read = (
-                Decimal(str(pricing["input_cache_read"]))
-                if pricing.get("input_cache_read")
-                else None
+            cache_read, cache_write = (
+                Decimal(str(pricing[name])) if pricing.get(name) else None
+                for name in ("input_cache_read", "input_cache_write")
             )
             # "-1" marks routers whose price depends on the model they pick
             priced = prompt >= 0 and completion >= 0
@@ -88,7 +102,7 @@ class ModelPrice:
             priced = False
         if not priced:
             prompt = completion = request = Decimal(0)
-            cache_read = None
+            cache_read = cache_write = None
         top = entry.get("top_provider")
         top = top if isinstance(top, dict) else {}
         return cls(
@@ -100,6 +114,7 @@ class ModelPrice:
             completion=completion,
             request=request,
             cache_read=cache_read,
+            cache_write=cache_write,
             supported_parameters=frozenset(
                 p for p in entry.get("supported_parameters") or () if isinstance(p, str)
             ),
@@ -203,7 +218,10 @@ def worst_case_cost(
     output = most_output_tokens(price, prompt_tokens, max_tokens)
     if output is None:
         return None
-    return price.cost(int(prompt_tokens * PROMPT_ESTIMATE_MARGIN) + 1, output * samples)
+    prompt = int(prompt_tokens * PROMPT_ESTIMATE_MARGIN) + 1
+    # A cache write can cost more than the prompt price: at worst the whole prompt is written.
+    written = prompt if price.cache_write is not None and price.cache_write > price.prompt else 0
+    return price.cost(prompt, output * samples, written_tokens=written)
 
 
 def completion_cost(
@@ -217,9 +235,24 @@ def completion_cost(
     if price is None or completion.prompt_tokens is None or completion.completion_tokens is None:
         return None, None
     cost = price.cost(
-        completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens or 0
-    )
+        completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens or 0,
+        completion.cache_write_tokens or 0,
+    )  # fmt: skip
     return cost, COMPUTED
+
+
+def cache_saving(totals: Totals, catalogue: Catalogue | None) -> float | None:
+    """What the job's cached and cache-written prompt tokens saved against the listed
+    uncached prices; None when a model that used the cache has no listed prices."""
+    saving = 0.0
+    for model, used in totals.by_model.items():
+        if not (used.cached_tokens or used.cache_write_tokens):
+            continue
+        price = catalogue.get(model) if catalogue is not None else None
+        if price is None or not price.priced:
+            return None
+        saving += price.cache_saving(used.cached_tokens, used.cache_write_tokens)
+    return saving
 
 
 def unknown_limit(key: str, model: str, cap_key: str = "cost.max_cost") -> str:

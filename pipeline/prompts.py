@@ -34,6 +34,7 @@ from pipeline.source import POSITION
 from pipeline.values import ROW_PARAMS
 
 MESSAGE_OVERHEAD_TOKENS = 4
+CACHE_MARK = {"type": "ephemeral"}  # a prompt-caching breakpoint (`cache_control`)
 _PROMPT = "__pipeline_prompt"
 _NULL_COLUMN = "__pipeline_null_column"
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -91,6 +92,10 @@ class RequestBuilder:
         self.variants = config.request.variants
         self.slots = Slots(len(self.variants))
         self.native_n: frozenset[str] = frozenset()  # models asked for all samples at once
+        # Models whose system prompt is marked for prompt caching (`for_catalogue`); every
+        # model with `prompt.cache_prefix = true`.
+        self.cache_marked: frozenset[str] = frozenset()
+        self.mark_every_model = config.prompt.cache_prefix == "on"
         self.answers = answer_spec(config)
         self._params = request_params(config, self.answers)
         # Everything after "messages" is the same for every row of a sample: serialise it once.
@@ -103,6 +108,10 @@ class RequestBuilder:
         instruction = self.answers.instruction if self.answers else None
         system = "\n\n".join(text for text in (prompt.system, instruction) if text)
         self._system = [{"role": "system", "content": system}] if system else []
+        # The same, as a text part ending in a cache breakpoint: what comes before it (the
+        # whole system prompt) is the prefix a provider caches.
+        part = {"type": "text", "text": system, "cache_control": CACHE_MARK}
+        self._marked_system = [{"role": "system", "content": [part]}] if system else []
         self.prompt_expr, self._null_expr = self._prompt_expressions()
         self.digest_expr = self._digest_expression()
         # A row's key: its id, else (no id column, or a null id) its input position.
@@ -111,6 +120,16 @@ class RequestBuilder:
         self.key_expr = (
             pl.coalesce(pl.col(id_column).cast(pl.String), position) if id_column else position
         )
+
+    @property
+    def system_prompt(self) -> bool:
+        """Whether rows get the job's system prompt (`prompt.system`, the answers' instruction)."""
+        return bool(self._system)
+
+    @property
+    def system_tokens(self) -> int:
+        """The system prompt's estimated tokens, as a row's prompt counts them."""
+        return sum(_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in self._system)
 
     def seeded(self, endpoint: str | None) -> RequestBuilder:
         """This builder, hashing requests as a journal's first run did (`Journal.hash_seed`):
@@ -124,15 +143,30 @@ class RequestBuilder:
 
     def for_catalogue(self, catalogue: Catalogue | None) -> RequestBuilder:
         """This builder, asking for all samples in one request (`n`) from the models whose
-        listing supports it; itself when that changes nothing."""
-        if self.config.request.n == 1 or catalogue is None:
+        listing supports it, and (`prompt.cache_prefix = "auto"`) marking the system prompt
+        for caching for those whose listing prices cache reads and writes: the models that
+        cache only up to a breakpoint (Anthropic's, Gemini's explicit caching). Itself when
+        that changes nothing."""
+        if catalogue is None:
+            return self
+        native_n = self.native_n
+        if self.config.request.n > 1:
+            native_n = frozenset(
+                model_id
+                for model_id, listing in catalogue.models.items()
+                if "n" in listing.supported_parameters
+            )
+        marked = self.cache_marked
+        if self.config.prompt.cache_prefix == "auto" and self.system_prompt:
+            marked = frozenset(
+                model_id
+                for model_id, listing in catalogue.models.items()
+                if listing.cache_read is not None and listing.cache_write is not None
+            )
+        if (native_n, marked) == (self.native_n, self.cache_marked):
             return self
         builder = copy.copy(self)
-        builder.native_n = frozenset(
-            model_id
-            for model_id, listing in catalogue.models.items()
-            if "n" in listing.supported_parameters
-        )
+        builder.native_n, builder.cache_marked = native_n, marked
         return builder
 
     def _tail(self, row_params: dict[str, Any], sample: int) -> str:
@@ -279,7 +313,8 @@ class RequestBuilder:
     ) -> Row:
         """The request of one sample, or (`samples` > 1) of that many samples at once."""
         if self._system and messages[0].get("role") != "system":
-            messages = self._system + messages
+            marked = self.mark_every_model or model in self.cache_marked
+            messages = (self._marked_system if marked else self._system) + messages
         text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
         encoded = _encode_messages(messages)
         if samples > 1:

@@ -73,7 +73,8 @@ class Result:
     completion_tokens: int | None = _column("int64")
     total_tokens: int | None = _column("int64")
     reasoning_tokens: int | None = _column("int64")
-    cached_tokens: int | None = _column("int64")
+    cached_tokens: int | None = _column("int64")  # of the prompt's, read from the cache
+    cache_write_tokens: int | None = _column("int64")  # written to it, where reported
     cost_usd: float | None = _column("float64")
     # "reported" (usage.cost) | "computed" (tokens x prices) | "reused" | "shared" | None
     cost_source: str | None = _column("string")
@@ -151,6 +152,8 @@ class ModelTotals:
     # None when no row's cost is known; else a lower bound if `rows_cost_unknown`.
     cost_usd: float | None = 0.0
     rows_cost_unknown: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
+    cache_write_tokens: int = 0  # and written to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,17 @@ class Totals:
     replaced_cost_usd: float | None = 0.0  # None while any replaced answer had no cost
     departed_rows: int = 0  # answers of rows since gone from the input (incremental jobs)
     departed_cost_usd: float | None = 0.0  # what they cost; None while any had no cost
+    # What prompt caching saved against the uncached prices (`money.cache_saving`); None
+    # when a model with cached tokens has no listed prices.
+    cache_saving_usd: float | None = 0.0
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(m.cached_tokens for m in self.by_model.values())
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return sum(m.cache_write_tokens for m in self.by_model.values())
 
     @property
     def true_cost_usd(self) -> float | None:
@@ -203,4 +217,9 @@ class Totals:
 
     def as_dict(self) -> dict[str, Any]:
         """As the output's metadata and the JSON summary hold them."""
-        return {**dataclasses.asdict(self), "true_cost_usd": self.true_cost_usd}
+        cached = self.cached_tokens
+        return {
+            **dataclasses.asdict(self), "true_cost_usd": self.true_cost_usd,
+            "cached_tokens": cached, "cache_write_tokens": self.cache_write_tokens,
+            "cached_share": cached / self.prompt_tokens if self.prompt_tokens else 0.0,
+        }  # fmt: skip

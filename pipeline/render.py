@@ -24,6 +24,13 @@ def summary(report: JobReport, on_change: str) -> str:
         f"  cost {_usd(t.cost_usd, t.rows_cost_unknown)} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens"
         + _left_out(t.rows_cost_unknown, ": the endpoint reported none and lists no price"),
     ]
+    if t.cached_tokens or t.cache_write_tokens:
+        share = t.cached_tokens / t.prompt_tokens if t.prompt_tokens else 0.0
+        saved = "an unknown amount" if t.cache_saving_usd is None else f"${t.cache_saving_usd:.6f}"
+        lines.append(
+            f"  prompt cache: {t.cached_tokens:,} prompt tokens ({share:.1%}) read from it, "
+            f"{t.cache_write_tokens:,} written to it; saved {saved} against the uncached price"
+        )
     if t.duplicates_reused or t.cache_hits:
         lines.append(
             f"  not paid: {t.duplicates_reused:,} rows reused an identical request, {t.cache_hits:,} came from the cache"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -33,11 +34,13 @@ from pipeline.limits import Limits
 from pipeline.money import (
     Catalogue,
     Reservations,
+    cache_saving,
     credit_warning,
     key_figures,
     load_catalogue,
     reconcile,
 )
+from pipeline.options import describe
 from pipeline.output import ANSWERS_KEPT, FinalSlots, OutputWriter
 from pipeline.plan import JobPlan, check_models
 from pipeline.progress import Progress
@@ -151,10 +154,10 @@ class Run:
             self.progress.event(
                 "redo", rows=count, message=f"--redo: {count:,} row(s) done before are sent again"
             )
-        warning = await self._credit_warning()
-        if warning:
-            report.warnings.append(warning)
-            self.progress.event("warning", message=f"warning: {warning}")
+        for warning in (await self._credit_warning(), self._sticky_routing_warning()):
+            if warning:
+                report.warnings.append(warning)
+                self.progress.event("warning", message=f"warning: {warning}")
         try:
             with _event_loop_first():
                 await self._send()
@@ -163,7 +166,9 @@ class Run:
         await reconcile(
             self.client, self.journal, self.progress.log, patience=config.cost.reconcile_timeout
         )
-        report.job_totals = self.journal.totals(below=plan.slots)
+        totals = self.journal.totals(below=plan.slots)
+        saving = cache_saving(totals, self.catalogue)
+        report.job_totals = dataclasses.replace(totals, cache_saving_usd=saving)
         report.changed = self.realignment.changed
         report.departed = self.realignment.departed
         if self.output is not None:
@@ -184,6 +189,26 @@ class Run:
             report.write_seconds = self.output.final_seconds
             report.write_cpu_seconds = self.output.cpu_seconds
         return report
+
+    def _sticky_routing_warning(self) -> str | None:
+        """Said once when `provider.order` keeps OpenRouter from routing a job that would read
+        its system prompt from a provider's cache to the provider holding it."""
+        config, catalogue = self.config, self.catalogue
+        order = (config.request.provider or {}).get("order")
+        if not order or not self.builder.system_prompt or catalogue is None:
+            return None
+        models = config.request.models or (config.request.model,)
+        caching = [
+            m for m in models if (price := catalogue.get(m)) and price.cache_read is not None
+        ]
+        if not caching:
+            return None
+        return (
+            f"{describe('request.provider')} sets an order, which turns off OpenRouter's sticky "
+            f"routing for {caching[0]}: its requests read the cached system prompt only while "
+            "the first provider listed serves them (each other one pays to cache it again); "
+            "leave out the order to let OpenRouter keep them where the prompt is cached"
+        )
 
     async def _credit_warning(self) -> str | None:
         """Warn when the rows left could cost more than the key has left."""

@@ -3,7 +3,7 @@
 A journal holds answers to what was asked: the prompt and the request as sent (model, messages,
 parameters, response format). A resume with another question is refused (or, with `--redo`,
 accepted for the rows chosen). How the question travels (the endpoint's URL, the key, timeouts,
-limits, retries, the budget) changes no answer: a resume with new values of those goes on, and
+limits, retries, the budget, whether the system prompt is marked for caching) changes no answer: a resume with new values of those goes on, and
 says once what changed.
 
 `base_url` is left out of what is asked, but what it decides is kept: whether the body carries
@@ -42,7 +42,9 @@ def asked(config: JobConfig) -> dict[str, Any]:
     request["openrouter_fields"] = _openrouter_fields(
         config.request.labels, config.request.response_schema, config.request.is_openrouter
     )
-    return json.loads(json.dumps({"prompt": asdict(config.prompt), "request": request}))  # type: ignore[no-any-return]
+    # Marking the system prompt for caching changes what an answer costs, not the answer.
+    prompt = {k: v for k, v in asdict(config.prompt).items() if k != "cache_prefix"}
+    return json.loads(json.dumps({"prompt": prompt, "request": request}))  # type: ignore[no-any-return]
 
 
 def transport(config: JobConfig) -> dict[str, Any]:
@@ -52,6 +54,7 @@ def transport(config: JobConfig) -> dict[str, Any]:
         f"request.{k}": getattr(request, k) for k in TRANSPORT if k != "base_url"
     }
     found["request.base_url"] = SIMULATOR if request.simulate else request.base_url
+    found["prompt.cache_prefix"] = config.prompt.cache_prefix
     for section in ("limits", "retry", "cost"):
         found.update({f"{section}.{k}": v for k, v in asdict(getattr(config, section)).items()})
     return json.loads(json.dumps(found))  # type: ignore[no-any-return]

@@ -130,6 +130,17 @@ class RawValues:
             raise self._fail(key, "true or false", value)
         return value
 
+    def auto_or_flag(self, key: str) -> str | None:
+        """`"auto"`, true or false, as "auto", "on" or "off"."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if value == "auto":
+            return "auto"
+        if not isinstance(value, bool):
+            raise self._fail(key, '"auto", true or false', value)
+        return "on" if value else "off"
+
     def duration(self, key: str) -> float | None:
         """Seconds, from a number or a string like `90`, `45s`, `55m`, `2h`, `1h30m`."""
         value = self._get(key)

@@ -21,7 +21,7 @@ from tests.openapi import validate_component
 RESULT_DTYPES = {
     "completion": pl.String, "finish_reason": pl.String, "response_model": pl.String, "provider": pl.String,
     "generation_id": pl.String, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64, "total_tokens": pl.Int64,
-    "reasoning_tokens": pl.Int64, "cached_tokens": pl.Int64, "cost_usd": pl.Float64, "cost_source": pl.String, "response_source": pl.String, "latency_ms": pl.Float64,
+    "reasoning_tokens": pl.Int64, "cached_tokens": pl.Int64, "cache_write_tokens": pl.Int64, "cost_usd": pl.Float64, "cost_source": pl.String, "response_source": pl.String, "latency_ms": pl.Float64,
     "attempts": pl.Int32, "status": pl.String, "error_type": pl.String, "error_message": pl.String,
 }  # fmt: skip
 

@@ -30,6 +30,7 @@ CREATE TABLE results (
     total_tokens INTEGER,
     reasoning_tokens INTEGER,
     cached_tokens INTEGER,
+    cache_write_tokens INTEGER,
     cost_usd REAL,
     cost_source TEXT,
     response_source TEXT,
