@@ -72,6 +72,7 @@ class OpenRouterClient:
         connect_timeout: float,
         referer: str | None = None,
         title: str | None = None,
+        session_id: str | None = None,
     ) -> None:
         self.base_url = base_url
         self.url = f"{base_url}/chat/completions"
@@ -85,6 +86,8 @@ class OpenRouterClient:
         if title:
             headers["X-Title"] = title
             headers["X-OpenRouter-Title"] = title
+        if session_id:  # OpenRouter's sticky routing key: a header, so no request hash changes
+            headers["x-session-id"] = session_id
         self._headers = headers
         self._concurrency = concurrency
         # No `sock_read`: equal to `total` it could never fire first, yet aiohttp would arm and
@@ -243,8 +246,22 @@ async def connect(config: JobConfig, api_key: str) -> AsyncIterator[OpenRouterCl
             OpenRouterClient(
                 base_url, api_key, concurrency=config.limits.concurrency, timeout=req.timeout,
                 connect_timeout=req.connect_timeout, referer=req.referer, title=req.title,
+                session_id=session_id(config),
             )
         )  # fmt: skip
+
+
+def session_id(config: JobConfig) -> str | None:
+    """The job's session for OpenRouter's sticky routing, when its rows share a system prompt
+    a provider may cache: every request of the job then goes to the provider that served the
+    first (OpenRouter's default key includes each row's own first message, so batch rows
+    would not stick). Named after what the job asks, so a resume keeps it; other endpoints
+    ignore the header."""
+    prompt, request = config.prompt, config.request
+    shared = prompt.system or request.labels or request.response_schema
+    if prompt.cache_prefix == "off" or not shared:
+        return None
+    return f"prompt-pipeline-{config.fingerprint_hash()}"
 
 
 def parse_completion(data: dict[str, Any], generation_id: str | None) -> Completion:
