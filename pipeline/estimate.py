@@ -216,10 +216,10 @@ async def _estimate(
         prefix = _cached_prefix(builder, model_id, price)
         if prefix and m.rows > 1:  # at best read from the cache after the first row; at worst
             # never read, and (where a write costs more) written by every row
-            written = prefix if price.cache_write is not None else 0
+            low = int(prefix * PROMPT_LOW)  # as the prompt tokens are counted low
             m.cost_low = price.cost(
-                int(m.prompt_tokens * PROMPT_LOW), m.output_low,
-                cached_tokens=int(prefix * PROMPT_LOW) * (m.rows - 1), written_tokens=written,
+                int(m.prompt_tokens * PROMPT_LOW), m.output_low, cached_tokens=low * (m.rows - 1),
+                written_tokens=low if price.cache_write is not None else 0,
             )  # fmt: skip
             dearer = price.cache_write is not None and price.cache_write > price.prompt
             m.cost_high = price.cost(
