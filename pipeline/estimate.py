@@ -213,23 +213,20 @@ async def _estimate(
         if price is None:
             notes.append(f"no price for {model_id}: the endpoint's /models does not list it")
             continue
-        prefix = _cached_prefix(builder, model_id, price)
-        if prefix and m.rows > 1:  # at best read from the cache after the first row; at worst
-            # never read, and (where a write costs more) written by every row
-            low = int(prefix * PROMPT_LOW)  # as the prompt tokens are counted low
-            m.cost_low = price.cost(
-                int(m.prompt_tokens * PROMPT_LOW), m.output_low, cached_tokens=low * (m.rows - 1),
-                written_tokens=low if price.cache_write is not None else 0,
-            )  # fmt: skip
-            dearer = price.cache_write is not None and price.cache_write > price.prompt
-            m.cost_high = price.cost(
-                int(m.prompt_tokens * PROMPT_HIGH), m.output_high,
-                written_tokens=int(prefix * PROMPT_HIGH) * m.rows if dearer else 0,
-            )  # fmt: skip
-            caching = True
-        else:
-            m.cost_low = price.cost(int(m.prompt_tokens * PROMPT_LOW), m.output_low)
-            m.cost_high = price.cost(int(m.prompt_tokens * PROMPT_HIGH), m.output_high)
+        # With a cached prefix: at best read from the cache after the first row (written once);
+        # at worst never read, and (where a write costs more) written by every row.
+        prefix = _cached_prefix(builder, model_id, price) if m.rows > 1 else 0
+        low = int(prefix * PROMPT_LOW)  # as the prompt tokens are counted low
+        dearer = price.cache_write is not None and price.cache_write > price.prompt
+        m.cost_low = price.cost(
+            int(m.prompt_tokens * PROMPT_LOW), m.output_low, cached_tokens=low * (m.rows - 1),
+            written_tokens=low if price.cache_write is not None else 0,
+        )  # fmt: skip
+        m.cost_high = price.cost(
+            int(m.prompt_tokens * PROMPT_HIGH), m.output_high,
+            written_tokens=int(prefix * PROMPT_HIGH) * m.rows if dearer else 0,
+        )  # fmt: skip
+        caching = caching or prefix > 0
     method = (
         "prompt tokens ~ characters/4 + 4 per message, range x0.75-x1.25 (tokenizers differ; code and "
         "non-Latin scripts can fall outside); output tokens "

@@ -27,11 +27,19 @@ def billed(sim: Any) -> Counter[str]:
     return Counter(entry["messages_digest"] for entry in sim_get(sim, "ledger")["data"])
 
 
-def assert_each_row_answers_its_own_prompt(folder: Path) -> pl.DataFrame:
-    out = pl.read_parquet(folder / "out.parquet")
-    for text, completion in zip(out["text"], out["completion"], strict=True):
-        digest = messages_digest([{"role": "user", "content": text}])
-        assert completion is not None and completion.startswith(f"sim:{digest}"), (text, completion)
+def answers(text: str, completion: str | None) -> bool:
+    """Whether a simulator's completion answers this prompt (it quotes the prompt's digest)."""
+    digest = messages_digest([{"role": "user", "content": text}])
+    return completion is not None and completion.startswith(f"sim:{digest}")
+
+
+def assert_each_row_answers_its_own_prompt(
+    folder: Path, name: str = "out.parquet", rows: int | None = None
+) -> pl.DataFrame:
+    """Every row of the output (`name`), or its first `rows`, answers its own prompt."""
+    out = pl.read_parquet(folder / name)
+    for text, completion in zip(out["text"][:rows], out["completion"][:rows], strict=True):
+        assert answers(text, completion), (text, completion)
     return out
 
 

@@ -53,19 +53,23 @@ class PromptCache:
     ) -> CacheUse:
         """Route one request and look its prefix up in that provider's cache."""
         messages = body.get("messages") or []
-        order = _provider_order(body, model)
-        route = (key, model.id, session or _route_key(body, messages))
+        providers = model.providers or (model.provider,)
+        order = _provider_order(body, providers)
+        cheaper = model.cache_read_price is not None and model.cache_read_price < model.prompt_price
+        # Only a route among several providers, to a cheaper cache, is worth keeping.
+        sticky = cheaper and order is None and len(providers) > 1
+        route = (key, model.id, session or _route_key(body, messages)) if sticky else None
+        kept = self._sticky.get(route) if route is not None else None
         if order is not None:
             provider = order
-        elif (sticky := self._sticky.get(route)) is not None and sticky[1] > now:
-            provider = sticky[0]
+        elif kept is not None and kept[1] > now:
+            provider = kept[0]
         else:
-            providers = model.providers or (model.provider,)
             provider = providers[self._turns[model.id] % len(providers)]
             self._turns[model.id] += 1
         use = CacheUse(provider)
-        prefix = _prefix(model, messages)
-        if prefix is not None and model.cache_read_price is not None:
+        prefix = _prefix(model, messages) if model.cache_read_price is not None else None
+        if prefix is not None:
             digest, tokens = prefix
             entry = (key, provider, digest)
             if self._entries.get(entry, float("-inf")) > now:
@@ -73,22 +77,20 @@ class PromptCache:
             else:
                 use = CacheUse(provider, written_tokens=tokens if model.explicit_cache else 0)
             self._entries[entry] = now + self.ttl
-        cheaper = model.cache_read_price is not None and model.cache_read_price < model.prompt_price
-        if order is None and cheaper and (use.cached_tokens or session is not None):
+        # Made by a hit (or any answer in a session); each request on it renews it.
+        renewed = kept is not None and kept[0] == provider
+        if route is not None and (use.cached_tokens or session is not None or renewed):
             self._sticky[route] = (provider, now + STICKY_SECONDS)
-        elif route in self._sticky and self._sticky[route][0] == provider:
-            self._sticky[route] = (provider, now + STICKY_SECONDS)  # each request renews it
         return use
 
 
-def _provider_order(body: dict[str, Any], model: SimModel) -> str | None:
-    """The first provider of `provider.order` that serves the model (its first provider when
-    none listed does), or None without an order."""
+def _provider_order(body: dict[str, Any], providers: tuple[str, ...]) -> str | None:
+    """The first provider of `provider.order` among the model's `providers` (its first when
+    none listed is), or None without an order."""
     preferences = body.get("provider")
     order = preferences.get("order") if isinstance(preferences, dict) else None
     if not isinstance(order, list) or not order:
         return None
-    providers = model.providers or (model.provider,)
     by_name = {name.lower(): name for name in providers}
     for wanted in order:
         if isinstance(wanted, str) and wanted.lower() in by_name:
