@@ -33,7 +33,7 @@ from pipeline.errors import (
     Throttle,
     Unreachable,
 )
-from pipeline.limits import Limits, RecentShare
+from pipeline.limits import Limits, RecentShare, round_of
 from pipeline.money import Catalogue, Reservations, completion_cost
 from pipeline.options import describe
 from pipeline.records import API, DUPLICATE, ERROR, OK, SHARED, Result, Row
@@ -102,7 +102,9 @@ class ChatAnswerer:
         self.retries = 0
         self._responses = 0  # attempts the endpoint answered (with anything, even an error)
         self._unanswered = 0  # attempts in a row, across rows, it did not
-        self._failing = RecentShare()  # of the last attempts, those that failed and may retry
+        # Of the last attempts, those that failed and may retry.
+        in_flight = limits.in_flight.ceiling if limits.in_flight is not None else 0
+        self._failing = RecentShare(round_of(in_flight))
         self._inflight: dict[str, asyncio.Future[Result] | None] = {}
         self._recent: OrderedDict[str, Result] = OrderedDict()
 

@@ -203,13 +203,22 @@ MIN_OUTCOMES = 20
 SETTLE = 1.0  # seconds between two changes, so each is judged by answers sent after it
 
 
+def round_of(in_flight: int) -> int:
+    """How many answers make a round of `in_flight` requests, for `RecentShare.least`."""
+    return min(OUTCOMES, max(MIN_OUTCOMES, in_flight))
+
+
 class RecentShare:
     """The share of the last `OUTCOMES` events that were of a kind (a 429, a failure), and
-    whether there are enough of them (`MIN_OUTCOMES`) to call them a storm."""
+    whether there are enough of them to call them a storm: the answers to a whole round of
+    requests (`least`: as many as may be in flight). A refusal comes back at once and an answer
+    after its latency, so the first answers to any round are its refusals, and fewer would
+    take a sprinkle of them for a storm."""
 
-    def __init__(self) -> None:
+    def __init__(self, least: int = MIN_OUTCOMES) -> None:
         self._events: deque[bool] = deque(maxlen=OUTCOMES)
         self._hits = 0
+        self.least = least
 
     def add(self, hit: bool) -> None:
         if len(self._events) == self._events.maxlen:
@@ -223,7 +232,7 @@ class RecentShare:
 
     @property
     def known(self) -> bool:
-        return len(self._events) >= MIN_OUTCOMES
+        return len(self._events) >= self.least
 
     @property
     def share(self) -> float:
@@ -244,7 +253,7 @@ class InFlight:
         self.ceiling = self.cap = ceiling
         self.count = 0
         self._clock = clock
-        self._throttled = RecentShare()  # of the last answers, those an upstream 429
+        self._throttled = RecentShare(round_of(ceiling))  # of the last answers, upstream 429s
         self._changed = float("-inf")
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._woken = 0  # waiters woken for a free slot that have not taken it yet
@@ -292,4 +301,5 @@ class InFlight:
             self.cap = min(self.ceiling, self.cap + max(1, self.ceiling // 8))
         else:
             return
+        recent.least = round_of(self.cap)
         self._changed = now

@@ -96,9 +96,11 @@ LATENCY = 0.05
 class Endpoint:
     """What the client's `complete(body)` talks to, on the loop's (fast) clock: each request
     takes LATENCY, unless `refuse(key, now)` returns a 429 for it (answered at once, as a
-    provider refusing at the door). Keeps when each request came and how many were in flight."""
+    provider refusing at the door, or after `hold(key)` seconds, as one that hangs first).
+    Keeps when each request came and how many were in flight."""
 
     refuse: Callable[[str, float], RetryableError | None]
+    hold: Callable[[str], float] = lambda key: 0.0
     sent: list[tuple[float, str]] = field(default_factory=list)
     in_flight: int = 0
     most_in_flight: list[tuple[float, int]] = field(default_factory=list)
@@ -111,6 +113,8 @@ class Endpoint:
         refusal = self.refuse(key, now)
         if refusal is not None:
             self.refused.append((now, key, refusal))
+            if hold := self.hold(key):
+                await asyncio.sleep(hold)
             raise refusal
         self.in_flight += 1
         self.most_in_flight.append((now, self.in_flight))
@@ -188,6 +192,25 @@ def test_a_sprinkle_of_upstream_429s_holds_back_only_the_rows_refused() -> None:
     assert seconds < 1.0 + 1.0 + 0.5
     assert limits.in_flight is not None and limits.in_flight.cap == 20  # never lowered
     assert max(n for _, n in endpoint.most_in_flight) == 20
+
+
+@pytest.mark.timeout(30)
+def test_refusals_answered_before_any_success_are_not_taken_for_a_storm() -> None:
+    # A 429 comes back at once and an answer after its latency, so the first answers of a job
+    # are all the first round's 429s: 5 of the first 20 for a 5% sprinkle at concurrency 100.
+    first_tries: Counter[str] = Counter()
+
+    def refuse(key: str, now: float) -> RetryableError | None:
+        first_tries[key] += 1
+        return upstream_429(1.0) if first_tries[key] == 1 and int(key[1:]) % 20 == 7 else None
+
+    endpoint = Endpoint(refuse)
+    results, _, limits = run_job(endpoint, 2_000, 100)
+    assert [r.status for r in results] == [OK] * 2_000
+    assert early_retries(endpoint) == []
+    early_on = [n for when, n in endpoint.most_in_flight if 0.2 <= when - 1000.0 < 0.8]
+    assert max(early_on) == 100  # every worker kept going
+    assert limits.in_flight is not None and limits.in_flight.cap == 100
 
 
 @pytest.mark.timeout(30)
@@ -298,3 +321,4 @@ def test_a_rare_server_error_is_retried_at_once_and_a_broad_failure_backs_off() 
     assert [r.status for r in results] == [OK] * 200
     gaps = retry_gaps(outage)
     assert len(gaps) == 400 and sum(g > 0 for g in gaps) >= 150  # most retries waited
+
