@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import time
@@ -92,7 +93,11 @@ class OpenRouterClient:
         self._concurrency = concurrency
         # No `sock_read`: equal to `total` it could never fire first, yet aiohttp would arm and
         # re-arm a timer for it on every request (benchmarks/run.py, client CPU per row).
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
+        # And no rounding: aiohttp rounds a deadline over 5 s up to the loop's next whole
+        # second, so a 10 s timeout would end a hung request after up to 11 s.
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout, connect=connect_timeout, ceil_threshold=math.inf
+        )
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> OpenRouterClient:
