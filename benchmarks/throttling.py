@@ -39,6 +39,7 @@ def fault_storm(rows: int, repeat: int, work: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {
         name: {
             "wall_s": median(results, "wall"),
+            "walls_s": [round(r["wall"], 2) for r in results],
             "lost": max(r["lost"] for r in results),
             "paid_twice": max(r["paid_twice"] for r in results),
             "billing_faults": max(r["billing_faults"] for r in results),

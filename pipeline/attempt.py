@@ -199,9 +199,9 @@ class ChatAnswerer:
         clock = asyncio.get_running_loop().time
         responses = self._responses  # unchanged: no attempt anywhere got a response since
         failed = 0  # attempts of this call that failed
+        due = clock()  # the back-off schedule: no retry before it (a Retry-After apart)
         while True:
             attempts += 1
-            sent = clock()
             try:
                 results = await self._attempt(row, attempts)
                 self._failing.add(False)
@@ -209,13 +209,16 @@ class ChatAnswerer:
             except RetryableError as exc:
                 self._failing.add(True)
                 failed += 1
-                delay = self.policy.delay(attempts, exc.retry_after)
-                if exc.retry_after is None:
+                if exc.retry_after is not None:
+                    delay = exc.retry_after
+                else:
                     # The first failure of a row among requests that mostly succeed is a fault,
-                    # not an overload: tried again at once. Else the back-off runs from when the
-                    # attempt was sent (a timeout has waited it out).
-                    calm = failed == 1 and not self._failing.storm
-                    delay = 0.0 if calm else max(0.0, delay - (clock() - sent))
+                    # not an overload: tried again at once. Else the row's retries keep to an
+                    # exponential schedule from its first send, so the time it already spent
+                    # (in an attempt that hung, in a Retry-After) counts toward its back-off.
+                    if failed > 1 or self._failing.storm:
+                        due += self.policy.delay(attempts, None)
+                    delay = max(0.0, due - clock())
                 elapsed = clock() - started
                 if self.policy.gives_up(attempts, elapsed, delay):
                     if self._responses == responses and self._unanswered >= UNREACHABLE_STREAK:

@@ -322,3 +322,20 @@ def test_a_rare_server_error_is_retried_at_once_and_a_broad_failure_backs_off() 
     gaps = retry_gaps(outage)
     assert len(gaps) == 400 and sum(g > 0 for g in gaps) >= 150  # most retries waited
 
+
+@pytest.mark.timeout(30)
+def test_the_time_a_row_spent_waiting_counts_toward_its_back_off() -> None:
+    # A few rows hang 10 s and fail, then fail again at once, then succeed. The back-off after
+    # the second failure (at most 1 s + 2 s) has long passed since the row was first sent.
+    policy = RetryPolicy(max_attempts=20, max_elapsed=600, backoff_base=1.0, backoff_max=30)
+    tries: Counter[str] = Counter()
+
+    def twice(key: str, now: float) -> RetryableError | None:
+        tries[key] += 1
+        return server_error() if tries[key] <= 2 and int(key[1:]) % 50 == 3 else None
+
+    hung = Endpoint(twice, hold=lambda key: 10.0 if tries[key] == 1 else 0.0)
+    results, _, _ = run_job(hung, 500, 20, policy)
+    assert [r.status for r in results] == [OK] * 500
+    gaps = sorted(round(g, 3) for g in retry_gaps(hung))
+    assert gaps == [0.0] * 10 + [10.0] * 10  # the second failure sent again at once
