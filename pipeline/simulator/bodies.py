@@ -17,9 +17,17 @@ _ALNUM = string.ascii_letters + string.digits
 _ID_RNG = random.Random()
 
 
-def generation_id(now: float) -> str:
-    """`gen-<unix seconds>-<20 alphanumerics>`, the form real responses use."""
+def generation_id(now: float, *, batch: bool = False) -> str:
+    """`gen-<unix seconds>-<20 alphanumerics>`, the form real responses use; a batch line's is
+    `gen-batch-<unix seconds>-<20 hex digits>`."""
+    if batch:
+        return f"gen-batch-{int(now)}-{_ID_RNG.getrandbits(80):020x}"
     return f"gen-{int(now)}-{''.join(_ID_RNG.choices(_ALNUM, k=20))}"
+
+
+def batch_id(now: float) -> str:
+    """`batch-<unix seconds>-<20 alphanumerics>`, as live batch ids look."""
+    return f"batch-{int(now)}-{''.join(_ID_RNG.choices(_ALNUM, k=20))}"
 
 
 @dataclass(slots=True)
@@ -49,6 +57,7 @@ class Generation:
     http_referer: str | None = None
     cache_write_tokens: int | None = None  # prompt tokens written to the cache, where reported
     uncached_cost: float | None = None  # what it would have cost without the cache
+    batch_id: str | None = None  # the batch the line was answered in, if it was
 
     def ledger_entry(self) -> dict[str, Any]:
         return {
@@ -66,6 +75,7 @@ class Generation:
             "cost": self.cost,
             "finish_reason": self.finish_reason,
             "outcome": self.outcome,
+            **({"batch_id": self.batch_id} if self.batch_id is not None else {}),
         }
 
     def usage(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ costs are computed in `Decimal` then rounded once to a float, so the cost in a r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -52,6 +53,7 @@ class SimModel:
     providers: tuple[str, ...] = ()
     reasoning: bool = False
     native_length_reason: str = "length"
+    batch: bool = True  # has a `:batch` endpoint (the Batch API takes it)
 
     def charges(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
@@ -68,6 +70,19 @@ class SimModel:
         prompt = plain * self.prompt_price + cached_tokens * read + written_tokens * write
         completion = completion_tokens * self.completion_price
         return float(prompt + completion), float(prompt), float(completion)
+
+    def batch_row(self, discount: float) -> SimModel:
+        """The model's `:batch` endpoint: every price at `discount` of the model's."""
+        factor = Decimal(str(discount))
+
+        def cut(price: Decimal | None) -> Decimal | None:
+            return None if price is None else price * factor
+
+        return dataclasses.replace(
+            self, prompt_price=self.prompt_price * factor,
+            completion_price=self.completion_price * factor,
+            cache_read_price=cut(self.cache_read_price), cache_write_price=cut(self.cache_write_price),
+        )  # fmt: skip
 
     @property
     def is_free(self) -> bool:
@@ -187,6 +202,7 @@ CATALOGUE: tuple[SimModel, ...] = (
         prompt_price=_per_million("0.028"),
         completion_price=_per_million("0.054"),
         supported_parameters=_COMMON_PARAMETERS,
+        batch=False,
     ),
     SimModel(
         # Explicit caching, as Anthropic's models have: only up to a `cache_control` mark, a
@@ -219,6 +235,7 @@ CATALOGUE: tuple[SimModel, ...] = (
         prompt_price=Decimal(0),
         completion_price=Decimal(0),
         supported_parameters=_COMMON_PARAMETERS,
+        batch=False,
     ),
 )
 

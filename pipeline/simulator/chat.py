@@ -354,3 +354,54 @@ def _content_seed(model_id: str, digest: str, body: dict[str, Any]) -> int:
     """Same model, messages, seed and temperature -> same answer."""
     key = f"{model_id}|{digest}|{body.get('seed')}|{body.get('temperature')}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+# ------------------------------------------------------------------------------ batch lines
+
+
+def answer_line(
+    sim: Simulator, key: str, model: SimModel, priced: SimModel, body: dict[str, Any],
+    now: float, fault: Fault | None,
+) -> tuple[Generation, dict[str, Any]]:  # fmt: skip
+    """One line of a batch, answered as a chat request to `model` would be, billed at the
+    prices of `priced` (the model's batch row): its generation and `chat.completion` body."""
+    messages = body["messages"]
+    raw = json.dumps(body).encode()
+    digest = messages_digest(messages)
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    req = ChatRequest(
+        raw, body, key, messages, digest, model, prompt_tokens(messages), max_tokens, fault
+    )
+    answer = _compose(sim.config, req, random.Random(_content_seed(model.id, digest, body)))
+    if fault is Fault.EMPTY:
+        answer = Answer("", None, 0, 0, None, None)
+    elif fault is Fault.SCHEMA_INVALID:
+        answer = Answer(
+            '{"oops": ' + answer.content[:12], None, answer.completion_tokens, 0, "stop", "stop"
+        )
+    total, prompt_part, completion_part = priced.charges(
+        req.prompt_tokens, answer.completion_tokens
+    )
+    gen = Generation(
+        id=bodies.generation_id(now, batch=True),
+        request_hash=hashlib.blake2b(raw, digest_size=16).hexdigest(),
+        messages_digest=digest,
+        key_label=bodies.key_label(key),
+        model=model.id,
+        provider=model.provider,
+        prompt_tokens=req.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        reasoning_tokens=answer.reasoning_tokens,
+        cached_tokens=0,
+        cost=total,
+        prompt_cost=prompt_part,
+        completion_cost=completion_part,
+        finish_reason=answer.finish_reason,
+        native_finish_reason=answer.native_finish_reason,
+        created=now,
+        latency_ms=0.0,
+        streamed=False,
+        outcome="ok",
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+    )
+    return gen, bodies.completion(gen, [answer])

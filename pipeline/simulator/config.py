@@ -115,6 +115,40 @@ class SimConfig:
     # servers do: OpenRouter's own fields (`provider`, `models`, `reasoning`...) included.
     strict_openai: bool = False
 
+    # The Batch API (`batches.py`). Seconds on the simulator's clock (`POST /_sim/clock` moves
+    # it on) a batch spends validating, then in progress (its lines finish evenly, in order),
+    # then finalizing (0: the state is never shown) before it completes.
+    batch_validating_s: float = 0.5
+    batch_in_progress_s: float = 2.0
+    batch_finalizing_s: float = 0.0
+    # Of the model's price, what a batch line costs (its `:batch` endpoint's price).
+    batch_discount: float = 0.5
+    # Listed with a `:batch` endpoint, yet refused at submit ("does not have a :batch endpoint").
+    batch_refused_models: frozenset[str] = frozenset()
+    # At this age a batch stops: expired (finished lines returned, if `batch_expired_results`)
+    # or cancelled by the provider; unfinished lines become error rows.
+    batch_expire_after_s: float | None = None
+    batch_expired_results: bool = True
+    batch_cancel_after_s: float | None = None
+    # GET answers 404 for a batch younger than this; the list leaves out those younger than
+    # `batch_list_lag` (OpenRouter caches list responses for ~10 s).
+    batch_visible_after_s: float = 0.0
+    batch_list_lag_s: float = 0.0
+    # GETs of a completed batch that still answer `results: null` (settlement pending).
+    batch_settlement_polls: int = 0
+    # GET of a completed batch answers 402, results withheld, while this is set.
+    batch_payment_required: bool = False
+    # One entry used up per create / per GET of a batch or the list: "ok", "429", "500", "502",
+    # or, for creates only, "drop" (the batch is created, the connection reset before the 202)
+    # and "accepted_500" (created, then a 500).
+    batch_create_faults: tuple[str, ...] = ()
+    batch_get_faults: tuple[str, ...] = ()
+    batch_max_lines: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_shuffle: bool = True  # results in an order of their own: join on custom_id
+    batch_line_cost: bool = False  # each line's `usage.cost` (not in the SDK's schema)
+    batch_results_route: bool = False  # `GET /batches/{id}/results` (paged), newest docs only
+
     def updated(self, changes: Mapping[str, Any]) -> SimConfig:
         """A copy with `changes` applied; JSON-friendly values (lists, strings) are converted."""
         names = {f.name for f in dataclasses.fields(self)}
@@ -136,9 +170,10 @@ class SimConfig:
                 "disabled_keys",
                 "management_keys",
                 "down_models",
+                "batch_refused_models",
             ):
                 value = frozenset(value)
-            elif name == "flagged_terms":
+            elif name in ("flagged_terms", "batch_create_faults", "batch_get_faults"):
                 value = tuple(value)
             converted[name] = value
         return dataclasses.replace(self, **converted)

@@ -6,6 +6,7 @@ preferences to filter by) and `GET /models/{author}/{slug}/endpoints`, the route
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,10 +32,16 @@ def endpoints(config: SimConfig, model_id: str) -> dict[str, Any] | None:
     """The body of `GET /models/{model_id}/endpoints`, or None for a model not in the catalogue.
 
     Each simulated model has one endpoint, its provider, priced and limited as `/models` lists
-    it; it is always up, and no latency or throughput is measured (null, as the spec allows)."""
-    model = MODELS_BY_ID.get(model_id)
-    if model is None:
+    it; it is always up, and no latency or throughput is measured (null, as the spec allows).
+    `<model>:batch` is the model's Batch API row, at `batch_discount` of its prices."""
+    base = model_id.removesuffix(":batch")
+    model = MODELS_BY_ID.get(base)
+    if model is None or (base != model_id and not model.batch):
         return None
+    if base != model_id:
+        model = dataclasses.replace(
+            model.batch_row(config.batch_discount), id=model_id, name=f"{model.name} (batch)"
+        )
     entry = _entry(config, model)
     endpoint = {
         "name": f"{model.provider} | {model.id}",

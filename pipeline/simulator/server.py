@@ -2,8 +2,9 @@
 
 Routes (under `/api/v1` like OpenRouter): `POST /chat/completions`, `GET /models`,
 `GET /models/user`, `GET /models/{author}/{slug}/endpoints`, `GET /key` (and the older
-`/auth/key`), `GET /credits`, `GET /generation?id=`. Test hooks live under `/_sim/`: `stats`,
-`ledger`, `requests` (GET) and `config`, `reset` (POST). Any other route, or a method a route does
+`/auth/key`), `GET /credits`, `GET /generation?id=`, and the Batch API (`batch_routes.py`, also
+under `/api/beta`). Test hooks live under `/_sim/`: `stats`, `ledger`, `requests`, `batches`
+(GET) and `config`, `reset`, `clock` (POST). Any other route, or a method a route does
 not take, gets OpenRouter's JSON error body (404, 405), never aiohttp's plain text.
 
 This module holds the state every route shares and answers the small GETs; a chat request's
@@ -23,7 +24,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pipeline.simulator import bodies, chat, listing
+from pipeline.simulator import batch_routes, bodies, chat, listing
+from pipeline.simulator.batches import BatchStore
 from pipeline.simulator.bodies import Generation
 from pipeline.simulator.caching import PromptCache
 from pipeline.simulator.config import SimConfig
@@ -63,12 +65,22 @@ class Simulator:
         self.max_in_flight = 0
         self.limits = Limits()
         self.prompt_cache = PromptCache(self.config.cache_ttl)  # every provider's prefixes
+        self.clock_offset = 0.0  # seconds `POST /_sim/clock` moved the batch clock on
+        self.batches = BatchStore(self)
+
+    def now(self) -> float:
+        """The Batch API's clock: the wall clock, moved on by `POST /_sim/clock`."""
+        return time.time() + self.clock_offset
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
         """Apply `changes` (as `SimConfig.updated` takes them) to the running simulator."""
         self.config = self.config.updated(changes)
         if "fault_rates" in changes or "seed" in changes:
             self.picker = FaultPicker(self.config.fault_rates, self.config.seed)
+        if "batch_create_faults" in changes:
+            self.batches.create_faults = list(self.config.batch_create_faults)
+        if "batch_get_faults" in changes:
+            self.batches.get_faults = list(self.config.batch_get_faults)
 
     # ----------------------------------------------------------------------------- bookkeeping
 
@@ -173,6 +185,9 @@ class Simulator:
         app.router.add_get("/_sim/requests", self.sim_requests)
         app.router.add_post("/_sim/config", self.sim_config)
         app.router.add_post("/_sim/reset", self.sim_reset)
+        app.router.add_post("/_sim/clock", self.sim_clock)
+        app.router.add_get("/_sim/batches", self.sim_batches)
+        batch_routes.add_routes(app, self)
         app.on_shutdown.append(self._on_shutdown)
         return app
 
@@ -245,7 +260,7 @@ class Simulator:
             return refusal.response
         gen = self.generations.get(request.query.get("id", ""))
         finished = gen.created + gen.latency_ms / 1000 if gen else 0.0
-        if gen is None or time.time() < finished + self.config.ready_after:
+        if gen is None or self.now() < finished + self.config.ready_after:
             return web.json_response(bodies.error(404, "Generation not found"), status=404)
         return web.json_response({"data": gen.record()})
 
@@ -270,6 +285,29 @@ class Simulator:
         except (FaultSpecError, TypeError, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"ok": True})
+
+    async def sim_clock(self, request: web.Request) -> web.Response:
+        """`POST /_sim/clock` `{"advance": seconds}`: move the Batch API's clock on."""
+        try:
+            advance = float((await request.json()).get("advance", 0))
+        except (ValueError, TypeError, AttributeError):
+            return web.json_response({"error": 'expected {"advance": seconds}'}, status=400)
+        self.clock_offset += advance
+        return web.json_response({"now": self.now()})
+
+    async def sim_batches(self, request: web.Request) -> web.Response:
+        """`GET /_sim/batches`: every batch of every key, with its lines' custom ids."""
+        now = self.now()
+        data = []
+        for batch in self.batches.batches.values():
+            status, _ = self.batches.state(batch, now)
+            data.append({
+                "id": batch.id, "key": bodies.key_label(batch.key), "model": batch.model.id,
+                "status": status, "created_at": batch.created, "deleted": batch.deleted,
+                "custom_ids": [custom_id for custom_id, _ in batch.lines],
+                "cost": (batch.usage or {}).get("cost"),
+            })  # fmt: skip
+        return web.json_response({"data": data})
 
     async def sim_reset(self, request: web.Request) -> web.Response:
         """`POST /_sim/reset`: see `reset`."""
