@@ -183,17 +183,20 @@ class OpenRouterClient:
             return 0, None
 
     async def fetch_json(
-        self, path: str, *, params: dict[str, str] | None = None, post: bytes | None = None
-    ) -> tuple[int, Any]:
-        """GET `base_url + path` (POST `post` if given): the status and the JSON body (None if
-        not JSON). Raises `Unreachable` when no response came (`connected` says whether the
-        connection was made), `TrustError` when the certificate does not verify."""
+        self, path: str, *, params: dict[str, str] | None = None, post: bytes | None = None,
+        base: str | None = None,
+    ) -> tuple[int, Any]:  # fmt: skip
+        """GET `base_url + path` (POST `post` if given; another `base` for the Batch API): the
+        status and the JSON body (None if not JSON). Raises `Unreachable` when no response
+        came (`connected` says whether the connection was made), `TrustError` when the
+        certificate does not verify."""
         assert self._session is not None, "use `async with OpenRouterClient(...)`"
         method = "GET" if post is None else "POST"
         try:
             async with self._session.request(
-                method, self.base_url + path, params=params, data=post, allow_redirects=False
-            ) as resp:
+                method, (base or self.base_url) + path, params=params, data=post,
+                allow_redirects=False,
+            ) as resp:  # fmt: skip
                 raw = await resp.read()
                 try:
                     return resp.status, json.loads(raw)
