@@ -67,10 +67,16 @@ class Limits:
     async def acquire(self, estimated_tokens: int) -> None:
         """Wait until a request of about `estimated_tokens` may start; `release` it once
         answered (or failed), whatever happens."""
-        if self.in_flight is not None:
-            await self.in_flight.enter()
+        in_flight = self.in_flight
+        if in_flight is not None and not in_flight.enter_now():
+            await in_flight.enter()
         try:
-            await self._start(estimated_tokens)
+            now = self._clock()
+            # Nothing to wait for (the usual case): no coroutine to step through, once a request.
+            if self.rate is None and self._tokens is None and now >= self.paused_until:
+                self._started(now)
+            else:
+                await self._start(estimated_tokens)
         except BaseException:
             self.release(None)
             raise
@@ -93,12 +99,15 @@ class Limits:
             await self._tokens.acquire(min(tokens, self._tokens_max))
         if self.rate is not None:
             await self._hold_window()
-        now = self._clock()
-        self._starts.append(now)
+        self._started(self._clock())
+
+    def _started(self, now: float) -> None:
+        starts = self._starts
+        starts.append(now)
         if self.rate is not None:  # without a rate nothing trims the window: not kept
             self._window.append(now)
-        while self._starts[0] < now - 2.0:
-            self._starts.popleft()
+        while starts[0] < now - 2.0:
+            starts.popleft()
 
     async def _hold_window(self) -> None:
         """Never more than `rate` starts in any WINDOW: the bucket's headroom (see
@@ -213,30 +222,38 @@ class RecentShare:
     whether there are enough of them to call them a storm: the answers to a whole round of
     requests (`least`: as many as may be in flight). A refusal comes back at once and an answer
     after its latency, so the first answers to any round are its refusals, and fewer would
-    take a sprinkle of them for a storm."""
+    take a sprinkle of them for a storm.
+
+    Most events are not hits, so only the hits are kept (by their event number): adding any
+    other event, once a request, is one addition."""
 
     def __init__(self, least: int = MIN_OUTCOMES) -> None:
-        self._events: deque[bool] = deque(maxlen=OUTCOMES)
-        self._hits = 0
+        self._count = 0  # events since the last clear
+        self._hits: deque[int] = deque()  # the number of each hit among the last OUTCOMES
         self.least = least
 
     def add(self, hit: bool) -> None:
-        if len(self._events) == self._events.maxlen:
-            self._hits -= self._events[0]
-        self._events.append(hit)
-        self._hits += hit
+        if hit:
+            hits = self._hits
+            hits.append(self._count)
+            while hits[0] <= self._count - OUTCOMES:
+                hits.popleft()
+        self._count += 1
 
     def clear(self) -> None:
-        self._events.clear()
-        self._hits = 0
+        self._count = 0
+        self._hits.clear()
 
     @property
     def known(self) -> bool:
-        return len(self._events) >= self.least
+        return self._count >= self.least
 
     @property
     def share(self) -> float:
-        return self._hits / len(self._events) if self._events else 0.0
+        hits, oldest = self._hits, self._count - OUTCOMES
+        while hits and hits[0] < oldest:
+            hits.popleft()
+        return len(hits) / min(self._count, OUTCOMES) if self._count else 0.0
 
     @property
     def storm(self) -> bool:
@@ -257,6 +274,13 @@ class InFlight:
         self._changed = float("-inf")
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._woken = 0  # waiters woken for a free slot that have not taken it yet
+
+    def enter_now(self) -> bool:
+        """Take a slot if one is free and nobody waits for one (else `enter`)."""
+        if self.count + self._woken < self.cap and not self._waiting:
+            self.count += 1
+            return True
+        return False
 
     async def enter(self) -> None:
         while self.count + self._woken >= self.cap or self._waiting:
@@ -279,8 +303,12 @@ class InFlight:
     def leave(self, throttled: bool | None) -> None:
         self.count -= 1
         if throttled is not None:
-            self._judge(throttled)
-        self._wake()
+            if throttled or self.cap < self.ceiling:
+                self._judge(throttled)
+            else:  # at the ceiling, a good answer changes nothing but the share
+                self._throttled.add(False)
+        if self._waiting:
+            self._wake()
 
     def _wake(self) -> None:
         """Wake as many waiting workers, first come first served, as there are free slots."""

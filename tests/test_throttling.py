@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import Counter
+import random
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from pipeline.attempt import ChatAnswerer
 from pipeline.client import Completion, OpenRouterClient, throttled_by
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import Kind, RetryableError, Throttle
-from pipeline.limits import Limits
+from pipeline.limits import MIN_OUTCOMES, OUTCOMES, Limits, RecentShare
 from pipeline.records import OK, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.simulator import RunningSimulator
@@ -339,3 +340,17 @@ def test_the_time_a_row_spent_waiting_counts_toward_its_back_off() -> None:
     assert [r.status for r in results] == [OK] * 500
     gaps = sorted(round(g, 3) for g in retry_gaps(hung))
     assert gaps == [0.0] * 10 + [10.0] * 10  # the second failure sent again at once
+
+
+def test_the_recent_share_is_that_of_the_last_answers() -> None:
+    recent, window = RecentShare(), deque[bool](maxlen=OUTCOMES)
+    draw = random.Random(7)
+    for _ in range(5_000):
+        hit = draw.random() < 0.3
+        recent.add(hit)
+        window.append(hit)
+        if draw.random() < 0.01:
+            recent.clear()
+            window.clear()
+        assert recent.share == pytest.approx(sum(window) / len(window) if window else 0.0)
+        assert recent.known == (len(window) >= MIN_OUTCOMES)
