@@ -17,7 +17,7 @@ import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import polars as pl
 from pipeline import __version__
 from pipeline.digests import SCHEME, checks
 from pipeline.errors import JournalError
+from pipeline.journal_batches import BatchLog
 from pipeline.journal_file import (
     AS_ADDED,
     BLOCK_BITS,
@@ -448,10 +449,17 @@ class Journal:
 
     # ----------------------------------------------------------------------------- writes
 
-    def write(self, results: list[Result]) -> list[tuple[Any, ...]]:
-        """Commit `results` in one transaction (durable once this returns); returns them as
-        stored, `RESULT_FIELDS` tuples."""
-        if not results:
+    @property
+    def batches(self) -> BatchLog:
+        """The record of provider batches (batch mode)."""
+        return BatchLog(self._db, self._guard, self.path)
+
+    def write(
+        self, results: list[Result], then: Callable[[sqlite3.Connection], None] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Commit `results` in one transaction (durable once this returns), with what `then`
+        writes in it too; returns them as stored, `RESULT_FIELDS` tuples."""
+        if not results and then is None:
             return []
         settings = self._settings
         found = checks(
@@ -468,6 +476,8 @@ class Journal:
         with self._guard, when_full(self.path), self._db:
             self._db.executemany(_INSERT_MANY, runs)
             self._db.executemany(_INSERT, values[whole:])
+            if then is not None:
+                then(self._db)
         return values
 
 

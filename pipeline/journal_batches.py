@@ -1,0 +1,180 @@
+"""The journal's record of provider batches (batch mode): which requests went into which batch,
+kept so that a crash at any moment and a re-run give every row once and never a second batch
+for the same rows.
+
+A batch is recorded, with its lines, *before* its create is sent (`begin`: state
+`submitting`), and its server id once the create is answered (`submitted`). A batch still
+`submitting` when a run starts may or may not exist on the server, as there is no idempotency
+key: the run looks for it in the server's list of batches created since `created_after`
+before it sends it again. A batch's results go into the journal in the same transaction that
+marks it `done` (`Journal.write(..., then=log.finishing(...))`), so its answers are never
+journaled twice nor lost between the two.
+
+The tables are made by the first batch: the journal of a job never sent in batch mode is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.journal_file import when_full
+
+SUBMITTING, SUBMITTED, DONE = "submitting", "submitted", "done"
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS batches (
+    local_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    lines INTEGER NOT NULL,
+    created_after REAL NOT NULL,
+    state TEXT NOT NULL,
+    server_id TEXT UNIQUE,
+    status TEXT,
+    reserved_usd REAL,
+    cost_usd REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS batch_lines (
+    local_id TEXT NOT NULL,
+    custom_id TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    PRIMARY KEY (local_id, custom_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS batch_lines_by_hash ON batch_lines (request_hash);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    local_id: str
+    model: str
+    lines: int
+    created_after: float  # unix time just before its create was (first) sent
+    state: str
+    server_id: str | None
+    status: str | None  # the server's, as last seen
+    reserved_usd: float | None
+
+
+class BatchLog:
+    """The batch tables of one journal's sqlite connection (`guard`: the journal's lock)."""
+
+    def __init__(self, db: sqlite3.Connection, guard: threading.Lock, path: Path) -> None:
+        self._db = db
+        self._guard = guard
+        self._path = path
+
+    def _exists(self) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'"
+            ).fetchone()
+            is not None
+        )
+
+    def begin(
+        self, model: str, lines: list[tuple[str, str]], created_after: float,
+        reserved_usd: float | None = None,
+    ) -> BatchRecord:  # fmt: skip
+        """Record a batch of `lines` (custom id, request hash) about to be submitted; durable
+        once this returns."""
+        record = BatchRecord(
+            uuid.uuid4().hex, model, len(lines), created_after, SUBMITTING, None, None, reserved_usd
+        )
+        with self._guard, when_full(self._path), self._db:
+            for statement in _TABLES.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(
+                "INSERT INTO batches (local_id, model, lines, created_after, state, reserved_usd)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (record.local_id, model, len(lines), created_after, SUBMITTING, reserved_usd),
+            )
+            self._db.executemany(
+                "INSERT INTO batch_lines (local_id, custom_id, request_hash) VALUES (?, ?, ?)",
+                [(record.local_id, custom_id, request_hash) for custom_id, request_hash in lines],
+            )
+        return record
+
+    def submitted(
+        self, local_id: str, server_id: str, status: str, created_after: float | None = None
+    ) -> None:
+        """The server took the batch as `server_id`."""
+        with self._guard, when_full(self._path), self._db:
+            self._db.execute(
+                "UPDATE batches SET state = ?, server_id = ?, status = ?,"
+                " created_after = COALESCE(?, created_after) WHERE local_id = ?",
+                (SUBMITTED, server_id, status, created_after, local_id),
+            )
+
+    def seen(self, local_id: str, status: str) -> None:
+        """The server's status of a submitted batch, as last polled (for `pipeline status`)."""
+        with self._guard, when_full(self._path), self._db:
+            self._db.execute("UPDATE batches SET status = ? WHERE local_id = ?", (status, local_id))
+
+    def finishing(
+        self, local_id: str, status: str, cost_usd: float | None, at: float
+    ) -> Callable[[sqlite3.Connection], None]:
+        """What marks the batch done, to run in the transaction that writes its results."""
+
+        def finish(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE batches SET state = ?, status = ?, cost_usd = ?, finished_at = ? WHERE local_id = ?",
+                (DONE, status, cost_usd, at, local_id),
+            )
+
+        return finish
+
+    def unfinished(self) -> list[BatchRecord]:
+        """Batches not yet done, oldest first."""
+        with self._guard:
+            if not self._exists():
+                return []
+            rows = self._db.execute(
+                "SELECT local_id, model, lines, created_after, state, server_id, status, reserved_usd"
+                " FROM batches WHERE state != ? ORDER BY created_after, rowid",
+                (DONE,),
+            ).fetchall()
+        return [BatchRecord(*row) for row in rows]
+
+    def lines(self, local_id: str) -> dict[str, str]:
+        """A batch's lines: request hash by custom id."""
+        with self._guard:
+            return dict(
+                self._db.execute(
+                    "SELECT custom_id, request_hash FROM batch_lines WHERE local_id = ?",
+                    (local_id,),
+                ).fetchall()
+            )
+
+    def pending_hashes(self) -> set[str]:
+        """Requests in a batch not yet done: sent already (or perhaps), not to be sent again."""
+        with self._guard:
+            if not self._exists():
+                return set()
+            return {
+                h
+                for (h,) in self._db.execute(
+                    "SELECT l.request_hash FROM batch_lines l JOIN batches b USING (local_id)"
+                    " WHERE b.state != ?",
+                    (DONE,),
+                )
+            }
+
+    def server_ids(self) -> set[str]:
+        """Every server id the journal holds: a listed batch among them is not a lost create."""
+        with self._guard:
+            if not self._exists():
+                return set()
+            return {
+                s
+                for (s,) in self._db.execute(
+                    "SELECT server_id FROM batches WHERE server_id IS NOT NULL"
+                )
+            }
