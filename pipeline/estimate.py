@@ -16,13 +16,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.batch_prices import batch_prices
 from pipeline.client import connect
 from pipeline.config import JobConfig, api_key, read_api_key
 from pipeline.feed import Feed
 from pipeline.identity import SettledToday, match
 from pipeline.job import RunOptions, run_job
 from pipeline.journal import Journal
-from pipeline.money import ModelPrice, load_catalogue
+from pipeline.money import Catalogue, ModelPrice, load_catalogue
 from pipeline.plan import JobPlan, plan_job
 from pipeline.prompts import RequestBuilder
 from pipeline.records import TYPICAL_ANSWER_TOKENS, Totals
@@ -42,6 +43,9 @@ class ModelEstimate:
     output_high: int = 0
     cost_low: float | None = None
     cost_high: float | None = None
+    # The same rows through the Batch API, at the model's `:batch` price; None: no such endpoint.
+    batch_cost_low: float | None = None
+    batch_cost_high: float | None = None
 
 
 @dataclass
@@ -63,10 +67,19 @@ class Estimate:
     def cost_high(self) -> float | None:
         return _sum(m.cost_high for m in self.by_model.values())
 
+    @property
+    def batch_cost_low(self) -> float | None:
+        return _sum(m.batch_cost_low for m in self.by_model.values())
+
+    @property
+    def batch_cost_high(self) -> float | None:
+        return _sum(m.batch_cost_high for m in self.by_model.values())
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "total_rows": self.total_rows, "done_rows": self.done_rows, "todo_rows": self.todo_rows,
             "unique_requests": self.unique_requests, "cost_low_usd": self.cost_low, "cost_high_usd": self.cost_high,
+            "batch_cost_low_usd": self.batch_cost_low, "batch_cost_high_usd": self.batch_cost_high,
             "by_model": {k: vars(v) for k, v in self.by_model.items()}, "method": self.method,
             "notes": self.notes, "pilot": self.pilot,
         }  # fmt: skip
@@ -163,6 +176,38 @@ async def _estimate(
     config = plan.config
     async with connect(config, key) as client:
         catalogue = await load_catalogue(client, config)
+        estimate = _count(plan, catalogue, done, redone, today)
+        # The same rows through the Batch API, where the endpoint is OpenRouter's.
+        if config.request.is_openrouter and catalogue is not None:
+            prices = await batch_prices(client, list(estimate.by_model))
+            for model_id, m in estimate.by_model.items():
+                price, batch = catalogue.get(model_id), prices.get(model_id)
+                if price is not None and batch is not None:
+                    prefix = _cached_prefix(estimate.builder, model_id, price) if m.rows > 1 else 0
+                    m.batch_cost_low, m.batch_cost_high = _cost_range(m, batch, prefix)
+                elif price is not None:
+                    estimate.result.notes.append(
+                        f"{model_id} lists no :batch endpoint: the Batch API does not take it"
+                    )
+    return estimate.result
+
+
+@dataclass
+class _Counted:
+    result: Estimate
+    builder: RequestBuilder
+
+    @property
+    def by_model(self) -> dict[str, ModelEstimate]:
+        return self.result.by_model
+
+
+def _count(
+    plan: JobPlan, catalogue: Catalogue | None, done: int, redone: frozenset[int],
+    today: SettledToday | None,
+) -> _Counted:  # fmt: skip
+    """The rows still to do, their tokens and their cost at the listed prices."""
+    config = plan.config
     builder = plan.builder.for_catalogue(catalogue)
     max_tokens = config.request.max_tokens
     expected = config.cost.expected_output_tokens
@@ -213,19 +258,8 @@ async def _estimate(
         if price is None:
             notes.append(f"no price for {model_id}: the endpoint's /models does not list it")
             continue
-        # With a cached prefix: at best read from the cache after the first row (written once);
-        # at worst never read, and (where a write costs more) written by every row.
         prefix = _cached_prefix(builder, model_id, price) if m.rows > 1 else 0
-        low = int(prefix * PROMPT_LOW)  # as the prompt tokens are counted low
-        dearer = price.cache_write is not None and price.cache_write > price.prompt
-        m.cost_low = price.cost(
-            int(m.prompt_tokens * PROMPT_LOW), m.output_low, cached_tokens=low * (m.rows - 1),
-            written_tokens=low if price.cache_write is not None else 0,
-        )  # fmt: skip
-        m.cost_high = price.cost(
-            int(m.prompt_tokens * PROMPT_HIGH), m.output_high,
-            written_tokens=int(prefix * PROMPT_HIGH) * m.rows if dearer else 0,
-        )  # fmt: skip
+        m.cost_low, m.cost_high = _cost_range(m, price, prefix)
         caching = caching or prefix > 0
     method = (
         "prompt tokens ~ characters/4 + 4 per message, range x0.75-x1.25 (tokenizers differ; code and "
@@ -242,15 +276,28 @@ async def _estimate(
             else ""
         )
     )
-    return Estimate(
-        plan.slots,
-        done,
-        todo,
-        len(unique) if unique is not None else None,
-        dict(by_model),
-        method,
-        notes,
-    )
+    result = Estimate(
+        plan.slots, done, todo, len(unique) if unique is not None else None, dict(by_model),
+        method, notes,
+    )  # fmt: skip
+    return _Counted(result, builder)
+
+
+def _cost_range(m: ModelEstimate, price: ModelPrice, prefix: int) -> tuple[float, float]:
+    """The rows' cost at `price`. With a cached prefix: at best read from the cache after the
+    first row (written once); at worst never read, and (where a write costs more) written by
+    every row."""
+    low = int(prefix * PROMPT_LOW)  # as the prompt tokens are counted low
+    dearer = price.cache_write is not None and price.cache_write > price.prompt
+    cheapest = price.cost(
+        int(m.prompt_tokens * PROMPT_LOW), m.output_low, cached_tokens=low * (m.rows - 1),
+        written_tokens=low if price.cache_write is not None else 0,
+    )  # fmt: skip
+    dearest = price.cost(
+        int(m.prompt_tokens * PROMPT_HIGH), m.output_high,
+        written_tokens=int(prefix * PROMPT_HIGH) * m.rows if dearer else 0,
+    )  # fmt: skip
+    return cheapest, dearest
 
 
 IMPLICIT_CACHE_TOKENS = 1_024  # the least a provider caching by itself caches (OpenAI's)

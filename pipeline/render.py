@@ -114,11 +114,18 @@ def estimate(result: Estimate) -> str:
             if m.cost_low is not None and m.cost_high is not None
             else "price unknown"
         )
+        if m.batch_cost_low is not None and m.batch_cost_high is not None:
+            cost += f" (batch mode: ${m.batch_cost_low:.4f} - ${m.batch_cost_high:.4f})"
         lines.append(
             f"  {model}: {m.rows:,} requests, ~{m.prompt_tokens:,} prompt tokens, {m.output_low:,}-{m.output_high:,} output tokens: {cost}"
         )
     if result.cost_low is not None and result.cost_high is not None:
-        lines.append(f"estimated cost: ${result.cost_low:.4f} - ${result.cost_high:.4f}")
+        batch = (
+            f"; batch mode: ${result.batch_cost_low:.4f} - ${result.batch_cost_high:.4f}"
+            if result.batch_cost_low is not None and result.batch_cost_high is not None
+            else ""
+        )
+        lines.append(f"estimated cost: ${result.cost_low:.4f} - ${result.cost_high:.4f}{batch}")
     lines.append(f"how: {result.method}")
     lines += [f"note: {note}" for note in result.notes]
     if result.pilot:
