@@ -177,7 +177,8 @@ class ChatAnswerer:
             results[0] = _spend_with(results[0], rejected)
             if results[0].status != OK:
                 return results
-            verdicts = [self._judge(result) for result in results]
+            answers = self.answers
+            verdicts = [judge(result, answers) for result in results]
             if not any(verdicts):
                 return results
             turned_down = [
@@ -293,7 +294,7 @@ class ChatAnswerer:
             reservations.settle(reserved, cost)
         if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
             self.limits.charge_extra_tokens(completion.total_tokens - row.estimated_tokens)
-        return _answered(row, completion, attempt, latency_ms, cost, source)
+        return answered(row, completion, attempt, latency_ms, cost, source)
 
     def _heard(self, answered: bool) -> None:
         """Count an attempt the endpoint answered, or one it did not."""
@@ -321,38 +322,39 @@ class ChatAnswerer:
             connected=exc.kind != Kind.CONNECTION_FAILED,
         )
 
-    def _judge(self, result: Result) -> Verdict | None:
-        """Why a delivered answer is not a good one; None if it is good. A good structured
-        answer gets its canonical JSON in `parsed`."""
-        cut_off = result.finish_reason == "length"
-        if cut_off and not (result.completion or "").strip():
-            reasoning = (
-                f" ({result.reasoning_tokens} of them reasoning)" if result.reasoning_tokens else ""
-            )
-            spent = (
-                f" after {result.completion_tokens} completion tokens"
-                if result.completion_tokens is not None
-                else ""
-            )
-            return Verdict(
-                Kind.LENGTH,
-                f"no answer: the length limit ran out{spent}{reasoning}; "
-                f"raise {describe('request.max_tokens')} or lower the reasoning budget (request.reasoning)",
-                ask_again=False,
-            )
-        if self.answers is None:
-            return None
-        parsed, problem = self.answers.check(result.completion)
-        if problem is None:
-            result.parsed = parsed
-            return None
-        if cut_off:  # mid-answer: asking again cuts it off again
-            return Verdict(
-                Kind.LENGTH,
-                f"{problem}; the answer was cut off at the length limit (request.max_tokens)",
-                ask_again=False,
-            )
-        return Verdict(Kind.INVALID_ANSWER, problem, ask_again=True)
+
+def judge(result: Result, answers: AnswerSpec | None) -> Verdict | None:
+    """Why a delivered answer is not a good one; None if it is good. A good structured
+    answer gets its canonical JSON in `parsed`."""
+    cut_off = result.finish_reason == "length"
+    if cut_off and not (result.completion or "").strip():
+        reasoning = (
+            f" ({result.reasoning_tokens} of them reasoning)" if result.reasoning_tokens else ""
+        )
+        spent = (
+            f" after {result.completion_tokens} completion tokens"
+            if result.completion_tokens is not None
+            else ""
+        )
+        return Verdict(
+            Kind.LENGTH,
+            f"no answer: the length limit ran out{spent}{reasoning}; "
+            f"raise {describe('request.max_tokens')} or lower the reasoning budget (request.reasoning)",
+            ask_again=False,
+        )
+    if answers is None:
+        return None
+    parsed, problem = answers.check(result.completion)
+    if problem is None:
+        result.parsed = parsed
+        return None
+    if cut_off:  # mid-answer: asking again cuts it off again
+        return Verdict(
+            Kind.LENGTH,
+            f"{problem}; the answer was cut off at the length limit (request.max_tokens)",
+            ask_again=False,
+        )
+    return Verdict(Kind.INVALID_ANSWER, problem, ask_again=True)
 
 
 def _unanswered(exc: RetryableError) -> bool:
@@ -360,7 +362,7 @@ def _unanswered(exc: RetryableError) -> bool:
     return exc.kind in NO_RESPONSE_KINDS and exc.status is None and exc.generation_id is None
 
 
-def _answered(
+def answered(
     row: Row, c: Completion, attempts: int, latency_ms: float, cost: float | None,
     source: str | None,
 ) -> list[Result]:  # fmt: skip

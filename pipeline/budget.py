@@ -90,7 +90,10 @@ class Budget:
     def _room(self, cap: Cap) -> float:
         return cap.limit - cap.earlier - self.spent - self.reserved
 
-    async def reserve(self, amount: float) -> None:
+    async def reserve(self, amount: float, *, wait: bool = True) -> None:
+        """Hold `amount` of every cap; when one has no room, wait for requests in flight to
+        settle (unless not `wait`: a batch's reservations settle only when it is collected),
+        or, with none held, stop (`BudgetReached`)."""
         while True:
             now = self.clock()
             for cap in self.caps:
@@ -98,7 +101,7 @@ class Budget:
             full = [cap for cap in self.caps if self._room(cap) < amount]
             if not full:
                 break
-            if not self._held:
+            if not self._held or not wait:
                 raise self._reached(min(full, key=self._room), amount, now)
             self._settled.clear()
             await self._settled.wait()

@@ -22,7 +22,14 @@ import click
 
 from pipeline import __version__
 from pipeline import config as config_module
-from pipeline.errors import Interrupted, Locked, OutOfTime, PipelineError, Terminated
+from pipeline.errors import (
+    BatchesPending,
+    Interrupted,
+    Locked,
+    OutOfTime,
+    PipelineError,
+    Terminated,
+)
 from pipeline.options import JOB_OPTIONS, Option, show
 from pipeline.simulate_command import CONTEXT, simulate
 
@@ -65,7 +72,9 @@ def exits(fail: Fail = _fail, interrupted: str = INTERRUPTED) -> Iterator[None]:
 def _click_option(option: Option) -> Any:
     kwargs: dict[str, Any] = {"metavar": option.metavar}
     if option.kind == "flag":
-        kwargs.update(is_flag=True, default=None, flag_value=option.sets or True)
+        kwargs.update(
+            is_flag=True, default=None, flag_value=True if option.sets is None else option.sets
+        )
     elif option.kind == "choice":
         kwargs["type"] = click.Choice(list(option.choices))
     elif option.kind != "text":
@@ -195,10 +204,10 @@ def run(
         _fail(f"--log-file {log_file} cannot be opened: {exc.strerror}", 1)
 
     def fail(message: str, code: int) -> NoReturn:
-        # 5 (the previous run still going) and 6 (out of time, resumes next run) are what a
-        # scheduled job expects: said once where the log goes, never as an `error:` on stderr
-        # that cron would mail every hour.
-        expected = code in (Locked.exit_code, OutOfTime.exit_code)
+        # 5 (the previous run still going), 6 (out of time, resumes next run) and 7 (batches
+        # pending) are what a scheduled job expects: said once where the log goes, never as an
+        # `error:` on stderr that cron would mail every hour.
+        expected = code in (Locked.exit_code, OutOfTime.exit_code, BatchesPending.exit_code)
         line = message if expected else f"error: {message}"
         if logs.json:
             event = "exit" if expected else "error"

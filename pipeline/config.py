@@ -28,6 +28,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.batch_config import BatchConfig, batch_config
 from pipeline.cost_config import CostConfig, cost_config
 from pipeline.errors import ConfigError
 from pipeline.options import FORMAT_NAMES, INPUT_FORMATS, describe
@@ -107,6 +108,8 @@ class RequestConfig:
     # Whether base_url is OpenRouter, which takes fields OpenAI's API does not know (the
     # `provider` routing a schema adds); None: OpenRouter's host or the simulator.
     openrouter: bool | None = None
+    # "sync": a request per row; "batch": OpenRouter's Batch API (`batch_mode`, `[batch]`).
+    mode: str = "sync"
 
     @property
     def is_openrouter(self) -> bool:
@@ -188,6 +191,7 @@ class JobConfig:
     retry: RetryConfig
     output: OutputConfig
     cost: CostConfig = field(default_factory=CostConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def request_fingerprint(self) -> dict[str, Any]:
         """What shapes the requests: a resumed job must ask the same (`settings.asked`)."""
@@ -207,8 +211,10 @@ SECTIONS: dict[str, Any] = {
     "retry": RetryConfig,
     "output": OutputConfig,
     "cost": CostConfig,
+    "batch": BatchConfig,
 }
 
+MODES = ("sync", "batch")  # how rows are sent (`request.mode`)
 ON_CHANGE = ("reprocess", "keep")  # what an incremental job does with a changed row
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
 PATH_KEYS = (
@@ -390,6 +396,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         cache=v.string("request.cache"),
         simulate=bool(v.raw["request"].get("simulate")),
         openrouter=v.flag("request.openrouter") if "openrouter" in v.raw["request"] else None,
+        mode=v.choice("request.mode", MODES),
     )
     _check_request(request, prompt)
     limits = _given(
@@ -417,7 +424,9 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         result_prefix=v.string("output.result_prefix"),
         row_group_size=v.integer("output.row_group_size", low=1),
     )
-    return JobConfig(input_cfg, prompt, request, limits, retry, output, cost_config(v))
+    return JobConfig(
+        input_cfg, prompt, request, limits, retry, output, cost_config(v), batch_config(v)
+    )
 
 
 def _delimiter(value: str | None) -> str | None:

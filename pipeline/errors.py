@@ -196,6 +196,14 @@ class OutOfTime(PipelineError):
     exit_code = 6
 
 
+class BatchesPending(PipelineError):
+    """Batch mode with `--no-wait`: batches were submitted (or are still running) and their
+    results are not in yet; the next run collects them. Exit 7, so a cron job can tell "come
+    back later" from a failure."""
+
+    exit_code = 7
+
+
 class Interrupted(PipelineError):
     """SIGINT or SIGTERM: the journal was flushed; the next run resumes. Exit 128 + signal."""
 

@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS batches (
     state TEXT NOT NULL,
     server_id TEXT UNIQUE,
     status TEXT,
+    completed INTEGER,
+    failed INTEGER,
+    expires_at REAL,
     reserved_usd REAL,
     cost_usd REAL,
     finished_at REAL
@@ -113,10 +116,41 @@ class BatchLog:
                 (SUBMITTED, server_id, status, created_after, local_id),
             )
 
-    def seen(self, local_id: str, status: str) -> None:
-        """The server's status of a submitted batch, as last polled (for `pipeline status`)."""
+    def seen(
+        self, local_id: str, status: str, completed: int, failed: int, expires_at: float | None
+    ) -> None:
+        """A submitted batch as last polled (for `pipeline status`)."""
         with self._guard, when_full(self._path), self._db:
-            self._db.execute("UPDATE batches SET status = ? WHERE local_id = ?", (status, local_id))
+            self._db.execute(
+                "UPDATE batches SET status = ?, completed = ?, failed = ?, expires_at = ?"
+                " WHERE local_id = ?",
+                (status, completed, failed, expires_at, local_id),
+            )
+
+    def listing(self, limit: int = 20) -> list[dict[str, object]]:
+        """The newest batches, as `pipeline status` shows them."""
+        names = ("id", "model", "lines", "state", "status", "completed", "failed",
+                 "created_after", "expires_at", "cost_usd")  # fmt: skip
+        with self._guard:
+            if not self._exists():
+                return []
+            rows = self._db.execute(
+                "SELECT server_id, model, lines, state, status, completed, failed, created_after,"
+                " expires_at, cost_usd FROM batches ORDER BY created_after DESC, rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def done(self, local_id: str, status: str, cost_usd: float | None, at: float) -> None:
+        """The batch is final and its answers are saved."""
+        with self._guard, when_full(self._path), self._db:
+            self.finishing(local_id, status, cost_usd, at)(self._db)
+
+    def abandon(self, local_id: str) -> None:
+        """A batch whose create never reached the server: its lines are sent again as new."""
+        with self._guard, when_full(self._path), self._db:
+            self._db.execute("DELETE FROM batch_lines WHERE local_id = ?", (local_id,))
+            self._db.execute("DELETE FROM batches WHERE local_id = ?", (local_id,))
 
     def finishing(
         self, local_id: str, status: str, cost_usd: float | None, at: float

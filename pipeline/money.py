@@ -273,8 +273,9 @@ class Reservations:
         self.fallbacks = fallbacks
 
     async def reserve(
-        self, model: str, prompt_tokens: int, max_tokens: int | None, samples: int
-    ) -> float:
+        self, model: str, prompt_tokens: int, max_tokens: int | None, samples: int,
+        *, wait: bool = True,
+    ) -> float:  # fmt: skip
         worst = 0.0
         cap_key = self.budget.caps[0].key
         for model_id in (model, *self.fallbacks):
@@ -287,7 +288,7 @@ class Reservations:
             if cost is None:
                 raise BudgetReached(unknown_limit("model", model_id, cap_key))
             worst = max(worst, cost)
-        await self.budget.reserve(worst)
+        await self.budget.reserve(worst, wait=wait)
         return worst
 
     def settle(self, reserved: float, actual: float | None) -> None:

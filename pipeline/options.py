@@ -21,7 +21,7 @@ class Option:
     choices: tuple[str, ...] = ()
     # How the help shows the default: None, not at all; "" the config's default; else this text.
     shows_default: str | None = None
-    sets: str | None = None  # a flag that sets the key to this value (else to true)
+    sets: str | bool | None = None  # a flag that sets the key to this value (else to true)
 
     @property
     def param(self) -> str:
@@ -71,6 +71,8 @@ JOB_OPTIONS: tuple[Option, ...] = (
     Option("request.base_url", "--base-url", "OpenAI-compatible API base URL", metavar="URL", shows_default=""),
     Option("request.temperature", "--temperature", "Sampling temperature (0-2).", "float"),
     Option("request.max_tokens", "--max-tokens", "Cap on output tokens per request.", "int"),
+    Option("request.mode", "--mode", "How rows are sent: sync (a request each) or batch (OpenRouter's Batch API, about half the price, results within 24 h)", "choice", choices=("sync", "batch"), shows_default=""),
+    Option("batch.wait", "--no-wait", "With --mode batch: submit, then exit 7 while batches run; the next run collects them.", "flag", sets=False),
     Option("request.cache", "--cache", "Response cache shared across jobs (sqlite file).", metavar="PATH"),
     Option("limits.concurrency", "--concurrency", "Requests in flight at most", "int", metavar="N", shows_default=""),
     Option("limits.rps", "--rps", "Requests per second at most.", "float", metavar="R"),

@@ -21,6 +21,9 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.attempt import ChatAnswerer
+from pipeline.batch_api import BatchAPI
+from pipeline.batch_mode import BatchRunner
+from pipeline.batch_prices import batch_prices
 from pipeline.budget import Budget, BudgetReached, Cap
 from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient, connect
@@ -243,8 +246,14 @@ class Run:
             answers=self.builder.answers, invalid_retries=config.retry.invalid_retries,
             stopping=stopping, on_lost=lambda lost: self.writer.add_lost([lost]),
         )  # fmt: skip
-        self.dispatcher = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
-        answerer.resting = self.dispatcher.resting
+        sender: BatchRunner | Dispatcher
+        if config.request.mode == "batch":
+            sender = counted = await self._batch_runner(answerer.reservations)
+        else:
+            sender = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
+            answerer.resting = sender.resting
+            counted = answerer  # type: ignore[assignment]
+        self.dispatcher = sender
         self.final = FinalSlots()
         self._fed = threading.Event()  # the first rows to send are fed (or there are none)
         journal = self.journal
@@ -263,7 +272,7 @@ class Run:
         def finished(row: Row, result: Result) -> None:
             self.writer.add(result)
             prompt = _prompt_text(row) if log_prompts and result.status != OK else None
-            progress.update(result, answerer.retries, limits.rate_limited, prompt)
+            progress.update(result, counted.retries, limits.rate_limited, prompt)
 
         try:
             await self.dispatcher.run(self._rows(), finished)
@@ -284,9 +293,21 @@ class Run:
             if writing is not None:
                 await writing
             progress.close()
-            self.report.retries = answerer.retries
+            self.report.retries = counted.retries
             _restore_signals(self._outer_signals)
         self._raise_if_stopped()
+
+    async def _batch_runner(self, reservations: Reservations | None) -> BatchRunner:
+        """Batch mode's sender: the Batch API at `[batch] base_url` (else the chat one), with
+        each model's `:batch` price for the cost of its answers."""
+        config = self.config
+        models = list(config.request.models or (config.request.model,))
+        return BatchRunner(
+            BatchAPI(self.client, config.batch.base_url or self.client.base_url), self.journal,
+            config.batch, RetryPolicy.from_config(config.retry),
+            await batch_prices(self.client, models), flush=self.writer.flush,
+            answers=self.builder.answers, reservations=reservations, log=self.progress.log,
+        )  # fmt: skip
 
     def _journal_full(self, _failure: DiskFull) -> None:
         """A commit found no room: send nothing more (its answers could not be saved); the
