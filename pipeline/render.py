@@ -84,9 +84,35 @@ def status(figures: dict[str, Any]) -> str:
         if output is not None
         else f"journal {figures['journal']} (output unknown without the config)",
     ]
+    lines += [_batch_line(batch) for batch in figures.get("batches", [])]
     if figures.get("note"):
         lines.append(f"note: {figures['note']}")
     return "\n".join(lines)
+
+
+def _batch_line(batch: dict[str, Any]) -> str:
+    """A batch of batch mode: its id, the server's state and counts, age and expiry."""
+    now = time.time()
+    name = batch["id"] or "(create not yet answered)"
+    status = batch["status"] or batch["state"]
+    counts = ""
+    if batch["completed"] is not None:
+        counts = f", {batch['completed']:,} answered, {batch['failed']:,} failed"
+    line = f"batch {name}: {status}, {batch['lines']:,} requests for {batch['model']}{counts}, {_age(now - batch['created_after'])} old"
+    if batch["state"] != "done" and batch["expires_at"]:
+        line += f", expires in {_age(batch['expires_at'] - now)}"
+    if batch["cost_usd"] is not None:
+        line += f", cost {_usd(batch['cost_usd'])}"
+    return line
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 def _day_spend(figures: dict[str, Any]) -> str:

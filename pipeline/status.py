@@ -115,6 +115,7 @@ def _journal_figures(path: Path, slots: int | None) -> tuple[dict[str, Any], dic
     settled = recent = 0
     day_spend = 0.0
     meta: dict[str, Any] = {}
+    batches: list[dict[str, Any]] = []
     if (journal := Journal.read_only(path)) is not None:
         try:
             with journal, journal.snapshot():
@@ -123,6 +124,7 @@ def _journal_figures(path: Path, slots: int | None) -> tuple[dict[str, Any], dic
                 recent = journal.done_since(time.time() - RATE_WINDOW)
                 day_spend = sum(usd for _, usd in journal.spend_since(time.time() - DAY))
                 meta = journal.meta()
+                batches = journal.batches.listing()
         except sqlite3.Error as exc:
             raise JournalError(f"journal {path} cannot be read: {exc}") from None
     holder = lock_holder(path)
@@ -141,6 +143,7 @@ def _journal_figures(path: Path, slots: int | None) -> tuple[dict[str, Any], dic
         "running": holder is not None,
         "lock_holder": holder,
         "journal": str(path),
+        "batches": batches,  # batch mode's, newest first
     }
     return figures, meta
 
