@@ -36,7 +36,7 @@ from pipeline.client import Completion
 from pipeline.errors import BatchesPending, Kind, UserError
 from pipeline.journal import Journal
 from pipeline.journal_batches import SUBMITTING, BatchRecord
-from pipeline.money import ModelPrice, Reservations
+from pipeline.money import REPORTED, ModelPrice, Reservations
 from pipeline.records import DUPLICATE, ERROR, Result, Row
 from pipeline.retry import RetryPolicy
 
@@ -265,6 +265,7 @@ class BatchRunner:
             try:
                 state = await self.api.create(body)
             except NoBatchEndpoint as exc:
+                await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
                 raise UserError(
                     f'{exc}; send {record.model} in sync mode (request.mode = "sync")'
                 ) from None
@@ -275,7 +276,8 @@ class BatchRunner:
                     continue
                 state = found
             except BatchError as exc:
-                if not exc.retry:
+                if not exc.retry:  # refused: nothing was made
+                    await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
                     raise UserError(
                         f"the Batch API refused a batch of {record.lines:,} requests for {record.model}: {exc}"
                     ) from None
@@ -290,6 +292,8 @@ class BatchRunner:
             )
             self.log(f"batch {state.id}: {record.lines:,} requests for {record.model} submitted")
             return
+        # Every attempt was refused, or lost and then not found: nothing was made.
+        await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
         raise UserError(
             f"could not submit a batch for {record.model} after {self.policy.max_attempts} attempts; run again to resume"
         )
@@ -391,6 +395,7 @@ class BatchRunner:
     async def _collect(self, batch: _Open, state: BatchState) -> None:
         results = line_results(state.results or [])
         price = self.prices.get(batch.model)
+        latency_ms = max(0.0, self._clock() - batch.created_after) * 1000  # submit to collect
         resend: dict[str, _Chunk] = {}
         for custom_id, key in batch.lines.items():
             waiting = self._waiting.get(key)
@@ -399,7 +404,7 @@ class BatchRunner:
             waiting.attempts += 1
             line = results.get(custom_id)
             if line is not None and line.completion is not None:
-                self._answered(key, waiting, line.completion, price)
+                self._answered(key, waiting, line.completion, price, latency_ms)
                 continue
             if state.status == "failed":  # the whole batch refused: sent again, it would be again
                 message = f"batch {state.id} failed: {state.error or 'no reason given'}"
@@ -437,27 +442,22 @@ class BatchRunner:
             await self._submit(chunk)
 
     def _answered(
-        self, key: str, waiting: _Waiting, completion: Completion, price: ModelPrice | None
-    ) -> None:
-        cost = None
-        if (
-            price is not None
-            and completion.prompt_tokens is not None
-            and completion.completion_tokens is not None
-        ):
-            cost = (
-                completion.cost
-                if completion.cost is not None
-                else price.cost(
-                    completion.prompt_tokens,
-                    completion.completion_tokens,
-                    completion.cached_tokens or 0,
-                    completion.cache_write_tokens or 0,
-                )
+        self, key: str, waiting: _Waiting, completion: Completion, price: ModelPrice | None,
+        latency_ms: float,
+    ) -> None:  # fmt: skip
+        """The answer to a line, given to every row that asked it."""
+        cost: float | None = completion.cost  # a line may carry its cost
+        source: str | None = REPORTED
+        prompt, output = completion.prompt_tokens, completion.completion_tokens
+        if cost is None and price is not None and prompt is not None and output is not None:
+            cost = price.cost(
+                prompt, output, completion.cached_tokens or 0, completion.cache_write_tokens or 0
             )
+            source = BATCH_PRICE
+        elif cost is None:
+            source = None
         first, *others = waiting.rows
-        source = BATCH_PRICE if cost is not None else None
-        (result,) = answered(first, completion, waiting.attempts, 0.0, cost, source)
+        (result,) = answered(first, completion, waiting.attempts, latency_ms, cost, source)
         if (verdict := judge(result, self.answers)) is not None:
             # Not asked again in this run: a later run sends it again (`retry_on_resume`).
             result = replace(

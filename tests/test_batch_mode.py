@@ -210,3 +210,20 @@ def test_not_yet_readable_settling_and_402_are_waited_out_or_resumed(
     assert "credits" in withheld.stderr
     assert collected.returncode == 0, collected.stderr
     assert len(made) == 1 and len(ledger) == 4  # collected, not run again
+
+
+def test_a_model_without_a_batch_endpoint_is_refused_by_name(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    with sim_thread(**INSTANT) as sim:
+        config = str(job(tmp_path, sim, ["a", "b"]))
+        first = run_cli(config, "--model", "mistralai/mistral-7b-instruct")
+        again = run_cli(config, "--model", "mistralai/mistral-7b-instruct")
+        made = batches(sim)
+    assert first.returncode == 1
+    assert (
+        "does not have a :batch endpoint" in first.stderr
+        and 'request.mode = "sync"' in first.stderr
+    )
+    assert again.returncode == 1 and "looking for it" not in again.stderr  # nothing left open
+    assert made == []
