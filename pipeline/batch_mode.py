@@ -60,7 +60,8 @@ class _Open:
 
 @dataclass
 class _Waiting:
-    """A request of this run that has no answer yet: its rows, body and attempts."""
+    """A request of this run that has no answer yet: its rows and attempts, and its body until
+    its batch is recorded (the journal keeps it from then on)."""
 
     rows: list[Row]
     body: bytes | None
@@ -205,7 +206,7 @@ class BatchRunner:
         if (waiting := self._waiting.get(key)) is not None:
             waiting.rows.append(replace(row, body=None))  # an identical request: one line for all
             return True
-        if key in pending:  # its line is in a batch an earlier run submitted
+        if key in pending:  # its line is in a batch an earlier run submitted (body on disk)
             self._waiting[key] = _Waiting([replace(row, body=None)], None, row.model)
             return True
         if self.stopping.is_set() or self.stopped is not None:
@@ -239,12 +240,15 @@ class BatchRunner:
     async def _submit(self, chunk: _Chunk) -> None:
         if not chunk.hashes:
             return
-        lines = [(key, key) for key in chunk.hashes]  # a request hash is a valid custom_id
-        body = submission(chunk.model, [(key, self._body(key)) for key in chunk.hashes])
+        # A request hash is a valid custom_id.
+        lines = [(key, key, self._body(key)) for key in chunk.hashes]
+        body = submission(chunk.model, [(key, line) for key, _, line in lines])
         record = await asyncio.to_thread(
             self.journal.batches.begin, chunk.model, lines, self._clock()
         )
-        await self._create(record, body, dict(lines))
+        for key in chunk.hashes:
+            self._waiting[key].body = None  # on disk now, with the record
+        await self._create(record, body, {key: key for key in chunk.hashes})
 
     def _release(self, chunk: _Chunk) -> None:
         """Rows that will not be sent this run: their reservations go back to the budget."""
@@ -416,11 +420,7 @@ class BatchRunner:
                 if line is not None
                 else f"the batch was {state.status} before this request ran"
             )
-            if (
-                waiting.attempts >= self.policy.max_attempts
-                or self.stopping.is_set()
-                or waiting.body is None
-            ):
+            if waiting.attempts >= self.policy.max_attempts or self.stopping.is_set():
                 attempts = f"{waiting.attempts} batch attempt{'s' if waiting.attempts > 1 else ''}"
                 self._failed(
                     key, waiting, f"batch_{kind}", f"gave up after {attempts}; last: {message}"
@@ -437,9 +437,14 @@ class BatchRunner:
         self.log(
             f"batch {state.id}: {state.status}, {state.completed:,} answered, {state.failed:,} failed; cost ${cost or 0:.6f}"
         )
-        for chunk in resend.values():
-            chunk.size = sum(len(self._body(k)) for k in chunk.hashes)
-            await self._submit(chunk)
+        if resend:  # their bodies, from the record of the batch they were in
+            keys = {key: custom_id for custom_id, key in batch.lines.items()}
+            wanted = [keys[key] for chunk in resend.values() for key in chunk.hashes]
+            found = await asyncio.to_thread(self.journal.batches.bodies, batch.local_id, wanted)
+            for chunk in resend.values():
+                for key in chunk.hashes:
+                    self._waiting[key].body = found[keys[key]]
+                await self._submit(chunk)
 
     def _answered(
         self, key: str, waiting: _Waiting, completion: Completion, price: ModelPrice | None,

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     local_id TEXT NOT NULL,
     custom_id TEXT NOT NULL,
     request_hash TEXT NOT NULL,
+    body BLOB,
     PRIMARY KEY (local_id, custom_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batch_lines_by_hash ON batch_lines (request_hash);
@@ -82,11 +83,12 @@ class BatchLog:
         )
 
     def begin(
-        self, model: str, lines: list[tuple[str, str]], created_after: float,
+        self, model: str, lines: list[tuple[str, str, bytes]], created_after: float,
         reserved_usd: float | None = None,
     ) -> BatchRecord:  # fmt: skip
-        """Record a batch of `lines` (custom id, request hash) about to be submitted; durable
-        once this returns."""
+        """Record a batch of `lines` (custom id, request hash, body) about to be submitted;
+        durable once this returns. The bodies are kept to send a line again if it fails, so
+        no run holds them in memory while its batches run."""
         record = BatchRecord(
             uuid.uuid4().hex, model, len(lines), created_after, SUBMITTING, None, None, reserved_usd
         )
@@ -100,8 +102,8 @@ class BatchLog:
                 (record.local_id, model, len(lines), created_after, SUBMITTING, reserved_usd),
             )
             self._db.executemany(
-                "INSERT INTO batch_lines (local_id, custom_id, request_hash) VALUES (?, ?, ?)",
-                [(record.local_id, custom_id, request_hash) for custom_id, request_hash in lines],
+                "INSERT INTO batch_lines (local_id, custom_id, request_hash, body) VALUES (?, ?, ?, ?)",
+                [(record.local_id, custom_id, key, body) for custom_id, key, body in lines],
             )
         return record
 
@@ -186,6 +188,18 @@ class BatchLog:
                     (local_id,),
                 ).fetchall()
             )
+
+    def bodies(self, local_id: str, custom_ids: list[str]) -> dict[str, bytes]:
+        """The request bodies of some of a batch's lines, by custom id."""
+        wanted = set(custom_ids)
+        with self._guard:
+            return {
+                custom_id: body
+                for custom_id, body in self._db.execute(
+                    "SELECT custom_id, body FROM batch_lines WHERE local_id = ?", (local_id,)
+                )
+                if body is not None and custom_id in wanted
+            }
 
     def pending_hashes(self) -> set[str]:
         """Requests in a batch not yet done: sent already (or perhaps), not to be sent again."""

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 # What a journal is opened for: any one job's fingerprint, the same each time.
 CONFIG = {"input.path": "in.csv", "output.path": "out.parquet", "prompt.template": "{text}"}
 JOB = {"input": [], "config": load(None, CONFIG).request_fingerprint()}
-LINES = [("h0", "h0"), ("h1", "h1"), ("h2", "h2")]
+LINES = [("h0", "h0", b"{}"), ("h1", "h1", b"{}"), ("h2", "h2", b"{}")]
 
 
 def answer(position: int, request_hash: str) -> Result:
@@ -56,7 +56,8 @@ def test_a_batch_is_on_disk_before_it_is_sent_and_its_server_id_after(tmp_path: 
             record.local_id, SUBMITTING, 3, None,
         )  # fmt: skip
         assert found.created_after == 1000.0 and found.reserved_usd == 0.5
-        assert journal.batches.lines(record.local_id) == dict(LINES)
+        assert journal.batches.lines(record.local_id) == {c: h for c, h, _ in LINES}
+        assert journal.batches.bodies(record.local_id, ["h1"]) == {"h1": b"{}"}
         assert journal.batches.pending_hashes() == {"h0", "h1", "h2"}
         journal.batches.submitted(record.local_id, "batch-1-x", "validating")
     with Journal.open(tmp_path / "j", JOB) as journal:
