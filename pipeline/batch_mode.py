@@ -55,7 +55,6 @@ class _Open:
     model: str
     lines: dict[str, str]  # request hash by custom id
     created_after: float
-    polls: int = 0
 
 
 @dataclass
@@ -387,14 +386,15 @@ class BatchRunner:
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if the run is told to stop."""
-        stopping = asyncio.ensure_future(self.stopping.wait())
+        waits = [
+            asyncio.ensure_future(self.stopping.wait()),
+            asyncio.ensure_future(self._sleep(seconds)),
+        ]
         try:
-            await asyncio.wait(
-                [stopping, asyncio.ensure_future(self._sleep(seconds))],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopping.cancel()
+            for wait in waits:
+                wait.cancel()
 
     async def _collect(self, batch: _Open, state: BatchState) -> None:
         results = line_results(state.results or [])
