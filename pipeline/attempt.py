@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -36,12 +37,19 @@ from pipeline.errors import (
 from pipeline.limits import Limits, RecentShare, round_of
 from pipeline.money import Catalogue, Reservations, completion_cost
 from pipeline.options import describe
-from pipeline.records import API, DUPLICATE, ERROR, OK, SHARED, Result, Row
+from pipeline.records import ABANDONED, API, DUPLICATE, ERROR, OK, SHARED, Result, Row
 from pipeline.retry import RetryPolicy
 
 # Failures after the server accepted the request: it may have generated, and billed, an answer
 # that never reached us. Their generation ids are kept for reconciliation.
 LOST_ANSWER_KINDS = frozenset({Kind.TIMEOUT, Kind.CONNECTION_DROPPED, Kind.INVALID_JSON})
+
+
+def abandoned_id() -> str:
+    """A lost attempt's id when the request was abandoned before any id came back."""
+    return f"{ABANDONED}{uuid.uuid4().hex}"
+
+
 # Failures where no response came back at all (no status, no headers).
 NO_RESPONSE_KINDS = frozenset(
     {Kind.CONNECTION_FAILED, Kind.CONNECTION_DROPPED, Kind.CONNECTION_ERROR, Kind.TIMEOUT}
@@ -284,6 +292,10 @@ class ChatAnswerer:
             except BaseException:
                 if reservations is not None:  # stopped or cancelled mid-request: assume billed
                     reservations.settle(reserved, None)
+                # Abandoned in flight (a stop's grace ran out): the provider may have billed
+                # it, and with no generation id nothing can say what it cost. Journaled as a
+                # lost attempt of unknown cost, so the true spend reads unknown, not too low.
+                self.on_lost((abandoned_id(), row.slot, Kind.ABANDONED))
                 raise
         finally:
             self.limits.release(throttled)

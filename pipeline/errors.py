@@ -68,6 +68,7 @@ class Kind:
     EMPTY = "empty"
     LENGTH = "length"  # cut off by max_tokens with no usable answer
     INVALID_ANSWER = "invalid_answer"  # outside the labels / schema after every re-ask
+    ABANDONED = "abandoned"  # in flight when a stop's grace ran out: perhaps billed
     HTTP_429 = "http_429"
 
     @staticmethod

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.budget import Budget, BudgetReached
 from pipeline.errors import TrustError, Unreachable, UserError
 from pipeline.options import describe
+from pipeline.records import ABANDONED
 
 if TYPE_CHECKING:
     from pipeline.client import Completion, OpenRouterClient
@@ -404,7 +405,8 @@ async def reconcile(
     """Ask `/generation` what the lost attempts cost. It may answer 404 for a while after a
     generation, so poll with back-off; what is still unknown after `patience` seconds waits for
     a later run."""
-    pending = set(journal.unreconciled())
+    # An attempt abandoned before any generation id came back cannot be looked up.
+    pending = {g for g in journal.unreconciled() if not g.startswith(ABANDONED)}
     if not pending:
         return
     if log is not None:

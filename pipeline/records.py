@@ -18,6 +18,7 @@ ERROR = "error"
 API, DUPLICATE, CACHE = "api", "duplicate", "cache"  # where an answer came from
 SHARED = "shared"  # cost_source of the 2nd.. answers of a request with `n`: paid in the 1st
 REUSED = "reused"  # cost_source of an answer given to another row that asked the same thing
+ABANDONED = "abandoned-"  # the id prefix of a lost attempt abandoned before any generation id
 
 
 @dataclass(slots=True)

@@ -237,3 +237,21 @@ def test_an_export_of_a_resorted_input_shows_each_answer_at_its_own_row(
     frame, meta = check_partial(tmp_path, resorted)  # every ok row answers its prompt
     assert frame["status"].to_list() == ["ok"] * 8 + ["pending"]
     assert meta["partial"]["pending"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_requests_abandoned_at_max_runtime_leave_the_true_spend_unknown_not_too_low(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # Each answer takes a second; the deadline abandons the requests then in flight, which the
+    # simulator (like a provider) has already billed.
+    write_input(tmp_path, 20)
+    with sim_thread(latency=1.0) as sim:
+        config = write_job(tmp_path, sim, extra="[limits]\nconcurrency = 2\n")
+        stopped = run_cli(str(config), "--max-runtime", "2s", "--quiet")
+        billed = len(sim_get(sim, "ledger")["data"])
+        figures = json.loads(run_command("status", str(config), "--json").stdout)
+    assert stopped.returncode == 6, stopped.stderr
+    answered = figures["ok"] + figures["failed"]
+    assert billed > answered  # some requests were paid for but never answered
+    assert figures["true_cost_usd"] is None  # unknown, never the known part alone
