@@ -78,7 +78,12 @@ def test_export_after_max_runtime_has_each_done_row_answering_its_prompt_and_the
     frame, meta = check_partial(tmp_path, texts)
     assert meta["partial"]["ok"] > 0 and meta["partial"]["pending"] > 0
     assert frame["status"][0] == "error" and frame["error_type"][0] is not None
-    assert meta["true_cost_usd"] == pytest.approx(paid)
+    # Every paid attempt is counted, or, when the stop abandoned one in flight (what it cost
+    # cannot be known), the true spend says unknown rather than less than was paid.
+    if meta["true_cost_usd"] is None:
+        assert meta["lost_attempts_unreconciled"] > 0 and meta["cost_usd"] <= paid
+    else:
+        assert meta["true_cost_usd"] == pytest.approx(paid)
     assert not meta["partial"]["running"]
     # The same schema as the finished job's output, so the same code reads both.
     assert finished.returncode == 3, finished.stderr
