@@ -120,16 +120,7 @@ class ChatAnswerer:
         """The results of one row, one per slot it answers for: from an identical request if
         there is one, else from the API."""
         if row.body is None:
-            return [
-                Result(
-                    row.slot,
-                    row.key,
-                    status=ERROR,
-                    error_type=Kind.INPUT,
-                    error_message=row.error,
-                    digest=row.digest,
-                )
-            ]
+            return [Result.unsendable(row)]
         if row.reuse is not None:
             return [row.reuse]
         if row.samples > 1:

@@ -33,7 +33,7 @@ from pipeline.batch_api import (
 from pipeline.batch_config import BatchConfig
 from pipeline.budget import BudgetReached
 from pipeline.client import Completion
-from pipeline.errors import BatchesPending, Kind, UserError
+from pipeline.errors import BatchesPending, UserError
 from pipeline.journal import Journal
 from pipeline.journal_batches import SUBMITTING, BatchRecord
 from pipeline.money import REPORTED, ModelPrice, Reservations
@@ -182,17 +182,7 @@ class BatchRunner:
     async def _take(self, row: Row, pending: set[str], chunks: dict[str, _Chunk]) -> bool:
         """Answer the row, or add it to a batch; False when the budget has no room for it."""
         if row.body is None:
-            self._on_result(
-                row,
-                Result(
-                    row.slot,
-                    row.key,
-                    status=ERROR,
-                    error_type=Kind.INPUT,
-                    error_message=row.error,
-                    digest=row.digest,
-                ),
-            )
+            self._on_result(row, Result.unsendable(row))
             return True
         if row.reuse is not None:
             self._on_result(row, row.reuse)

@@ -203,26 +203,18 @@ class BatchLog:
 
     def pending_hashes(self) -> set[str]:
         """Requests in a batch not yet done: sent already (or perhaps), not to be sent again."""
-        with self._guard:
-            if not self._exists():
-                return set()
-            return {
-                h
-                for (h,) in self._db.execute(
-                    "SELECT l.request_hash FROM batch_lines l JOIN batches b USING (local_id)"
-                    " WHERE b.state != ?",
-                    (DONE,),
-                )
-            }
+        return self._values(
+            "SELECT l.request_hash FROM batch_lines l JOIN batches b USING (local_id)"
+            f" WHERE b.state != '{DONE}'"
+        )
 
     def server_ids(self) -> set[str]:
         """Every server id the journal holds: a listed batch among them is not a lost create."""
+        return self._values("SELECT server_id FROM batches WHERE server_id IS NOT NULL")
+
+    def _values(self, query: str) -> set[str]:
+        """The one column `query` selects, as a set (empty before the first batch)."""
         with self._guard:
             if not self._exists():
                 return set()
-            return {
-                s
-                for (s,) in self._db.execute(
-                    "SELECT server_id FROM batches WHERE server_id IS NOT NULL"
-                )
-            }
+            return {value for (value,) in self._db.execute(query)}

@@ -13,6 +13,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.errors import Kind
+
 OK = "ok"
 ERROR = "error"
 API, DUPLICATE, CACHE = "api", "duplicate", "cache"  # where an answer came from
@@ -101,6 +103,14 @@ class Result:
     @classmethod
     def from_tuple(cls, values: tuple[Any, ...]) -> Result:
         return cls(*values)
+
+    @classmethod
+    def unsendable(cls, row: Row) -> Result:
+        """The error row of a row that cannot be sent (`row.error` says why)."""
+        return cls(
+            row.slot, row.key, status=ERROR, error_type=Kind.INPUT, error_message=row.error,
+            digest=row.digest,
+        )  # fmt: skip
 
     def reused_for(self, row: Row, source: str) -> Result:
         """This answer, given to another row that asked the same thing: no request, no cost."""
