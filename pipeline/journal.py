@@ -35,6 +35,7 @@ from pipeline.journal_file import (
     OPENING_FULL,
     columns,
     connect,
+    simulated_only,
     when_full,
 )
 from pipeline.journal_moves import move_results, results_in_blocks
@@ -114,7 +115,7 @@ class Journal:
         A real run over a journal of simulated answers starts it over (nothing was paid).
         The caller holds the job's lock (`lock.job_locks`)."""
         notices: list[tuple[str, str, dict[str, Any]]] = []
-        if not restart and _simulated_only(path) and not simulated(fingerprint.get("config", {})):
+        if not restart and simulated_only(path) and not simulated(fingerprint.get("config", {})):
             restart = True
             notices.append(("started_over", SIMULATED_ONLY.format(path=path), {}))
         if restart:
@@ -487,16 +488,3 @@ def _recorded_transport(meta: dict[str, Any]) -> dict[str, Any]:
     return meta.get("transport") or {
         "request.base_url": meta.get("config", {}).get("request", {}).get("base_url")
     }
-
-
-def _simulated_only(path: Path) -> bool:
-    """Whether the journal at `path` holds simulated answers (`--simulate`) only: a journal is
-    all one or the other, as a simulated run over real answers is refused."""
-    if not path.exists():
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            row = db.execute("SELECT value FROM meta WHERE name = 'config'").fetchone()
-    except sqlite3.Error:
-        return False  # damaged or not a journal: opening it says so
-    return row is not None and simulated(json.loads(row[0]))

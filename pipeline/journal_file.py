@@ -6,6 +6,7 @@ and opening it (WAL, the integrity check, a stale index dropped, a full disk nam
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import DiskFull, JournalError, PipelineError, disk_full_message, is_disk_full
 from pipeline.records import NOT_NULL, RESULT_TYPES
+from pipeline.settings import simulated
 
 OPENING_FULL = "; nothing was sent. Free some space and run again"
 # The journal sums its results' checks by blocks of this many slots (`digests`).
@@ -257,3 +259,16 @@ def _open_checked(path: Path, *, checked: bool = False) -> sqlite3.Connection:
         raise
     db.isolation_level = "DEFERRED"
     return db
+
+
+def simulated_only(path: Path) -> bool:
+    """Whether the journal at `path` holds simulated answers (`--simulate`) only: a journal is
+    all one or the other, as a simulated run over real answers is refused."""
+    if not path.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM meta WHERE name = 'config'").fetchone()
+    except sqlite3.Error:
+        return False  # damaged or not a journal: opening it says so
+    return row is not None and simulated(json.loads(row[0]))
