@@ -6,9 +6,10 @@ A batch is recorded, with its lines, *before* its create is sent (`begin`: state
 `submitting`), and its server id once the create is answered (`submitted`). A batch still
 `submitting` when a run starts may or may not exist on the server, as there is no idempotency
 key: the run looks for it in the server's list of batches created since `created_after`
-before it sends it again. A batch's results go into the journal in the same transaction that
-marks it `done` (`Journal.write(..., then=log.finishing(...))`), so its answers are never
-journaled twice nor lost between the two.
+before it sends it again. A batch is marked `done` only after its answers are committed
+(`done`); a crash between the two leaves it open, and the next run, which collects it again,
+gives its answers only to rows not yet settled, so none is lost or journaled twice. (Callers
+that want both in one transaction have `Journal.write(..., then=log.finishing(...))`.)
 
 The tables are made by the first batch: the journal of a job never sent in batch mode is
 unchanged.
