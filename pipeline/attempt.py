@@ -159,12 +159,21 @@ class ChatAnswerer:
                 self._recent.popitem(last=False)
         return [result]
 
-    async def _checked(self, row: Row) -> list[Result]:
+    async def again(
+        self, row: Row, *, attempts: int, invalid: int, rejected: Result | None
+    ) -> list[Result]:
+        """Ask a row again that was asked elsewhere before (a batch line that failed, or was
+        answered and turned down): `attempts` count toward the retry policy, `invalid` toward
+        `invalid_retries`, and the spend of `rejected` is the row's too."""
+        return await self._checked(row, attempts=attempts, invalid=invalid, rejected=rejected)
+
+    async def _checked(
+        self, row: Row, *, attempts: int = 0, invalid: int = 0, rejected: Result | None = None
+    ) -> list[Result]:
         """Answers that pass the checks, or error rows saying why not; an answer turned down is
-        asked again (one bad answer of several asks for them all: they came as one request)."""
+        asked again (one bad answer of several asks for them all: they came as one request).
+        `rejected`: the last answer turned down, with the spend of all so far."""
         started = asyncio.get_running_loop().time()
-        rejected: Result | None = None  # the last answer turned down, with the spend of all so far
-        attempts = invalid = 0
         turned_down: list[Result] = []  # the last answers turned down, as error rows
         while True:
             try:
@@ -173,7 +182,7 @@ class ChatAnswerer:
                 # The answers turned down were paid for: they are journaled, retried next run.
                 exc.results = tuple(replace(r, retry_on_resume=True) for r in turned_down)
                 raise
-            results[0] = _spend_with(results[0], rejected)
+            results[0] = spend_with(results[0], rejected)
             if results[0].status != OK:
                 return results
             answers = self.answers
@@ -395,7 +404,7 @@ def answered(
     return [first, *others, *missing[1 + len(others) :]]
 
 
-def _spend_with(result: Result, earlier: Result | None) -> Result:
+def spend_with(result: Result, earlier: Result | None) -> Result:
     """`result` with the cost and tokens of the answers rejected before it added in: a row's
     cost is everything it took."""
     if earlier is None:

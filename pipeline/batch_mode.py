@@ -2,13 +2,15 @@
 journal and output as a sync run. `BatchRunner.run(batches, on_result)` takes the place of the
 dispatcher's (`dispatch.py`), so the feed, the journal writer and the output stay as they are.
 
-In the order a run meets them: the batches earlier runs left unfinished (`journal_batches`:
-looked for in the server's list if their create was never answered, then polled); the rows
-still to do, one line per distinct request and model, cut into batches of `[batch]` lines and
-bytes, each recorded in the journal before its create is sent; then every batch polled, with a
-growing interval, until final, and its answers handed on, saved, and only then the batch marked
-done. A line that failed is sent again in a later batch while the retry policy allows; the
-lines of a batch that expired or was cancelled before they ran are sent again.
+In the order a run meets them: the batches earlier runs left unfinished (`batch_submit`: looked
+for in the server's list if their create was never answered, then polled); the rows still to
+do, one line per distinct request and model, cut into batches of `[batch]` lines and bytes,
+each recorded in the journal before its create is sent; then every batch polled, with a growing
+interval, until final, and its answers handed on, saved, and only then the batch marked done.
+A line that failed, or whose answer was turned down (labels, schema), is sent again in a later
+batch while the retry policy allows (or in sync mode, `batch_retry = "sync"`); the lines of a
+batch that expired or was cancelled before they ran are sent again. In `auto` mode a model the
+Batch API does not take is sent in sync mode (`sync_lane`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from pipeline.answers import AnswerSpec
-from pipeline.attempt import answered, judge
+from pipeline.attempt import answered, judge, spend_with
 from pipeline.batch_api import (
-    Ambiguous,
     BatchAPI,
     BatchError,
     BatchState,
@@ -31,14 +32,16 @@ from pipeline.batch_api import (
     submission,
 )
 from pipeline.batch_config import BatchConfig
+from pipeline.batch_prices import BatchEndpoint
+from pipeline.batch_submit import Submitter
 from pipeline.budget import BudgetReached
 from pipeline.client import Completion
-from pipeline.errors import BatchesPending, UserError
+from pipeline.errors import BatchesPending, JobStopped, UserError
 from pipeline.journal import Journal
-from pipeline.journal_batches import SUBMITTING, BatchRecord
 from pipeline.money import REPORTED, ModelPrice, Reservations
 from pipeline.records import DUPLICATE, ERROR, Result, Row
 from pipeline.retry import RetryPolicy
+from pipeline.sync_lane import SyncLane
 
 BATCH_PRICE = "batch_price"  # cost_source: tokens times the model's `:batch` price
 # Seconds after its create in which a batch that reads 404 is taken as not readable yet (the
@@ -67,6 +70,8 @@ class _Waiting:
     model: str
     attempts: int = 0
     reserved: float = 0.0
+    invalid: int = 0  # answers turned down so far
+    rejected: Result | None = None  # the last of them, with the spend of all
 
 
 class _Rows:
@@ -100,36 +105,51 @@ class _Chunk:
 
 class BatchRunner:
     """Answers rows through the Batch API; `run` returns once every batch it waits for is
-    final and collected (or the run is stopping)."""
+    final and collected (or the run is stopping). With a `sync` lane, `mode = "auto"` sends
+    the models without a batch endpoint there, and `retry_in_sync` the lines to ask again."""
 
     def __init__(
         self, api: BatchAPI, journal: Journal, settings: BatchConfig, policy: RetryPolicy,
-        prices: dict[str, ModelPrice | None], *, flush: Callable[[], Awaitable[None]],
-        answers: AnswerSpec | None = None, reservations: Reservations | None = None,
+        endpoint: Callable[[str], Awaitable[BatchEndpoint]], *,
+        flush: Callable[[], Awaitable[None]], sync: SyncLane | None = None, auto: bool = False,
+        retry_in_sync: bool = False, answers: AnswerSpec | None = None, invalid_retries: int = 0,
+        reservations: Reservations | None = None, stopping: asyncio.Event | None = None,
         log: Callable[[str], None] = lambda line: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
-        self.api, self.journal, self.settings, self.policy = api, journal, settings, policy
-        self.prices, self.flush, self.answers, self.reservations = (
-            prices,
-            flush,
+        self.journal, self.settings, self.policy = journal, settings, policy
+        self.submitter = Submitter(
+            api, journal.batches, settings, policy, say=log, sleep=sleep, clock=clock
+        )
+        self.api, self.flush, self.sync, self.auto = api, flush, sync, auto
+        self.retry_in_sync = retry_in_sync and sync is not None
+        self.answers, self.invalid_retries, self.reservations = (
             answers,
+            invalid_retries,
             reservations,
         )
         self.log, self._sleep, self._clock = log, sleep, clock
-        self.stopping = asyncio.Event()
-        self.stopped: BudgetReached | None = None
-        self.retries = 0
+        self.stopping = stopping or asyncio.Event()
+        self.stopped: JobStopped | None = None
+        self._endpoint = endpoint
+        self._endpoints: dict[str, BatchEndpoint] = {}
+        self._retries = 0
         self._waiting: dict[str, _Waiting] = {}
         self._open: list[_Open] = []
         self._on_result: Callable[[Row, Result], None] = lambda row, result: None
+
+    @property
+    def retries(self) -> int:
+        return self._retries + (self.sync.retries if self.sync is not None else 0)
 
     def stop(self) -> None:
         self.stopping.set()
 
     def abort(self) -> None:
         self.stopping.set()
+        if self.sync is not None:
+            self.sync.abort()
 
     async def run(
         self, batches: Iterator[list[Row]], on_result: Callable[[Row, Result], None]
@@ -137,33 +157,54 @@ class BatchRunner:
         self._on_result = on_result
         log = self.journal.batches
         for record in await asyncio.to_thread(log.unfinished):
-            await self._resume(record)
+            if (server_id := await self.submitter.resume(record)) is not None:
+                lines = await asyncio.to_thread(log.lines, record.local_id)
+                self._open.append(
+                    _Open(record.local_id, server_id, record.model, lines, record.created_after)
+                )
         pending = await asyncio.to_thread(log.pending_hashes)  # of the batches still open
         rows = _Rows(batches)
-        while True:
-            chunks: dict[str, _Chunk] = {}
-            while self.stopped is None and not self.stopping.is_set():
-                row = await rows.next()
-                if row is None:
+        try:
+            while True:
+                chunks: dict[str, _Chunk] = {}
+                while self.stopped is None and not self.stopping.is_set():
+                    row = await rows.next()
+                    if row is None:
+                        break
+                    if not await self._take(row, pending, chunks):
+                        rows.put_back(row)  # the budget had no room for it
+                for chunk in chunks.values():
+                    if self.stopping.is_set():  # a signal or the deadline: nothing more sent
+                        self._release(chunk)
+                    else:
+                        await self._submit(chunk)
+                await self._wait()
+                if self.sync is not None:
+                    await self.sync.drain()
+                if self._open and not self.settings.wait and not self.stopping.is_set():
+                    count = len(self._open)
+                    raise BatchesPending(
+                        f"{count} batch{'es' if count > 1 else ''} submitted, results pending: run "
+                        "the same command again to collect them (rows saved are not sent again)"
+                    )
+                if not self._budget_room_again() or not await self._room_again(rows):
                     break
-                if not await self._take(row, pending, chunks):
-                    rows.put_back(row)  # the budget had no room for it
-            for chunk in chunks.values():
-                if self.stopping.is_set():  # a signal or the deadline: nothing more submitted
-                    self._release(chunk)
-                else:
-                    await self._submit(chunk)
-            await self._wait()
-            if self.stopped is None or self.stopping.is_set() or not await self._room_again(rows):
-                break
+        finally:
+            if self.sync is not None:
+                self.sync.abort()  # only when something failed: it is drained otherwise
         if self.stopped is not None:
             raise self.stopped
+
+    def _budget_room_again(self) -> bool:
+        """Whether to look again, once the batches are collected, for room the budget lacked."""
+        return isinstance(self.stopped, BudgetReached) and not self.stopping.is_set()
 
     async def _room_again(self, rows: _Rows) -> bool:
         """Whether, the batches collected at what they really cost, the budget now has room
         for the row it had none for; if not, the stop is made again with today's figures."""
         row = await rows.next()
-        assert row is not None
+        if row is None:  # what it had no room for was a row's second try, or a sync request
+            return False
         assert self.reservations is not None
         rows.put_back(row)
         try:
@@ -177,6 +218,14 @@ class BatchRunner:
         self.stopped = None
         return True
 
+    def stopped_by(self, exc: JobStopped) -> None:
+        """A job-wide failure from the sync lane: a budget stop as the batches' own, anything
+        else (401, 402) stops the run."""
+        if self.stopped is None:
+            self.stopped = exc
+        if not isinstance(exc, BudgetReached):
+            self.stopping.set()
+
     # --------------------------------------------------------------------------------- rows
 
     async def _take(self, row: Row, pending: set[str], chunks: dict[str, _Chunk]) -> bool:
@@ -187,10 +236,6 @@ class BatchRunner:
         if row.reuse is not None:
             self._on_result(row, row.reuse)
             return True
-        if row.samples > 1:
-            raise UserError(
-                "batch mode sends one answer per request: several answers in one request (n with a native-n server) are sync mode's"
-            )
         key = row.request_hash
         if (waiting := self._waiting.get(key)) is not None:
             waiting.rows.append(replace(row, body=None))  # an identical request: one line for all
@@ -199,6 +244,22 @@ class BatchRunner:
             self._waiting[key] = _Waiting([replace(row, body=None)], None, row.model)
             return True
         if self.stopping.is_set() or self.stopped is not None:
+            return True
+        if row.samples > 1 and not self.auto:
+            raise UserError(
+                "batch mode sends one answer per request: several answers in one request (n with a native-n server) are sync mode's"
+            )
+        chunk = chunks.setdefault(row.model, _Chunk(row.model))
+        size = len(row.body) + 64
+        if chunk.hashes and (
+            len(chunk.hashes) >= self.settings.max_lines
+            or chunk.size + size > self.settings.max_bytes
+        ):
+            chunks[row.model] = _Chunk(row.model)
+            await self._submit(chunk)
+            chunk = chunks[row.model]
+        if row.samples > 1 or not await self._batchable(row.model):
+            await self._send_sync(row)
             return True
         reserved = 0.0
         if self.reservations is not None:
@@ -212,17 +273,30 @@ class BatchRunner:
         self._waiting[key] = _Waiting(
             [replace(row, body=None)], row.body, row.model, reserved=reserved
         )
-        chunk = chunks.setdefault(row.model, _Chunk(row.model))
-        size = len(row.body) + 64
-        if chunk.hashes and (
-            len(chunk.hashes) >= self.settings.max_lines
-            or chunk.size + size > self.settings.max_bytes
-        ):
-            await self._submit(chunk)
-            chunk = chunks[row.model] = _Chunk(row.model)
         chunk.hashes.append(key)
         chunk.size += size
         return True
+
+    async def _lookup(self, model: str) -> BatchEndpoint:
+        if model not in self._endpoints:
+            self._endpoints[model] = found = await self._endpoint(model)
+            if self.auto and found.listed is False:
+                self.log(f"{model} lists no :batch endpoint; its rows are sent in sync mode")
+        return self._endpoints[model]
+
+    async def _batchable(self, model: str) -> bool:
+        """Whether the model's rows go into batches: always in batch mode (a model the Batch
+        API does not take is refused by name); in auto mode, unless it lists no `:batch`
+        endpoint or its submit was refused for want of one."""
+        return not self.auto or (await self._lookup(model)).listed is not False
+
+    async def _send_sync(self, row: Row) -> None:
+        assert self.sync is not None
+        await self.sync.send(row, lambda results: self._from_sync(row, results))
+
+    def _from_sync(self, row: Row, results: list[Result]) -> None:
+        for result in results:
+            self._on_result(row, result)
 
     # ------------------------------------------------------------------------------- submit
 
@@ -232,12 +306,25 @@ class BatchRunner:
         # A request hash is a valid custom_id.
         lines = [(key, key, self._body(key)) for key in chunk.hashes]
         body = submission(chunk.model, [(key, line) for key, _, line in lines])
-        record = await asyncio.to_thread(
-            self.journal.batches.begin, chunk.model, lines, self._clock()
-        )
+        record = await self.submitter.begin(chunk.model, lines)
+        try:
+            state = await self.submitter.create(record, body)
+        except NoBatchEndpoint as exc:
+            if not self.auto:
+                raise UserError(
+                    f'{exc}; send {record.model} in sync mode (request.mode = "sync" or "auto")'
+                ) from None
+            self.log(f"{exc}; its rows are sent in sync mode")
+            self._endpoints[chunk.model] = BatchEndpoint(False, None)
+            for key, _, line in lines:
+                await self._resend_sync(key, line)
+            return
         for key in chunk.hashes:
             self._waiting[key].body = None  # on disk now, with the record
-        await self._create(record, body, {key: key for key in chunk.hashes})
+        self._open.append(
+            _Open(record.local_id, state.id, record.model, {k: k for k in chunk.hashes},
+                  record.created_after)
+        )  # fmt: skip
 
     def _release(self, chunk: _Chunk) -> None:
         """Rows that will not be sent this run: their reservations go back to the budget."""
@@ -251,86 +338,24 @@ class BatchRunner:
         assert body is not None
         return body
 
-    async def _create(self, record: BatchRecord, body: bytes, lines: dict[str, str]) -> None:
-        """Send the create; an answer lost on the way is looked for before sending it again."""
-        delay = 1.0
-        for _ in range(self.policy.max_attempts):
-            try:
-                state = await self.api.create(body)
-            except NoBatchEndpoint as exc:
-                await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
-                raise UserError(
-                    f'{exc}; send {record.model} in sync mode (request.mode = "sync")'
-                ) from None
-            except Ambiguous as exc:
-                self.log(f"batch create unanswered ({exc}); looking for it before sending it again")
-                found = await self._find(record)
-                if found is None:
-                    continue
-                state = found
-            except BatchError as exc:
-                if not exc.retry:  # refused: nothing was made
-                    await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
-                    raise UserError(
-                        f"the Batch API refused a batch of {record.lines:,} requests for {record.model}: {exc}"
-                    ) from None
-                await self._sleep(delay)
-                delay = min(delay * 2, self.settings.poll_max)
-                continue
-            await asyncio.to_thread(
-                self.journal.batches.submitted, record.local_id, state.id, state.status
-            )
-            self._open.append(
-                _Open(record.local_id, state.id, record.model, lines, record.created_after)
-            )
-            self.log(f"batch {state.id}: {record.lines:,} requests for {record.model} submitted")
-            return
-        # Every attempt was refused, or lost and then not found: nothing was made.
-        await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
-        raise UserError(
-            f"could not submit a batch for {record.model} after {self.policy.max_attempts} attempts; run again to resume"
-        )
+    async def _resend_sync(self, key: str, body: bytes) -> None:
+        """Ask a line of a batch again in sync mode; the sync answerer reserves its own cost."""
+        assert self.sync is not None
+        waiting = self._waiting[key]
+        if self.reservations is not None:
+            self.reservations.settle(waiting.reserved, 0.0)
+            waiting.reserved = 0.0
+        row = replace(waiting.rows[0], body=body)
+        await self.sync.send_again(
+            row, lambda results: self._answered_in_sync(key, results),
+            attempts=waiting.attempts, invalid=waiting.invalid, rejected=waiting.rejected,
+        )  # fmt: skip
 
-    async def _find(self, record: BatchRecord) -> BatchState | None:
-        """The server's batch for a create whose answer never came: one of the same model and
-        size created since, not claimed by another record. The list may lag behind a new
-        batch, so it is asked again for `list_lag` seconds before giving up."""
-        known = await asyncio.to_thread(self.journal.batches.server_ids)
-        waited, delay = 0.0, 1.0
-        while True:
-            try:
-                listed = await self.api.created_since(record.created_after)
-            except BatchError:
-                listed = []
-            for state in reversed(listed):  # the oldest first: ours came before any retry's
-                if (
-                    state.model == record.model
-                    and state.total == record.lines
-                    and state.id not in known
-                ):
-                    return state
-            if waited >= self.settings.list_lag:
-                return None
-            await self._sleep(delay)
-            waited += delay
-            delay = min(delay * 2, self.settings.poll_max)
-
-    async def _resume(self, record: BatchRecord) -> None:
-        lines = await asyncio.to_thread(self.journal.batches.lines, record.local_id)
-        server_id = record.server_id
-        if record.state == SUBMITTING:
-            found = await self._find(record)
-            if found is None:  # never made: its lines are sent again, as new
-                await asyncio.to_thread(self.journal.batches.abandon, record.local_id)
-                return
-            server_id = found.id
-            await asyncio.to_thread(
-                self.journal.batches.submitted, record.local_id, found.id, found.status
-            )
-        assert server_id is not None
-        self._open.append(
-            _Open(record.local_id, server_id, record.model, lines, record.created_after)
-        )
+    def _answered_in_sync(self, key: str, results: list[Result]) -> None:
+        waiting = self._waiting.pop(key)
+        if results:  # none: the run stopped before it was sent, and the next run sends it
+            (result,) = results
+            self._hand_on(waiting, result)
 
     # ------------------------------------------------------------------------------ collect
 
@@ -364,15 +389,11 @@ class BatchRunner:
                 else:
                     done = state.completed + state.failed
                     self.log(f"batch {state.id}: {state.status}, {done:,} of {state.total:,} done")
-            if self._open and not self.settings.wait:
-                count = len(self._open)
-                raise BatchesPending(
-                    f"{count} batch{'es' if count > 1 else ''} submitted, results pending: run the "
-                    "same command again to collect them (rows saved are not sent again)"
-                )
-            if self._open:
+            if self._open and self.settings.wait:
                 await self._pause(delay)
                 delay = min(delay * 2, self.settings.poll_max)
+            elif self._open:
+                return
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if the run is told to stop."""
@@ -388,9 +409,9 @@ class BatchRunner:
 
     async def _collect(self, batch: _Open, state: BatchState) -> None:
         results = line_results(state.results or [])
-        price = self.prices.get(batch.model)
+        price = (await self._lookup(batch.model)).price
         latency_ms = max(0.0, self._clock() - batch.created_after) * 1000  # submit to collect
-        resend: dict[str, _Chunk] = {}
+        again: list[str] = []  # to ask again
         for custom_id, key in batch.lines.items():
             waiting = self._waiting.get(key)
             if waiting is None:
@@ -398,11 +419,12 @@ class BatchRunner:
             waiting.attempts += 1
             line = results.get(custom_id)
             if line is not None and line.completion is not None:
-                self._answered(key, waiting, line.completion, price, latency_ms)
+                if not await self._answered(waiting, line.completion, price, latency_ms):
+                    again.append(key)
                 continue
             if state.status == "failed":  # the whole batch refused: sent again, it would be again
                 message = f"batch {state.id} failed: {state.error or 'no reason given'}"
-                self._failed(key, waiting, "batch_failed", message, retry_on_resume=False)
+                self._failed(waiting, "batch_failed", message, retry_on_resume=False)
                 continue
             kind = line.error_type if line is not None else state.status
             message = (
@@ -412,12 +434,10 @@ class BatchRunner:
             )
             if waiting.attempts >= self.policy.max_attempts or self.stopping.is_set():
                 attempts = f"{waiting.attempts} batch attempt{'s' if waiting.attempts > 1 else ''}"
-                self._failed(
-                    key, waiting, f"batch_{kind}", f"gave up after {attempts}; last: {message}"
-                )
+                self._failed(waiting, f"batch_{kind}", f"gave up after {attempts}; last: {message}")
                 continue
-            self.retries += 1
-            resend.setdefault(waiting.model, _Chunk(waiting.model)).hashes.append(key)
+            self._retries += 1
+            again.append(key)
         await self.flush()  # the answers are saved before the batch counts as done
         cost = state.cost
         await asyncio.to_thread(
@@ -427,20 +447,26 @@ class BatchRunner:
         self.log(
             f"batch {state.id}: {state.status}, {state.completed:,} answered, {state.failed:,} failed; cost ${cost or 0:.6f}"
         )
-        if resend:  # their bodies, from the record of the batch they were in
-            keys = {key: custom_id for custom_id, key in batch.lines.items()}
-            wanted = [keys[key] for chunk in resend.values() for key in chunk.hashes]
-            found = await asyncio.to_thread(self.journal.batches.bodies, batch.local_id, wanted)
-            for chunk in resend.values():
-                for key in chunk.hashes:
-                    self._waiting[key].body = found[keys[key]]
-                await self._submit(chunk)
+        if again:  # their bodies, from the record of the batch they were in
+            custom_ids = {key: custom_id for custom_id, key in batch.lines.items()}
+            found = await asyncio.to_thread(
+                self.journal.batches.bodies, batch.local_id, [custom_ids[k] for k in again]
+            )
+            if self.retry_in_sync:
+                for key in again:
+                    await self._resend_sync(key, found[custom_ids[key]])
+                return
+            chunk = _Chunk(batch.model, again)
+            for key in again:
+                self._waiting[key].body = found[custom_ids[key]]
+            await self._submit(chunk)
 
-    def _answered(
-        self, key: str, waiting: _Waiting, completion: Completion, price: ModelPrice | None,
+    async def _answered(
+        self, waiting: _Waiting, completion: Completion, price: ModelPrice | None,
         latency_ms: float,
-    ) -> None:  # fmt: skip
-        """The answer to a line, given to every row that asked it."""
+    ) -> bool:  # fmt: skip
+        """The answer to a line, given to every row that asked it; False when it was turned
+        down (labels, schema) and is to be asked again."""
         cost: float | None = completion.cost  # a line may carry its cost
         source: str | None = REPORTED
         prompt, output = completion.prompt_tokens, completion.completion_tokens
@@ -451,23 +477,52 @@ class BatchRunner:
             source = BATCH_PRICE
         elif cost is None:
             source = None
-        first, *others = waiting.rows
-        (result,) = answered(first, completion, waiting.attempts, latency_ms, cost, source)
+        if self.reservations is not None:
+            self.reservations.settle(waiting.reserved, cost)
+            waiting.reserved = 0.0
+        (result,) = answered(
+            waiting.rows[0], completion, waiting.attempts, latency_ms, cost, source
+        )
+        result = spend_with(result, waiting.rejected)
         if (verdict := judge(result, self.answers)) is not None:
-            # Not asked again in this run: a later run sends it again (`retry_on_resume`).
+            if verdict.ask_again and await self._ask_again(waiting):
+                waiting.invalid += 1
+                waiting.rejected = result
+                self._retries += 1
+                return False
             result = replace(
                 result, status=ERROR, error_type=verdict.error_type, error_message=verdict.message,
                 parsed=None, retry_on_resume=verdict.ask_again,
             )  # fmt: skip
-        if self.reservations is not None:
-            self.reservations.settle(waiting.reserved, cost)
+        self._hand_on(waiting, result)
+        return True
+
+    async def _ask_again(self, waiting: _Waiting) -> bool:
+        """Whether an answer turned down is asked again: within `invalid_retries`, and with
+        room in the budget for the worst case of the line's next batch."""
+        if waiting.invalid >= self.invalid_retries or self.stopping.is_set():
+            return False
+        if self.reservations is None or self.retry_in_sync:
+            return True
+        row = waiting.rows[0]
+        try:
+            waiting.reserved = await self.reservations.reserve(
+                row.model, row.prompt_tokens, row.max_tokens, 1, wait=False
+            )
+        except BudgetReached as exc:
+            self.stopped = self.stopped or exc
+            return False
+        return True
+
+    def _hand_on(self, waiting: _Waiting, result: Result) -> None:
+        first, *others = waiting.rows
         self._on_result(first, result)
         for row in others:
             self._on_result(row, result.reused_for(row, DUPLICATE))
-        del self._waiting[key]
+        self._waiting.pop(first.request_hash, None)
 
     def _failed(
-        self, key: str, waiting: _Waiting, kind: str, message: str, *, retry_on_resume: bool = True
+        self, waiting: _Waiting, kind: str, message: str, *, retry_on_resume: bool = True
     ) -> None:
         if self.reservations is not None:
             self.reservations.settle(waiting.reserved, 0.0)
@@ -477,4 +532,4 @@ class BatchRunner:
                 attempts=waiting.attempts, request_hash=row.request_hash, digest=row.digest,
                 retry_on_resume=retry_on_resume,
             ))  # fmt: skip
-        del self._waiting[key]
+        self._waiting.pop(waiting.rows[0].request_hash, None)

@@ -108,8 +108,11 @@ class RequestConfig:
     # Whether base_url is OpenRouter, which takes fields OpenAI's API does not know (the
     # `provider` routing a schema adds); None: OpenRouter's host or the simulator.
     openrouter: bool | None = None
-    # "sync": a request per row; "batch": OpenRouter's Batch API (`batch_mode`, `[batch]`).
+    # "sync": a request per row; "batch": OpenRouter's Batch API (`batch_mode`, `[batch]`);
+    # "auto": batch for the models that have a `:batch` endpoint, sync for the rest.
     mode: str = "sync"
+    # Where batch mode asks a failed or turned-down line again: "batch" (a later batch), "sync".
+    batch_retry: str = "batch"
 
     @property
     def is_openrouter(self) -> bool:
@@ -214,7 +217,7 @@ SECTIONS: dict[str, Any] = {
     "batch": BatchConfig,
 }
 
-MODES = ("sync", "batch")  # how rows are sent (`request.mode`)
+MODES = ("sync", "batch", "auto")  # how rows are sent (`request.mode`)
 ON_CHANGE = ("reprocess", "keep")  # what an incremental job does with a changed row
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
 PATH_KEYS = (
@@ -397,6 +400,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         simulate=bool(v.raw["request"].get("simulate")),
         openrouter=v.flag("request.openrouter") if "openrouter" in v.raw["request"] else None,
         mode=v.choice("request.mode", MODES),
+        batch_retry=v.choice("request.batch_retry", ("batch", "sync")),
     )
     _check_request(request, prompt)
     limits = _given(

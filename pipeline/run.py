@@ -23,7 +23,7 @@ from pipeline import __version__
 from pipeline.attempt import ChatAnswerer
 from pipeline.batch_api import BatchAPI
 from pipeline.batch_mode import BatchRunner
-from pipeline.batch_prices import batch_prices
+from pipeline.batch_prices import batch_endpoint
 from pipeline.budget import Budget, BudgetReached, Cap
 from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient, connect
@@ -51,6 +51,7 @@ from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS
 from pipeline.records import OK, TYPICAL_ANSWER_TOKENS, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.settings import transport
+from pipeline.sync_lane import SyncLane
 from pipeline.writer import JournalWriter
 
 
@@ -247,8 +248,8 @@ class Run:
             stopping=stopping, on_lost=lambda lost: self.writer.add_lost([lost]),
         )  # fmt: skip
         sender: BatchRunner | Dispatcher
-        if config.request.mode == "batch":
-            sender = counted = await self._batch_runner(answerer.reservations)
+        if config.request.mode in ("batch", "auto"):
+            sender = counted = self._batch_runner(answerer, stopping)
         else:
             sender = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
             answerer.resting = sender.resting
@@ -297,17 +298,22 @@ class Run:
             _restore_signals(self._outer_signals)
         self._raise_if_stopped()
 
-    async def _batch_runner(self, reservations: Reservations | None) -> BatchRunner:
-        """Batch mode's sender: the Batch API at `[batch] base_url` (else the chat one), with
-        each model's `:batch` price for the cost of its answers."""
-        config = self.config
-        models = list(config.request.models or (config.request.model,))
-        return BatchRunner(
-            BatchAPI(self.client, config.batch.base_url or self.client.base_url), self.journal,
+    def _batch_runner(self, answerer: ChatAnswerer, stopping: asyncio.Event) -> BatchRunner:
+        """Batch mode's sender: the Batch API at `[batch] base_url` (else the chat one), each
+        model's `:batch` price for the cost of its answers, and the chat API for what is sent
+        in sync mode (`auto`'s models without a batch endpoint, `batch_retry = "sync"`)."""
+        config, client = self.config, self.client
+        sync = SyncLane(answerer, config.limits.concurrency, on_stop=lambda exc: None)
+        runner = BatchRunner(
+            BatchAPI(client, config.batch.base_url or client.base_url), self.journal,
             config.batch, RetryPolicy.from_config(config.retry),
-            await batch_prices(self.client, models), flush=self.writer.flush,
-            answers=self.builder.answers, reservations=reservations, log=self.progress.log,
+            lambda model: batch_endpoint(client, model), flush=self.writer.flush, sync=sync,
+            auto=config.request.mode == "auto", retry_in_sync=config.request.batch_retry == "sync",
+            answers=self.builder.answers, invalid_retries=config.retry.invalid_retries,
+            reservations=answerer.reservations, stopping=stopping, log=self.progress.log,
         )  # fmt: skip
+        sync.on_stop = runner.stopped_by
+        return runner
 
     def _journal_full(self, _failure: DiskFull) -> None:
         """A commit found no room: send nothing more (its answers could not be saved); the

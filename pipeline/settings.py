@@ -32,6 +32,7 @@ TRANSPORT = (
     "connect_timeout",
     "cache",
     "mode",
+    "batch_retry",
 )
 SIMULATOR = "(simulator)"  # the base_url of a --simulate run: its port changes every run
 
