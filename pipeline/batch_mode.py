@@ -25,7 +25,6 @@ from pipeline.answers import AnswerSpec
 from pipeline.attempt import answered, judge, spend_with
 from pipeline.batch_api import (
     BatchAPI,
-    BatchError,
     BatchState,
     NoBatchEndpoint,
     line_results,
@@ -34,6 +33,7 @@ from pipeline.batch_api import (
 from pipeline.batch_config import BatchConfig
 from pipeline.batch_prices import BatchEndpoint
 from pipeline.batch_submit import Submitter
+from pipeline.batch_wait import OpenBatch, Poller, Show
 from pipeline.budget import BudgetReached
 from pipeline.client import Completion
 from pipeline.errors import BatchesPending, JobStopped, UserError
@@ -44,20 +44,6 @@ from pipeline.retry import RetryPolicy
 from pipeline.sync_lane import SyncLane
 
 BATCH_PRICE = "batch_price"  # cost_source: tokens times the model's `:batch` price
-# Seconds after its create in which a batch that reads 404 is taken as not readable yet (the
-# record is written asynchronously); a 404 later means it is gone, which needs a person.
-UNSEEN_GRACE = 600.0
-
-
-@dataclass
-class _Open:
-    """A submitted batch this run waits for."""
-
-    local_id: str
-    server_id: str
-    model: str
-    lines: dict[str, str]  # request hash by custom id
-    created_after: float
 
 
 @dataclass
@@ -114,7 +100,7 @@ class BatchRunner:
         flush: Callable[[], Awaitable[None]], sync: SyncLane | None = None, auto: bool = False,
         retry_in_sync: bool = False, answers: AnswerSpec | None = None, invalid_retries: int = 0,
         reservations: Reservations | None = None, stopping: asyncio.Event | None = None,
-        log: Callable[[str], None] = lambda line: None,
+        log: Callable[[str], None] = lambda line: None, show: Show = lambda batches: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
@@ -129,14 +115,18 @@ class BatchRunner:
             invalid_retries,
             reservations,
         )
-        self.log, self._sleep, self._clock = log, sleep, clock
+        self.log, self._clock = log, clock
         self.stopping = stopping or asyncio.Event()
+        self.poller = Poller(
+            api, journal.batches, settings, self.stopping, say=log, show=show, sleep=sleep,
+            clock=clock,
+        )  # fmt: skip
         self.stopped: JobStopped | None = None
         self._endpoint = endpoint
         self._endpoints: dict[str, BatchEndpoint] = {}
         self._retries = 0
         self._waiting: dict[str, _Waiting] = {}
-        self._open: list[_Open] = []
+        self._open: list[OpenBatch] = []
         self._on_result: Callable[[Row, Result], None] = lambda row, result: None
 
     @property
@@ -160,7 +150,7 @@ class BatchRunner:
             if (server_id := await self.submitter.resume(record)) is not None:
                 lines = await asyncio.to_thread(log.lines, record.local_id)
                 self._open.append(
-                    _Open(record.local_id, server_id, record.model, lines, record.created_after)
+                    OpenBatch(record.local_id, server_id, record.model, lines, record.created_after)
                 )
         pending = await asyncio.to_thread(log.pending_hashes)  # of the batches still open
         rows = _Rows(batches)
@@ -178,7 +168,7 @@ class BatchRunner:
                         self._release(chunk)
                     else:
                         await self._submit(chunk)
-                await self._wait()
+                await self.poller.wait(self._open, self._collect)
                 if self.sync is not None:
                     await self.sync.drain()
                 if self._open and not self.settings.wait and not self.stopping.is_set():
@@ -322,7 +312,7 @@ class BatchRunner:
         for key in chunk.hashes:
             self._waiting[key].body = None  # on disk now, with the record
         self._open.append(
-            _Open(record.local_id, state.id, record.model, {k: k for k in chunk.hashes},
+            OpenBatch(record.local_id, state.id, record.model, {k: k for k in chunk.hashes},
                   record.created_after)
         )  # fmt: skip
 
@@ -359,55 +349,7 @@ class BatchRunner:
 
     # ------------------------------------------------------------------------------ collect
 
-    async def _wait(self) -> None:
-        """Poll every open batch, the interval doubling up to `poll_max`, and collect each
-        once final; a stopping run leaves the rest to the next (they are journaled), and so
-        does one that does not wait, after one look."""
-        delay = self.settings.poll_interval
-        while self._open and not self.stopping.is_set():
-            for batch in list(self._open):
-                try:
-                    state = await self.api.get(batch.server_id)
-                except BatchError as exc:
-                    # Right after its create a batch may not be readable yet; 5xx, 429 and
-                    # dropped connections pass.
-                    young = self._clock() - batch.created_after < UNSEEN_GRACE
-                    if exc.retry or (exc.status == 404 and young):
-                        self.log(f"batch {batch.server_id}: {exc}; asking again")
-                        continue
-                    raise UserError(
-                        f"batch {batch.server_id}: {exc}; its rows are kept for the next run, "
-                        "which asks for it again"
-                    ) from None
-                await asyncio.to_thread(
-                    self.journal.batches.seen, batch.local_id, state.status, state.completed,
-                    state.failed, state.expires_at,
-                )  # fmt: skip
-                # Completed but without results: the charge is settling, they come later.
-                if state.final and (state.results is not None or state.status != "completed"):
-                    await self._collect(batch, state)
-                else:
-                    done = state.completed + state.failed
-                    self.log(f"batch {state.id}: {state.status}, {done:,} of {state.total:,} done")
-            if self._open and self.settings.wait:
-                await self._pause(delay)
-                delay = min(delay * 2, self.settings.poll_max)
-            elif self._open:
-                return
-
-    async def _pause(self, seconds: float) -> None:
-        """Wait `seconds`, or less if the run is told to stop."""
-        waits = [
-            asyncio.ensure_future(self.stopping.wait()),
-            asyncio.ensure_future(self._sleep(seconds)),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-
-    async def _collect(self, batch: _Open, state: BatchState) -> None:
+    async def _collect(self, batch: OpenBatch, state: BatchState) -> None:
         results = line_results(state.results or [])
         price = (await self._lookup(batch.model)).price
         latency_ms = max(0.0, self._clock() - batch.created_after) * 1000  # submit to collect
@@ -443,7 +385,6 @@ class BatchRunner:
         await asyncio.to_thread(
             self.journal.batches.done, batch.local_id, state.status, cost, self._clock()
         )
-        self._open.remove(batch)
         self.log(
             f"batch {state.id}: {state.status}, {state.completed:,} answered, {state.failed:,} failed; cost ${cost or 0:.6f}"
         )

@@ -103,6 +103,8 @@ class Progress:
         self._bar: Any = None
         self._next_log = time.monotonic() + LOG_INTERVAL
         self._already = already_done
+        self._batch_states: list[tuple[str, str, int]] = []  # the open batches' last told
+        self._next_batches_log = 0.0
         if not quiet and not logs.json and self.stream.isatty():
             from tqdm import tqdm
 
@@ -192,6 +194,22 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         return f"progress {done:,}/{self.total:,} rows ({rate:.1f}/s, eta {eta:.0f}s) {self._postfix()}"
 
+    def batches(self, open_batches: list[dict[str, Any]]) -> None:
+        """Where the batches a run waits for stand (batch mode), after each look at them: on the
+        bar, else a line (an event) when one moves on and every LOG_INTERVAL otherwise."""
+        if self._bar is not None:
+            self._bar.set_description_str(batches_line(open_batches), refresh=True)
+            return
+        now = time.monotonic()
+        states = [(b["id"], b["status"], b["completed"] + b["failed"]) for b in open_batches]
+        if states == self._batch_states and now < self._next_batches_log:
+            return
+        self._batch_states, self._next_batches_log = states, now + LOG_INTERVAL
+        if self.logs.json:
+            self.event("batches", batches=open_batches)
+        else:
+            self.log(batches_line(open_batches))
+
     def log(self, message: str) -> None:
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
@@ -203,3 +221,31 @@ class Progress:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.close()
             self._bar = None
+
+
+def batches_line(open_batches: list[dict[str, Any]]) -> str:
+    """`batch ID STATUS done/total, eta` for each of a few batches; a sum for many."""
+    if len(open_batches) <= 3:
+        return "; ".join(
+            f"batch {b['id']} {b['status']} {b['completed'] + b['failed']:,}/{b['total']:,}"
+            + _eta(b["eta_s"])
+            for b in open_batches
+        )
+    done = sum(b["completed"] + b["failed"] for b in open_batches)
+    total = sum(b["total"] for b in open_batches)
+    etas = [b["eta_s"] for b in open_batches if b["eta_s"] is not None]
+    return f"{len(open_batches)} batches {done:,}/{total:,} requests done" + _eta(
+        max(etas) if etas else None
+    )
+
+
+def _eta(seconds: float | None) -> str:
+    return f", eta {_duration(seconds)}" if seconds is not None else ""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"

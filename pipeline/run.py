@@ -311,6 +311,7 @@ class Run:
             auto=config.request.mode == "auto", retry_in_sync=config.request.batch_retry == "sync",
             answers=self.builder.answers, invalid_retries=config.retry.invalid_retries,
             reservations=answerer.reservations, stopping=stopping, log=self.progress.log,
+            show=self.progress.batches,
         )  # fmt: skip
         sync.on_stop = runner.stopped_by
         return runner

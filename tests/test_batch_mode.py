@@ -4,7 +4,9 @@ twice, and a run killed while waiting resumed by the next without a second batch
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,16 @@ def job(folder: Path, sim: Any, texts: list[str], mode: str = "batch") -> Path:
     config = write_job(folder, sim, extra=QUICK)
     config.write_text(config.read_text().replace("[request]\n", f'[request]\nmode = "{mode}"\n'))
     return config
+
+
+def polled(folder: Path) -> int | None:
+    """How many lines of its batch the run last saw done (from its journal, read from outside)."""
+    with sqlite3.connect(folder / "out.parquet.journal") as db:
+        try:
+            row = db.execute("SELECT completed FROM batches").fetchone()
+        except sqlite3.OperationalError:
+            return None
+    return row[0] if row else None
 
 
 def batches(sim: Any) -> list[dict[str, Any]]:
@@ -227,3 +239,25 @@ def test_a_model_without_a_batch_endpoint_is_refused_by_name(
     )
     assert again.returncode == 1 and "looking for it" not in again.stderr  # nothing left open
     assert made == []
+
+
+def test_a_waiting_run_shows_each_batch_s_counts_and_an_eta(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    with sim_thread(batch_validating_s=0, batch_in_progress_s=3600) as sim:
+        config = str(job(tmp_path, sim, [f"review {i}" for i in range(12)]))
+        running = start_cli(config, "--log-format", "json")
+        wait_for(lambda: len(batches(sim)) == 1, what="the batch to be submitted")
+        for seen in (4, 8):  # a third of the lines each time, seen by the run before the next
+            sim_post(sim, "clock", {"advance": 1200})
+            wait_for(lambda n=seen: polled(tmp_path) == n, what=f"the run to see {seen} lines done")
+        sim_post(sim, "clock", {"advance": 1200})
+        _, stderr = running.communicate(timeout=60)
+    assert running.returncode == 0, stderr
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    shown = [e["batches"][0] for e in events if e["event"] == "batches"]
+    assert shown and all(b["total"] == 12 and b["status"] == "in_progress" for b in shown)
+    assert [b["completed"] for b in shown] == sorted(b["completed"] for b in shown)
+    paced = [b for b in shown if b["completed"] > 0]
+    assert paced and all(b["eta_s"] is not None and b["eta_s"] >= 0 for b in paced)
+    assert all(b["expires_in_s"] > 0 for b in shown)
