@@ -352,6 +352,11 @@ class BatchRunner:
     async def _collect(self, batch: OpenBatch, state: BatchState) -> None:
         results = line_results(state.results or [])
         price = (await self._lookup(batch.model)).price
+        costs = {
+            custom_id: line_cost(line.completion, price)
+            for custom_id, line in results.items()
+            if line.completion is not None
+        }
         latency_ms = max(0.0, self._clock() - batch.created_after) * 1000  # submit to collect
         again: list[str] = []  # to ask again
         for custom_id, key in batch.lines.items():
@@ -361,7 +366,8 @@ class BatchRunner:
             waiting.attempts += 1
             line = results.get(custom_id)
             if line is not None and line.completion is not None:
-                if not await self._answered(waiting, line.completion, price, latency_ms):
+                cost, source = costs[custom_id]
+                if not await self._answered(waiting, line.completion, cost, source, latency_ms):
                     again.append(key)
                 continue
             if state.status == "failed":  # the whole batch refused: sent again, it would be again
@@ -381,12 +387,15 @@ class BatchRunner:
             self._retries += 1
             again.append(key)
         await self.flush()  # the answers are saved before the batch counts as done
-        cost = state.cost
+        known = [cost for cost, _ in costs.values()]
+        lines_cost = None if None in known else sum(c for c in known if c is not None)
         await asyncio.to_thread(
-            self.journal.batches.done, batch.local_id, state.status, cost, self._clock()
-        )
+            self.journal.batches.done, batch.local_id, state.status, state.cost, lines_cost,
+            self._clock(),
+        )  # fmt: skip
         self.log(
-            f"batch {state.id}: {state.status}, {state.completed:,} answered, {state.failed:,} failed; cost ${cost or 0:.6f}"
+            f"batch {state.id}: {state.status}, {state.completed:,} answered, {state.failed:,} "
+            f"failed; {_bill(state.cost, lines_cost)}"
         )
         if again:  # their bodies, from the record of the batch they were in
             custom_ids = {key: custom_id for custom_id, key in batch.lines.items()}
@@ -403,21 +412,11 @@ class BatchRunner:
             await self._submit(chunk)
 
     async def _answered(
-        self, waiting: _Waiting, completion: Completion, price: ModelPrice | None,
+        self, waiting: _Waiting, completion: Completion, cost: float | None, source: str | None,
         latency_ms: float,
     ) -> bool:  # fmt: skip
         """The answer to a line, given to every row that asked it; False when it was turned
         down (labels, schema) and is to be asked again."""
-        cost: float | None = completion.cost  # a line may carry its cost
-        source: str | None = REPORTED
-        prompt, output = completion.prompt_tokens, completion.completion_tokens
-        if cost is None and price is not None and prompt is not None and output is not None:
-            cost = price.cost(
-                prompt, output, completion.cached_tokens or 0, completion.cache_write_tokens or 0
-            )
-            source = BATCH_PRICE
-        elif cost is None:
-            source = None
         if self.reservations is not None:
             self.reservations.settle(waiting.reserved, cost)
             waiting.reserved = 0.0
@@ -474,3 +473,25 @@ class BatchRunner:
                 retry_on_resume=retry_on_resume,
             ))  # fmt: skip
         self._waiting.pop(waiting.rows[0].request_hash, None)
+
+
+def line_cost(completion: Completion, price: ModelPrice | None) -> tuple[float | None, str | None]:
+    """A line's cost and how it was obtained: its own `usage.cost` when it has one, else its
+    tokens at the model's `:batch` price; (None, None) when neither is known."""
+    if completion.cost is not None:
+        return completion.cost, REPORTED
+    prompt, output = completion.prompt_tokens, completion.completion_tokens
+    if price is None or prompt is None or output is None:
+        return None, None
+    cached, written = completion.cached_tokens or 0, completion.cache_write_tokens or 0
+    return price.cost(prompt, output, cached, written), BATCH_PRICE
+
+
+def _bill(billed: float | None, lines: float | None) -> str:
+    """What a batch was billed, beside what its answers' costs add up to when they differ:
+    the bill is the true spend."""
+    if billed is None:
+        return "its bill not reported" + (f" (its answers: ${lines:.6f})" if lines else "")
+    if lines is None or abs(billed - lines) <= max(1e-9, 1e-6 * billed):
+        return f"cost ${billed:.6f}"
+    return f"billed ${billed:.6f}, its answers' costs add up to ${lines:.6f}: the true spend counts the bill"

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS batches (
     expires_at REAL,
     reserved_usd REAL,
     cost_usd REAL,
+    lines_cost_usd REAL,
     finished_at REAL
 );
 CREATE TABLE IF NOT EXISTS batch_lines (
@@ -144,10 +145,14 @@ class BatchLog:
             ).fetchall()
         return [dict(zip(names, row, strict=True)) for row in rows]
 
-    def done(self, local_id: str, status: str, cost_usd: float | None, at: float) -> None:
-        """The batch is final and its answers are saved."""
+    def done(
+        self, local_id: str, status: str, cost_usd: float | None, lines_cost_usd: float | None,
+        at: float,
+    ) -> None:  # fmt: skip
+        """The batch is final and its answers are saved: what it was billed (`usage.cost`)
+        beside what its answers' costs add up to."""
         with self._guard, when_full(self._path), self._db:
-            self.finishing(local_id, status, cost_usd, at)(self._db)
+            self.finishing(local_id, status, cost_usd, lines_cost_usd, at)(self._db)
 
     def abandon(self, local_id: str) -> None:
         """A batch whose create never reached the server: its lines are sent again as new."""
@@ -156,14 +161,16 @@ class BatchLog:
             self._db.execute("DELETE FROM batches WHERE local_id = ?", (local_id,))
 
     def finishing(
-        self, local_id: str, status: str, cost_usd: float | None, at: float
-    ) -> Callable[[sqlite3.Connection], None]:
+        self, local_id: str, status: str, cost_usd: float | None, lines_cost_usd: float | None,
+        at: float,
+    ) -> Callable[[sqlite3.Connection], None]:  # fmt: skip
         """What marks the batch done, to run in the transaction that writes its results."""
 
         def finish(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE batches SET state = ?, status = ?, cost_usd = ?, finished_at = ? WHERE local_id = ?",
-                (DONE, status, cost_usd, at, local_id),
+                "UPDATE batches SET state = ?, status = ?, cost_usd = ?, lines_cost_usd = ?,"
+                " finished_at = ? WHERE local_id = ?",
+                (DONE, status, cost_usd, lines_cost_usd, at, local_id),
             )
 
         return finish

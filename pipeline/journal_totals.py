@@ -14,6 +14,7 @@ _SPEND_SINCE = """SELECT MAX(paid_at), SUM(cost_usd) FROM (
     SELECT done_at AS paid_at, cost_usd FROM results WHERE done_at > :since AND cost_usd > 0
     UNION ALL SELECT {lost_at}, cost_usd FROM lost_attempts WHERE {lost_at} > :since AND cost_usd > 0
     UNION ALL SELECT {paid_at}, cost_usd FROM {replaced} WHERE {paid_at} > :since AND cost_usd > 0
+    {batches}
 ) GROUP BY CAST(paid_at / 60 AS INTEGER) ORDER BY 1"""
 # A cost that was paid for (not a reuse's or a shared sample's known 0): with none of these,
 # a job whose rows have no cost has an unknown total, not $0.
@@ -35,6 +36,14 @@ _LOST = """SELECT COUNT(*), COALESCE(SUM(cost_usd > 0), 0), COALESCE(SUM(cost_us
 _DEPARTED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0),
     COALESCE(SUM(status = 'ok' AND response_source = 'api' AND cost_usd IS NULL), 0)
     FROM results WHERE position < 0"""
+# Batches billed more (or less) than their answers' costs add up to: the bill is the true spend.
+_BILLED_APART = (
+    "cost_usd IS NOT NULL AND lines_cost_usd IS NOT NULL AND ABS(cost_usd - lines_cost_usd) > 1e-9"
+)
+_BATCH_BILLS = f"""SELECT COUNT(*), COALESCE(SUM(cost_usd - lines_cost_usd), 0) FROM batches
+    WHERE state = 'done' AND {_BILLED_APART}"""
+_BATCHES_SINCE = f"""UNION ALL SELECT finished_at, cost_usd - lines_cost_usd FROM batches
+    WHERE finished_at > :since AND {_BILLED_APART}"""
 _REPLACED = """SELECT COUNT(*), COALESCE(SUM(cost_usd), 0), COALESCE(SUM(cost_usd IS NULL), 0)
     FROM replaced_answers WHERE {where}"""
 
@@ -48,6 +57,7 @@ def spend_since(db: sqlite3.Connection, since: float) -> list[tuple[float, float
         lost_at="lost_at" if "lost_at" in columns(db, "lost_attempts") else NOW,
         paid_at="paid_at" if "paid_at" in replaced else NOW,
         replaced="replaced_answers" if replaced else "(SELECT NULL AS cost_usd WHERE 0)",
+        batches=_BATCHES_SINCE if "lines_cost_usd" in columns(db, "batches") else "",
     )
     return [(float(t), float(usd)) for t, usd in db.execute(query, {"since": since})]
 
@@ -73,6 +83,11 @@ def totals(db: sqlite3.Connection, below: int | None = None) -> Totals:
         if _has_table(db, "replaced_answers")  # not in a journal from before it, read-only
         else (0, 0.0, 0)
     )
+    bills = (
+        db.execute(_BATCH_BILLS).fetchone()
+        if "lines_cost_usd" in columns(db, "batches")  # a job never run in batch mode has none
+        else (0, 0.0)
+    )
     rows, ok, failed, prompt, completion, cost, duplicates, cache_hits, unknown, priced = row
     return Totals(
         rows, ok, failed, prompt, completion, _cost(cost, unknown, priced), duplicates,
@@ -86,6 +101,7 @@ def totals(db: sqlite3.Connection, below: int | None = None) -> Totals:
         lost_attempts_unreconciled=lost[3], replaced_answers=replaced[0],
         replaced_cost_usd=None if replaced[2] else replaced[1],
         departed_rows=departed[0], departed_cost_usd=None if departed[2] else departed[1],
+        batches_billed_apart=bills[0], batch_bills_beyond_usd=bills[1],
     )  # fmt: skip
 
 

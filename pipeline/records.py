@@ -195,6 +195,10 @@ class Totals:
     replaced_cost_usd: float | None = 0.0  # None while any replaced answer had no cost
     departed_rows: int = 0  # answers of rows since gone from the input (incremental jobs)
     departed_cost_usd: float | None = 0.0  # what they cost; None while any had no cost
+    # Batches whose bill (`usage.cost`) differs from what their answers' costs add up to, and
+    # by how much in all (their lines that ran yet came back with no answer, say).
+    batches_billed_apart: int = 0
+    batch_bills_beyond_usd: float = 0.0
     # What prompt caching saved against the uncached prices (`money.cache_saving`); None
     # when a model with cached tokens has no listed prices.
     cache_saving_usd: float | None = 0.0
@@ -209,8 +213,8 @@ class Totals:
 
     @property
     def true_cost_usd(self) -> float | None:
-        """Everything the job was billed: its rows, lost attempts, replaced answers and the
-        answers of rows since gone from the input."""
+        """Everything the job was billed: its rows, lost attempts, replaced answers, the
+        answers of rows since gone from the input, and batches' bills beyond their answers."""
         if self.rows_cost_unknown or None in self._spend:
             return None
         return self.known_spend_usd
@@ -223,7 +227,8 @@ class Totals:
     @property
     def _spend(self) -> tuple[float | None, ...]:
         return (
-            self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd, self.departed_cost_usd
+            self.cost_usd, self.paid_twice_cost_usd, self.replaced_cost_usd, self.departed_cost_usd,
+            self.batch_bills_beyond_usd,
         )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:

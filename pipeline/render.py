@@ -47,6 +47,12 @@ def summary(report: JobReport, on_change: str) -> str:
         extra_spend.append(
             f"{t.replaced_answers} earlier answer(s), since replaced by a new one, cost {_usd(t.replaced_cost_usd)}"
         )
+    if t.batches_billed_apart:
+        beyond = t.batch_bills_beyond_usd
+        extra_spend.append(
+            f"{t.batches_billed_apart} batch(es) billed ${abs(beyond):.6f} "
+            f"{'more' if beyond > 0 else 'less'} than their answers' costs add up to"
+        )
     if extra_spend:
         lines.append(f"  true spend {_usd(t.true_cost_usd)}: {'; '.join(extra_spend)}")
     if report.changed:

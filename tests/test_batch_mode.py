@@ -261,3 +261,34 @@ def test_a_waiting_run_shows_each_batch_s_counts_and_an_eta(
     paced = [b for b in shown if b["completed"] > 0]
     assert paced and all(b["eta_s"] is not None and b["eta_s"] >= 0 for b in paced)
     assert all(b["expires_in_s"] > 0 for b in shown)
+
+
+def test_lines_billed_in_a_batch_that_returned_no_answers_count_in_the_true_spend(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # The first batch expires a quarter of the way through and withholds what did run: those
+    # two lines are billed without an answer and have to be sent again.
+    with sim_thread(
+        batch_validating_s=0, batch_in_progress_s=100, batch_expire_after_s=25,
+        batch_expired_results=False,
+    ) as sim:  # fmt: skip
+        config = str(job(tmp_path, sim, [f"review {i}" for i in range(8)]))
+        running = start_cli(config)
+        wait_for(lambda: len(batches(sim)) == 1, what="the first batch")
+        sim_post(sim, "clock", {"advance": 30})
+        wait_for(lambda: len(batches(sim)) == 2, what="the lines sent again")
+        sim_post(sim, "config", {"batch_expire_after_s": None})
+        sim_post(sim, "clock", {"advance": 100})
+        _, stderr = running.communicate(timeout=60)
+        ledger = sim_get(sim, "ledger")["data"]
+        made = batches(sim)
+        status = json.loads(run_command("status", config, "--json").stdout)
+    assert running.returncode == 0, stderr
+    assert [len(b["custom_ids"]) for b in made] == [8, 8] and len(ledger) == 10
+    billed = sum(e["cost"] for e in ledger)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * 8
+    assert out["cost_usd"].sum() < billed  # two lines were paid for twice ...
+    assert status["true_cost_usd"] == pytest.approx(billed)  # ... and the true spend says so
+    assert "its answers' costs add up to $0.000000: the true spend counts the bill" in stderr
+    assert "1 batch(es) billed $" in stderr and "more than their answers' costs" in stderr

@@ -78,14 +78,16 @@ def test_answers_and_the_batch_being_done_are_committed_together(tmp_path: Path)
         answers = [answer(i, f"h{i}") for i in range(3)]
 
         def broken(db: sqlite3.Connection) -> None:
-            log.finishing(record.local_id, "completed", 0.003, 2000.0)(db)
+            log.finishing(record.local_id, "completed", 0.003, 0.003, 2000.0)(db)
             raise OSError("disk gone mid-commit")
 
         with pytest.raises(OSError, match="disk gone"):
             journal.write(answers, then=broken)
         assert journal.settled_count(below=3) == 0  # neither the answers...
         assert [r.state for r in log.unfinished()] == [SUBMITTED]  # ...nor the batch's end
-        journal.write(answers, then=log.finishing(record.local_id, "completed", 0.003, 2000.0))
+        journal.write(
+            answers, then=log.finishing(record.local_id, "completed", 0.003, 0.003, 2000.0)
+        )
         assert journal.settled_count(below=3) == 3
         assert log.unfinished() == [] and log.pending_hashes() == set()
     db = sqlite3.connect(tmp_path / "j")
