@@ -9,6 +9,7 @@ there is no idempotency key, so it must be looked for in the list, never blindly
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from pipeline.errors import (
     RequestError,
     Unreachable,
 )
+from pipeline.json_stream import loads_with
 
 if TYPE_CHECKING:
     from pipeline.client import OpenRouterClient
@@ -152,7 +154,7 @@ class BatchAPI:
     async def get(self, batch_id: str) -> BatchState:
         """The batch now. A 402 (results withheld until credits are added) stops the job; a
         404 is `BatchError(status=404)`: right after a create it may only mean "not yet"."""
-        status, data = await self._get(f"/batches/{batch_id}")
+        status, data = await self._get(f"/batches/{batch_id}", decode=_with_line_results)
         if status == 200:
             return BatchState.from_json(data)
         raise _refusal(f"reading batch {batch_id}: {_message(data, status)}", status)
@@ -174,44 +176,56 @@ class BatchAPI:
                 return found
             after = page[-1].id
 
-    async def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def _get(
+        self, path: str, params: dict[str, str] | None = None,
+        decode: Callable[[bytes], Any] = json.loads,
+    ) -> tuple[int, Any]:  # fmt: skip
         try:
-            return await self.client.fetch_json(path, params=params, base=self.base_url)
+            return await self.client.fetch_json(
+                path, params=params, base=self.base_url, decode=decode
+            )
         except Unreachable as exc:
             raise BatchError(f"{path}: {exc.cause}", 0, retry=True) from None
 
 
+def _with_line_results(raw: bytes) -> Any:
+    """A batch object whose results are decoded a line at a time (`line_result`): a big
+    batch's results as parsed JSON would be most of a batch run's peak memory."""
+    return loads_with(raw, "results", line_result)
+
+
 def line_results(rows: list[Any]) -> dict[str, LineResult]:
-    """The result rows by custom_id, each decoded on its own: one that cannot be read is a
-    failed line, not a failed batch."""
+    """The result rows (as JSON, or already `line_result`'s) by custom_id."""
     found: dict[str, LineResult] = {}
     for row in rows:
-        custom_id = row.get("custom_id") if isinstance(row, dict) else None
-        if not isinstance(custom_id, str):
-            continue
-        response, error = _dict(row.get("response")), row.get("error")
-        body, code = response.get("body"), response.get("status_code", 200 if response else None)
-        if (
-            not isinstance(error, dict)
-            and isinstance(body, dict)
-            and isinstance(code, int)
-            and code < 400
-        ):
-            try:
-                found[custom_id] = LineResult(
-                    custom_id, parse_completion(body, body.get("id")), None, None
-                )
-                continue
-            except (RequestError, JobStopped) as exc:
-                error = {"type": "invalid_response", "message": str(exc)}
-        error = error or {
-            "type": "unknown",
-            "message": f"result row without an answer (status {code})",
-        }
-        found[custom_id] = LineResult(
-            custom_id, None, str(error.get("type") or "unknown"), str(error.get("message") or "")
-        )
+        line = row if isinstance(row, LineResult) else line_result(row)
+        if line is not None:
+            found[line.custom_id] = line
     return found
+
+
+def line_result(row: Any) -> LineResult | None:
+    """A result row decoded on its own: one that cannot be read is a failed line, not a
+    failed batch; None for a row without a custom_id (it answers no line)."""
+    custom_id = row.get("custom_id") if isinstance(row, dict) else None
+    if not isinstance(custom_id, str):
+        return None
+    response, error = _dict(row.get("response")), row.get("error")
+    body, code = response.get("body"), response.get("status_code", 200 if response else None)
+    if (
+        not isinstance(error, dict)
+        and isinstance(body, dict)
+        and isinstance(code, int)
+        and code < 400
+    ):
+        try:
+            return LineResult(custom_id, parse_completion(body, body.get("id")), None, None)
+        except (RequestError, JobStopped) as exc:
+            error = {"type": "invalid_response", "message": str(exc)}
+    error = error or {"type": "unknown", "message": f"result row without an answer (status {code})"}
+    return LineResult(
+        custom_id, None, str(error.get("type") or "unknown"), str(error.get("message") or "")
+    )
 
 
 def _refusal(message: str, status: int) -> BatchError:

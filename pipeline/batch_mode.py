@@ -46,18 +46,36 @@ from pipeline.sync_lane import SyncLane
 BATCH_PRICE = "batch_price"  # cost_source: tokens times the model's `:batch` price
 
 
-@dataclass
+@dataclass(slots=True)
 class _Waiting:
     """A request of this run that has no answer yet: its rows and attempts, and its body until
-    its batch is recorded (the journal keeps it from then on)."""
+    its batch is recorded (the journal keeps it from then on). One of these is held for every
+    row in a running batch, so it is kept small: no list for the usual single row, and rows
+    without their bodies."""
 
-    rows: list[Row]
+    first: Row
     body: bytes | None
-    model: str
+    others: list[Row] | None = None  # rows that asked the identical request: one line for all
     attempts: int = 0
     reserved: float = 0.0
     invalid: int = 0  # answers turned down so far
     rejected: Result | None = None  # the last of them, with the spend of all
+
+    @classmethod
+    def of(cls, row: Row, *, keep_body: bool) -> _Waiting:
+        body, row.body = row.body, None
+        return cls(row, body if keep_body else None)
+
+    @property
+    def rows(self) -> list[Row]:
+        return [self.first, *self.others] if self.others else [self.first]
+
+    def join(self, row: Row) -> None:
+        row.body = None
+        if self.others is None:
+            self.others = [row]
+        else:
+            self.others.append(row)
 
 
 class _Rows:
@@ -228,10 +246,10 @@ class BatchRunner:
             return True
         key = row.request_hash
         if (waiting := self._waiting.get(key)) is not None:
-            waiting.rows.append(replace(row, body=None))  # an identical request: one line for all
+            waiting.join(row)  # an identical request: one line for all
             return True
         if key in pending:  # its line is in a batch an earlier run submitted (body on disk)
-            self._waiting[key] = _Waiting([replace(row, body=None)], None, row.model)
+            self._waiting[key] = _Waiting.of(row, keep_body=False)
             return True
         if self.stopping.is_set() or self.stopped is not None:
             return True
@@ -260,9 +278,8 @@ class BatchRunner:
             except BudgetReached as exc:  # what was reserved is still sent
                 self.stopped = exc
                 return False
-        self._waiting[key] = _Waiting(
-            [replace(row, body=None)], row.body, row.model, reserved=reserved
-        )
+        waiting = self._waiting[key] = _Waiting.of(row, keep_body=True)
+        waiting.reserved = reserved
         chunk.hashes.append(key)
         chunk.size += size
         return True

@@ -73,6 +73,7 @@ class Poller:
                 if state.final and (state.results is not None or state.status != "completed"):
                     await collect(batch, state)
                     batches.remove(batch)
+                    del state  # its results, before the next batch's are read
                 else:
                     shown.append(self._view(batch, state))
             if shown:

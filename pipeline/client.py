@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -184,7 +184,7 @@ class OpenRouterClient:
 
     async def fetch_json(
         self, path: str, *, params: dict[str, str] | None = None, post: bytes | None = None,
-        base: str | None = None,
+        base: str | None = None, decode: Callable[[bytes], Any] = json.loads,
     ) -> tuple[int, Any]:  # fmt: skip
         """GET `base_url + path` (POST `post` if given; another `base` for the Batch API): the
         status and the JSON body (None if not JSON). Raises `Unreachable` when no response
@@ -199,7 +199,7 @@ class OpenRouterClient:
             ) as resp:  # fmt: skip
                 raw = await resp.read()
                 try:
-                    return resp.status, json.loads(raw)
+                    return resp.status, decode(raw)
                 except ValueError:
                     return resp.status, None
         except aiohttp.ClientConnectorCertificateError as exc:
