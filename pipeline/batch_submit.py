@@ -33,8 +33,7 @@ class Submitter:
         """Send the create, then record the server's id. A refusal abandons the record
         (nothing was made): `NoBatchEndpoint` for a model the Batch API does not take, else a
         `UserError` saying why."""
-        delay = 1.0
-        for _ in range(self.policy.max_attempts):
+        for attempt in range(1, self.policy.max_attempts + 1):
             try:
                 state = await self.api.create(body)
             except NoBatchEndpoint:
@@ -52,8 +51,7 @@ class Submitter:
                     raise UserError(
                         f"the Batch API refused a batch of {record.lines:,} requests for {record.model}: {exc}"
                     ) from None
-                await self._sleep(delay)
-                delay = min(delay * 2, self.settings.poll_max)
+                await self._sleep(self.policy.delay(attempt, None))  # the retry policy's back-off
                 continue
             await asyncio.to_thread(self.log.submitted, record.local_id, state.id, state.status)
             self.say(f"batch {state.id}: {record.lines:,} requests for {record.model} submitted")

@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.helpers import run_cli, sim_get, write_job
+from tests.helpers import run_cli, sim_get, sim_post, start_cli, wait_for, write_job
 
 pytestmark = pytest.mark.timeout(120)
 QUICK = "[batch]\npoll_interval = 0.01\npoll_max = 0.05\nlist_lag = 0.2\n"
@@ -109,3 +109,39 @@ def test_answers_turned_down_are_asked_again_and_every_one_is_paid_for(
     assert len(paid) == 6  # every answer turned down was paid for ...
     total = sum(r["cost_usd"] for r in rows.values())
     assert total == pytest.approx(sum(e["cost"] for e in paid), rel=1e-9)  # ... and counted
+
+
+def test_429s_and_5xx_on_creates_and_polls_are_ridden_out(tmp_path: Path, sim_thread: Any) -> None:
+    with sim_thread(
+        batch_validating_s=0, batch_in_progress_s=0, batch_create_faults=["429", "502"],
+        batch_get_faults=["500", "429", "502"],
+    ) as sim:  # fmt: skip
+        config = job(tmp_path, sim, [f"review {i}" for i in range(8)], 'mode = "batch"')
+        done = run_cli(str(config))
+        batches, paid = made(sim), ledger(sim)
+    assert done.returncode == 0, done.stderr
+    assert len(batches) == 1 and len(paid) == 8  # made once, in spite of the refusals
+    assert "HTTP 502" in done.stderr and "looking for it before sending it again" in done.stderr
+    assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 8
+
+
+def test_lines_a_provider_cancelled_batch_did_not_run_are_sent_again(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # The provider cancels the first batch a quarter of the way through; the second runs.
+    with sim_thread(batch_validating_s=0, batch_in_progress_s=100, batch_cancel_after_s=25) as sim:
+        config = job(tmp_path, sim, [f"review {i}" for i in range(8)], 'mode = "batch"')
+        running = start_cli(str(config))
+        wait_for(lambda: len(made(sim)) == 1, what="the first batch")
+        sim_post(sim, "clock", {"advance": 30})
+        wait_for(lambda: len(made(sim)) == 2, what="the lines sent again")
+        sim_post(sim, "config", {"batch_cancel_after_s": None})
+        sim_post(sim, "clock", {"advance": 100})
+        _, stderr = running.communicate(timeout=60)
+        batches, paid = made(sim), ledger(sim)
+    assert running.returncode == 0, stderr
+    assert [b["status"] for b in batches] == ["cancelled", "completed"]
+    assert [len(b["custom_ids"]) for b in batches] == [8, 6] and len(paid) == 8
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * 8
+    assert sorted(out["attempts"].to_list()) == [1, 1] + [2] * 6
