@@ -292,3 +292,22 @@ def test_lines_billed_in_a_batch_that_returned_no_answers_count_in_the_true_spen
     assert status["true_cost_usd"] == pytest.approx(billed)  # ... and the true spend says so
     assert "its answers' costs add up to $0.000000: the true spend counts the bill" in stderr
     assert "1 batch(es) billed $" in stderr and "more than their answers' costs" in stderr
+
+
+def test_ctrl_c_while_waiting_leaves_the_batch_to_the_next_run_without_a_traceback(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    with sim_thread(batch_validating_s=0, batch_in_progress_s=3600) as sim:
+        config = str(job(tmp_path, sim, [f"review {i}" for i in range(5)]))
+        running = start_cli(config)
+        wait_for(lambda: polled(tmp_path) is not None, what="the batch to be polled")
+        running.send_signal(signal.SIGINT)
+        _, stderr = running.communicate(timeout=30)
+        sim_post(sim, "clock", {"advance": 3600})
+        done = run_cli(config)
+        made = batches(sim)
+        ledger = sim_get(sim, "ledger")["data"]
+    assert running.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr.lower()
+    assert done.returncode == 0, done.stderr
+    assert len(made) == 1 and len(ledger) == 5  # collected by the next run, not sent again
