@@ -31,19 +31,17 @@ from pipeline.batch_api import (
     submission,
 )
 from pipeline.batch_config import BatchConfig
-from pipeline.batch_prices import BatchEndpoint
+from pipeline.batch_prices import BatchEndpoint, bill, line_cost
 from pipeline.batch_submit import Submitter
 from pipeline.batch_wait import OpenBatch, Poller, Show
 from pipeline.budget import BudgetReached
 from pipeline.client import Completion
 from pipeline.errors import BatchesPending, JobStopped, UserError
 from pipeline.journal import Journal
-from pipeline.money import REPORTED, ModelPrice, Reservations
+from pipeline.money import Reservations
 from pipeline.records import DUPLICATE, ERROR, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.sync_lane import SyncLane
-
-BATCH_PRICE = "batch_price"  # cost_source: tokens times the model's `:batch` price
 
 
 @dataclass(slots=True)
@@ -126,7 +124,7 @@ class BatchRunner:
         self.submitter = Submitter(
             api, journal.batches, settings, policy, say=log, sleep=sleep, clock=clock
         )
-        self.api, self.flush, self.sync, self.auto = api, flush, sync, auto
+        self.flush, self.sync, self.auto = flush, sync, auto
         self.retry_in_sync = retry_in_sync and sync is not None
         self.answers, self.invalid_retries, self.reservations = (
             answers,
@@ -412,7 +410,7 @@ class BatchRunner:
         )  # fmt: skip
         self.log(
             f"batch {state.id}: {state.status}, {state.completed:,} answered, {state.failed:,} "
-            f"failed; {_bill(state.cost, lines_cost)}"
+            f"failed; {bill(state.cost, lines_cost)}"
         )
         if again:  # their bodies, from the record of the batch they were in
             custom_ids = {key: custom_id for custom_id, key in batch.lines.items()}
@@ -490,25 +488,3 @@ class BatchRunner:
                 retry_on_resume=retry_on_resume,
             ))  # fmt: skip
         self._waiting.pop(waiting.rows[0].request_hash, None)
-
-
-def line_cost(completion: Completion, price: ModelPrice | None) -> tuple[float | None, str | None]:
-    """A line's cost and how it was obtained: its own `usage.cost` when it has one, else its
-    tokens at the model's `:batch` price; (None, None) when neither is known."""
-    if completion.cost is not None:
-        return completion.cost, REPORTED
-    prompt, output = completion.prompt_tokens, completion.completion_tokens
-    if price is None or prompt is None or output is None:
-        return None, None
-    cached, written = completion.cached_tokens or 0, completion.cache_write_tokens or 0
-    return price.cost(prompt, output, cached, written), BATCH_PRICE
-
-
-def _bill(billed: float | None, lines: float | None) -> str:
-    """What a batch was billed, beside what its answers' costs add up to when they differ:
-    the bill is the true spend."""
-    if billed is None:
-        return "its bill not reported" + (f" (its answers: ${lines:.6f})" if lines else "")
-    if lines is None or abs(billed - lines) <= max(1e-9, 1e-6 * billed):
-        return f"cost ${billed:.6f}"
-    return f"billed ${billed:.6f}, its answers' costs add up to ${lines:.6f}: the true spend counts the bill"
