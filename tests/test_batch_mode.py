@@ -311,3 +311,26 @@ def test_ctrl_c_while_waiting_leaves_the_batch_to_the_next_run_without_a_traceba
     assert "Traceback" not in stderr and "interrupted" in stderr.lower()
     assert done.returncode == 0, done.stderr
     assert len(made) == 1 and len(ledger) == 5  # collected by the next run, not sent again
+
+
+def test_a_request_already_in_a_running_batch_is_not_sent_again_by_a_later_run(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # The second hour's input repeats a request of the first hour's batch, still running.
+    first, second = ["alpha", "beta"], ["alpha", "beta", "alpha", "gamma"]
+    with sim_thread(batch_validating_s=0, batch_in_progress_s=3000) as sim:
+        config = str(job(tmp_path, sim, first))
+        pending = run_cli(config, "--incremental", "--no-wait")
+        job(tmp_path, sim, second)
+        grown = run_cli(config, "--incremental", "--no-wait")
+        sim_post(sim, "clock", {"advance": 3600})
+        done = run_cli(config, "--incremental", "--no-wait")
+        made = batches(sim)
+        ledger = sim_get(sim, "ledger")["data"]
+    assert (pending.returncode, grown.returncode, done.returncode) == (7, 7, 0), done.stderr
+    assert [len(b["custom_ids"]) for b in made] == [2, 1]  # only "gamma" in the second batch
+    assert len(ledger) == 3
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * 4
+    assert out["completion"][2] == out["completion"][0]
+    assert out["response_source"].to_list() == ["api", "api", "duplicate", "api"]
