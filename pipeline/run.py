@@ -17,13 +17,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
 from pipeline.attempt import ChatAnswerer
-from pipeline.batch_api import BatchAPI
-from pipeline.batch_mode import BatchRunner
-from pipeline.batch_prices import batch_endpoint
 from pipeline.budget import Budget, BudgetReached, Cap
 from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient, connect
@@ -51,8 +48,10 @@ from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS
 from pipeline.records import OK, TYPICAL_ANSWER_TOKENS, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.settings import transport
-from pipeline.sync_lane import SyncLane
 from pipeline.writer import JournalWriter
+
+if TYPE_CHECKING:
+    from pipeline.batch_mode import BatchRunner
 
 
 async def run_plan(plan: JobPlan, key: str, options: RunOptions) -> JobReport:
@@ -302,6 +301,12 @@ class Run:
         """Batch mode's sender: the Batch API at `[batch] base_url` (else the chat one), each
         model's `:batch` price for the cost of its answers, and the chat API for what is sent
         in sync mode (`auto`'s models without a batch endpoint, `batch_retry = "sync"`)."""
+        # Imported here: a sync run does not load batch mode.
+        from pipeline.batch_api import BatchAPI
+        from pipeline.batch_mode import BatchRunner
+        from pipeline.batch_prices import batch_endpoint
+        from pipeline.sync_lane import SyncLane
+
         config, client = self.config, self.client
         sync = SyncLane(answerer, config.limits.concurrency, on_stop=lambda exc: None)
         runner = BatchRunner(
