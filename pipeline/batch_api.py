@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.client import Completion, parse_completion
+from pipeline.client import RETRYABLE_STATUSES, Completion, parse_completion
 from pipeline.errors import (
     AuthError,
     CreditsError,
@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CHAT_ENDPOINT = "/v1/chat/completions"
-_RETRY = frozenset({408, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+# The chat API's transient statuses, less 409 (the Batch API's "not final yet", for a delete)
+# and 425 (a chat-side early-data refusal).
+_RETRY = RETRYABLE_STATUSES - {409, 425}
 
 
 class BatchError(PipelineError):
