@@ -32,6 +32,7 @@ from pipeline.batch_api import (
 )
 from pipeline.batch_config import BatchConfig
 from pipeline.batch_prices import BatchEndpoint, bill, line_cost
+from pipeline.batch_rows import Waiting, WaitingRows
 from pipeline.batch_submit import Submitter
 from pipeline.batch_wait import OpenBatch, Poller, Show
 from pipeline.budget import BudgetReached
@@ -42,38 +43,6 @@ from pipeline.money import Reservations
 from pipeline.records import DUPLICATE, ERROR, Result, Row
 from pipeline.retry import RetryPolicy
 from pipeline.sync_lane import SyncLane
-
-
-@dataclass(slots=True)
-class _Waiting:
-    """A request of this run that has no answer yet: its rows and attempts, and its body until
-    its batch is recorded (the journal keeps it from then on). One of these is held for every
-    row in a running batch, so it is kept small: no list for the usual single row, and rows
-    without their bodies."""
-
-    first: Row
-    body: bytes | None
-    others: list[Row] | None = None  # rows that asked the identical request: one line for all
-    attempts: int = 0
-    reserved: float = 0.0
-    invalid: int = 0  # answers turned down so far
-    rejected: Result | None = None  # the last of them, with the spend of all
-
-    @classmethod
-    def of(cls, row: Row, *, keep_body: bool) -> _Waiting:
-        body, row.body = row.body, None
-        return cls(row, body if keep_body else None)
-
-    @property
-    def rows(self) -> list[Row]:
-        return [self.first, *self.others] if self.others else [self.first]
-
-    def join(self, row: Row) -> None:
-        row.body = None
-        if self.others is None:
-            self.others = [row]
-        else:
-            self.others.append(row)
 
 
 class _Rows:
@@ -141,7 +110,9 @@ class BatchRunner:
         self._endpoint = endpoint
         self._endpoints: dict[str, BatchEndpoint] = {}
         self._retries = 0
-        self._waiting: dict[str, _Waiting] = {}
+        self._waiting: dict[str, Waiting] = {}  # of the batches being made and collected
+        self._spilled = WaitingRows()  # of the batches running
+        self._pending = False  # whether earlier runs left batches running
         self._open: list[OpenBatch] = []
         self._on_result: Callable[[Row, Result], None] = lambda row, result: None
 
@@ -164,11 +135,10 @@ class BatchRunner:
         log = self.journal.batches
         for record in await asyncio.to_thread(log.unfinished):
             if (server_id := await self.submitter.resume(record)) is not None:
-                lines = await asyncio.to_thread(log.lines, record.local_id)
+                self._pending = True
                 self._open.append(
-                    OpenBatch(record.local_id, server_id, record.model, lines, record.created_after)
+                    OpenBatch(record.local_id, server_id, record.model, record.created_after)
                 )
-        pending = await asyncio.to_thread(log.pending_hashes)  # of the batches still open
         rows = _Rows(batches)
         try:
             while True:
@@ -177,7 +147,7 @@ class BatchRunner:
                     row = await rows.next()
                     if row is None:
                         break
-                    if not await self._take(row, pending, chunks):
+                    if not await self._take(row, chunks):
                         rows.put_back(row)  # the budget had no room for it
                 for chunk in chunks.values():
                     if self.stopping.is_set():  # a signal or the deadline: nothing more sent
@@ -198,6 +168,7 @@ class BatchRunner:
         finally:
             if self.sync is not None:
                 self.sync.abort()  # only when something failed: it is drained otherwise
+            self._spilled.close()
         if self.stopped is not None:
             raise self.stopped
 
@@ -234,7 +205,7 @@ class BatchRunner:
 
     # --------------------------------------------------------------------------------- rows
 
-    async def _take(self, row: Row, pending: set[str], chunks: dict[str, _Chunk]) -> bool:
+    async def _take(self, row: Row, chunks: dict[str, _Chunk]) -> bool:
         """Answer the row, or add it to a batch; False when the budget has no room for it."""
         if row.body is None:
             self._on_result(row, Result.unsendable(row))
@@ -246,8 +217,9 @@ class BatchRunner:
         if (waiting := self._waiting.get(key)) is not None:
             waiting.join(row)  # an identical request: one line for all
             return True
-        if key in pending:  # its line is in a batch an earlier run submitted (body on disk)
-            self._waiting[key] = _Waiting.of(row, keep_body=False)
+        if (running := self._running_batch_of(key)) is not None:
+            row.body = None
+            self._spilled.join(running, row)
             return True
         if self.stopping.is_set() or self.stopped is not None:
             return True
@@ -276,11 +248,19 @@ class BatchRunner:
             except BudgetReached as exc:  # what was reserved is still sent
                 self.stopped = exc
                 return False
-        waiting = self._waiting[key] = _Waiting.of(row, keep_body=True)
+        waiting = self._waiting[key] = Waiting.of(row, keep_body=True)
         waiting.reserved = reserved
         chunk.hashes.append(key)
         chunk.size += size
         return True
+
+    def _running_batch_of(self, key: str) -> str | None:
+        """The running batch whose line answers this request: this run's, or one an earlier
+        run submitted (its body on disk)."""
+        local_id = self._spilled.batch_of(key)
+        if local_id is None and self._pending:
+            local_id = self.journal.batches.pending_batch_of(key)
+        return local_id
 
     async def _lookup(self, model: str) -> BatchEndpoint:
         if model not in self._endpoints:
@@ -324,12 +304,14 @@ class BatchRunner:
             for key, _, line in lines:
                 await self._resend_sync(key, line)
             return
+        running = []  # their rows leave memory until the batch is collected
         for key in chunk.hashes:
-            self._waiting[key].body = None  # on disk now, with the record
-        self._open.append(
-            OpenBatch(record.local_id, state.id, record.model, {k: k for k in chunk.hashes},
-                  record.created_after)
-        )  # fmt: skip
+            waiting = self._waiting[key]
+            waiting.body = None  # on disk now, with the record
+            if waiting.rejected is None:  # else kept here, with the answer turned down
+                running.append(self._waiting.pop(key))
+        await asyncio.to_thread(self._spilled.put, record.local_id, running)
+        self._open.append(OpenBatch(record.local_id, state.id, record.model, record.created_after))
 
     def _release(self, chunk: _Chunk) -> None:
         """Rows that will not be sent this run: their reservations go back to the budget."""
@@ -365,6 +347,8 @@ class BatchRunner:
     # ------------------------------------------------------------------------------ collect
 
     async def _collect(self, batch: OpenBatch, state: BatchState) -> None:
+        lines = await asyncio.to_thread(self.journal.batches.lines, batch.local_id)
+        self._waiting.update(await asyncio.to_thread(self._spilled.take, batch.local_id))
         results = line_results(state.results or [])
         price = (await self._lookup(batch.model)).price
         costs = {
@@ -374,7 +358,7 @@ class BatchRunner:
         }
         latency_ms = max(0.0, self._clock() - batch.created_after) * 1000  # submit to collect
         again: list[str] = []  # to ask again
-        for custom_id, key in batch.lines.items():
+        for custom_id, key in lines.items():
             waiting = self._waiting.get(key)
             if waiting is None:
                 continue  # settled before this run
@@ -413,7 +397,7 @@ class BatchRunner:
             f"failed; {bill(state.cost, lines_cost)}"
         )
         if again:  # their bodies, from the record of the batch they were in
-            custom_ids = {key: custom_id for custom_id, key in batch.lines.items()}
+            custom_ids = {key: custom_id for custom_id, key in lines.items()}
             found = await asyncio.to_thread(
                 self.journal.batches.bodies, batch.local_id, [custom_ids[k] for k in again]
             )
@@ -427,7 +411,7 @@ class BatchRunner:
             await self._submit(chunk)
 
     async def _answered(
-        self, waiting: _Waiting, completion: Completion, cost: float | None, source: str | None,
+        self, waiting: Waiting, completion: Completion, cost: float | None, source: str | None,
         latency_ms: float,
     ) -> bool:  # fmt: skip
         """The answer to a line, given to every row that asked it; False when it was turned
@@ -452,7 +436,7 @@ class BatchRunner:
         self._hand_on(waiting, result)
         return True
 
-    async def _ask_again(self, waiting: _Waiting) -> bool:
+    async def _ask_again(self, waiting: Waiting) -> bool:
         """Whether an answer turned down is asked again: within `invalid_retries`, and with
         room in the budget for the worst case of the line's next batch."""
         if waiting.invalid >= self.invalid_retries or self.stopping.is_set():
@@ -469,7 +453,7 @@ class BatchRunner:
             return False
         return True
 
-    def _hand_on(self, waiting: _Waiting, result: Result) -> None:
+    def _hand_on(self, waiting: Waiting, result: Result) -> None:
         first, *others = waiting.rows
         self._on_result(first, result)
         for row in others:
@@ -477,7 +461,7 @@ class BatchRunner:
         self._waiting.pop(first.request_hash, None)
 
     def _failed(
-        self, waiting: _Waiting, kind: str, message: str, *, retry_on_resume: bool = True
+        self, waiting: Waiting, kind: str, message: str, *, retry_on_resume: bool = True
     ) -> None:
         if self.reservations is not None:
             self.reservations.settle(waiting.reserved, 0.0)

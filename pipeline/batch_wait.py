@@ -27,7 +27,6 @@ class OpenBatch:
     local_id: str
     server_id: str
     model: str
-    lines: dict[str, str]  # request hash by custom id
     created_after: float
     started: tuple[float, int] | None = None  # (when, lines done) first seen running
 

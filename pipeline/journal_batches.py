@@ -209,12 +209,17 @@ class BatchLog:
                 if body is not None and custom_id in wanted
             }
 
-    def pending_hashes(self) -> set[str]:
-        """Requests in a batch not yet done: sent already (or perhaps), not to be sent again."""
-        return self._values(
-            "SELECT l.request_hash FROM batch_lines l JOIN batches b USING (local_id)"
-            f" WHERE b.state != '{DONE}'"
-        )
+    def pending_batch_of(self, request_hash: str) -> str | None:
+        """The batch not yet done whose line answers this request, if any."""
+        with self._guard:
+            if not self._exists():
+                return None
+            found = self._db.execute(
+                "SELECT l.local_id FROM batch_lines l JOIN batches b USING (local_id)"
+                f" WHERE l.request_hash = ? AND b.state != '{DONE}' LIMIT 1",
+                (request_hash,),
+            ).fetchone()
+        return found[0] if found else None
 
     def server_ids(self) -> set[str]:
         """Every server id the journal holds: a listed batch among them is not a lost create."""

@@ -24,7 +24,7 @@ def state(
 
 
 def test_the_eta_follows_the_pace_since_the_batch_was_first_seen_running() -> None:
-    batch = OpenBatch("l1", "batch-1", "m", {}, created_after=0.0)
+    batch = OpenBatch("l1", "batch-1", "m", created_after=0.0)
     assert batch.eta(state(0), now=100.0) is None  # no pace yet
     assert batch.eta(state(0), now=160.0) is None  # none finished since
     # 250 lines (200 answered, 50 failed) in 100 s: the other 750 take 300 s.
@@ -33,7 +33,7 @@ def test_the_eta_follows_the_pace_since_the_batch_was_first_seen_running() -> No
 
 
 def test_a_batch_first_seen_part_done_has_its_pace_from_then() -> None:
-    batch = OpenBatch("l1", "batch-1", "m", {}, created_after=0.0)
+    batch = OpenBatch("l1", "batch-1", "m", created_after=0.0)
     assert batch.eta(state(400), now=1000.0) is None  # a resumed run: 400 done before it looked
     assert batch.eta(state(500), now=1100.0) == pytest.approx(500.0)
 

@@ -39,11 +39,16 @@ def tables(path: Path) -> set[str]:
         db.close()
 
 
+def pending(journal: Journal) -> list[str | None]:
+    """The running batch each of the three lines is in."""
+    return [journal.batches.pending_batch_of(h) for h in ("h0", "h1", "h2")]
+
+
 def test_a_job_never_sent_in_batch_mode_keeps_its_journal_as_it_was(tmp_path: Path) -> None:
     with Journal.open(tmp_path / "j", JOB) as journal:
         journal.write([answer(0, "h0")])
         assert journal.batches.unfinished() == []
-        assert journal.batches.pending_hashes() == set()
+        assert journal.batches.pending_batch_of("h0") is None
     assert "batches" not in tables(tmp_path / "j")
 
 
@@ -58,7 +63,7 @@ def test_a_batch_is_on_disk_before_it_is_sent_and_its_server_id_after(tmp_path: 
         assert found.created_after == 1000.0 and found.reserved_usd == 0.5
         assert journal.batches.lines(record.local_id) == {c: h for c, h, _ in LINES}
         assert journal.batches.bodies(record.local_id, ["h1"]) == {"h1": b"{}"}
-        assert journal.batches.pending_hashes() == {"h0", "h1", "h2"}
+        assert pending(journal) == [record.local_id] * 3
         journal.batches.submitted(record.local_id, "batch-1-x", "validating")
     with Journal.open(tmp_path / "j", JOB) as journal:
         (found,) = journal.batches.unfinished()
@@ -89,7 +94,7 @@ def test_answers_and_the_batch_being_done_are_committed_together(tmp_path: Path)
             answers, then=log.finishing(record.local_id, "completed", 0.003, 0.003, 2000.0)
         )
         assert journal.settled_count(below=3) == 3
-        assert log.unfinished() == [] and log.pending_hashes() == set()
+        assert log.unfinished() == [] and pending(journal) == [None] * 3
     db = sqlite3.connect(tmp_path / "j")
     assert db.execute("SELECT state, status, cost_usd FROM batches").fetchall() == [
         (DONE, "completed", 0.003)
@@ -116,4 +121,4 @@ def test_a_sigkill_leaves_the_batch_recorded(tmp_path: Path, moment: str) -> Non
     with Journal.open(tmp_path / "j", JOB) as journal:
         (found,) = journal.batches.unfinished()
         assert found.state == (SUBMITTED if moment == "after_submitted" else SUBMITTING)
-        assert journal.batches.pending_hashes() == {"h0", "h1", "h2"}
+        assert pending(journal) == [found.local_id] * 3
