@@ -9,9 +9,11 @@ again from the input, and the journal keeps what was submitted."""
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 import threading
 from dataclasses import dataclass
 
+from pipeline.errors import DiskFull, is_disk_full
 from pipeline.records import Result, Row
 
 _SCHEMA = """
@@ -75,7 +77,16 @@ class WaitingRows:
             for w in waiting for row in w.rows
         ]  # fmt: skip
         with self._lock:
-            self._db.executemany(f"INSERT INTO waiting VALUES ({', '.join('?' * 12)})", records)
+            try:
+                self._db.executemany(f"INSERT INTO waiting VALUES ({', '.join('?' * 12)})", records)
+            except sqlite3.Error as exc:
+                if not is_disk_full(exc):
+                    raise
+                raise DiskFull(
+                    f"no room in the temporary directory {tempfile.gettempdir()} for the rows of "
+                    f"running batches ({exc}): set TMPDIR to a disk with room, then run the same "
+                    "command again (the batches submitted are collected, not sent again)"
+                ) from None
             self.rows += len(records)
 
     def batch_of(self, request_hash: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.batch_rows import Waiting, WaitingRows
+from pipeline.errors import DiskFull
 from pipeline.records import Row
 
 pytestmark = pytest.mark.timeout(30)
@@ -44,4 +45,13 @@ def test_a_batch_s_rows_come_back_whole_and_only_once() -> None:
     assert back.body is None and first.body == b"{}"  # the body stays with the batch record
     assert rows.take("batch-a") == {} and rows.batch_of("h0") is None
     assert rows.rows == 1
+    rows.close()
+
+
+def test_a_full_temporary_directory_is_a_clear_stop_not_a_traceback() -> None:
+    rows = WaitingRows()
+    rows._db.execute("PRAGMA max_page_count = 8")  # as if TMPDIR were full
+    many = [Waiting.of(row(i, f"h{i}"), keep_body=False) for i in range(2000)]
+    with pytest.raises(DiskFull, match=r"no room in the temporary directory .* set TMPDIR"):
+        rows.put("batch-a", many)
     rows.close()
