@@ -23,10 +23,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.journal_file import when_full
 
 SUBMITTING, SUBMITTED, DONE = "submitting", "submitted", "done"
+_KEYS_PER_QUERY = 500  # custom ids in one `IN (...)`, well under sqlite's parameter limit
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -75,14 +77,18 @@ class BatchLog:
         self._db = db
         self._guard = guard
         self._path = path
+        self._made = False  # the tables exist (once made, they stay)
 
     def _exists(self) -> bool:
-        return (
-            self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'"
-            ).fetchone()
-            is not None
-        )
+        if not self._made:
+            query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'"
+            self._made = self._db.execute(query).fetchone() is not None
+        return self._made
+
+    def _select(self, query: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows `query` selects; none before the first batch made the tables."""
+        with self._guard:
+            return self._db.execute(query, args).fetchall() if self._exists() else []
 
     def begin(
         self, model: str, lines: list[tuple[str, str, bytes]], created_after: float,
@@ -109,15 +115,12 @@ class BatchLog:
             )
         return record
 
-    def submitted(
-        self, local_id: str, server_id: str, status: str, created_after: float | None = None
-    ) -> None:
+    def submitted(self, local_id: str, server_id: str, status: str) -> None:
         """The server took the batch as `server_id`."""
         with self._guard, when_full(self._path), self._db:
             self._db.execute(
-                "UPDATE batches SET state = ?, server_id = ?, status = ?,"
-                " created_after = COALESCE(?, created_after) WHERE local_id = ?",
-                (SUBMITTED, server_id, status, created_after, local_id),
+                "UPDATE batches SET state = ?, server_id = ?, status = ? WHERE local_id = ?",
+                (SUBMITTED, server_id, status, local_id),
             )
 
     def seen(
@@ -135,14 +138,11 @@ class BatchLog:
         """The newest batches, as `pipeline status` shows them."""
         names = ("id", "model", "lines", "state", "status", "completed", "failed",
                  "created_after", "expires_at", "cost_usd")  # fmt: skip
-        with self._guard:
-            if not self._exists():
-                return []
-            rows = self._db.execute(
-                "SELECT server_id, model, lines, state, status, completed, failed, created_after,"
-                " expires_at, cost_usd FROM batches ORDER BY created_after DESC, rowid DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+        rows = self._select(
+            "SELECT server_id, model, lines, state, status, completed, failed, created_after,"
+            " expires_at, cost_usd FROM batches ORDER BY created_after DESC, rowid DESC LIMIT ?",
+            (limit,),
+        )
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     def done(
@@ -177,57 +177,46 @@ class BatchLog:
 
     def unfinished(self) -> list[BatchRecord]:
         """Batches not yet done, oldest first."""
-        with self._guard:
-            if not self._exists():
-                return []
-            rows = self._db.execute(
-                "SELECT local_id, model, lines, created_after, state, server_id, status, reserved_usd"
-                " FROM batches WHERE state != ? ORDER BY created_after, rowid",
-                (DONE,),
-            ).fetchall()
+        rows = self._select(
+            "SELECT local_id, model, lines, created_after, state, server_id, status, reserved_usd"
+            " FROM batches WHERE state != ? ORDER BY created_after, rowid",
+            (DONE,),
+        )
         return [BatchRecord(*row) for row in rows]
 
     def lines(self, local_id: str) -> dict[str, str]:
         """A batch's lines: request hash by custom id."""
-        with self._guard:
-            return dict(
-                self._db.execute(
-                    "SELECT custom_id, request_hash FROM batch_lines WHERE local_id = ?",
-                    (local_id,),
-                ).fetchall()
+        return dict(
+            self._select(
+                "SELECT custom_id, request_hash FROM batch_lines WHERE local_id = ?", (local_id,)
             )
+        )
 
     def bodies(self, local_id: str, custom_ids: list[str]) -> dict[str, bytes]:
-        """The request bodies of some of a batch's lines, by custom id."""
-        wanted = set(custom_ids)
-        with self._guard:
-            return {
-                custom_id: body
-                for custom_id, body in self._db.execute(
-                    "SELECT custom_id, body FROM batch_lines WHERE local_id = ?", (local_id,)
+        """The request bodies of some of a batch's lines, by custom id (each read by its key,
+        not the whole batch's bodies to keep a few)."""
+        found: dict[str, bytes] = {}
+        for start in range(0, len(custom_ids), _KEYS_PER_QUERY):
+            some = custom_ids[start : start + _KEYS_PER_QUERY]
+            found.update(
+                self._select(
+                    "SELECT custom_id, body FROM batch_lines WHERE local_id = ? AND body IS NOT NULL"
+                    f" AND custom_id IN ({', '.join('?' * len(some))})",
+                    (local_id, *some),
                 )
-                if body is not None and custom_id in wanted
-            }
+            )
+        return found
 
     def pending_batch_of(self, request_hash: str) -> str | None:
         """The batch not yet done whose line answers this request, if any."""
-        with self._guard:
-            if not self._exists():
-                return None
-            found = self._db.execute(
-                "SELECT l.local_id FROM batch_lines l JOIN batches b USING (local_id)"
-                f" WHERE l.request_hash = ? AND b.state != '{DONE}' LIMIT 1",
-                (request_hash,),
-            ).fetchone()
-        return found[0] if found else None
+        found = self._select(
+            "SELECT l.local_id FROM batch_lines l JOIN batches b USING (local_id)"
+            " WHERE l.request_hash = ? AND b.state != ? LIMIT 1",
+            (request_hash, DONE),
+        )
+        return found[0][0] if found else None
 
     def server_ids(self) -> set[str]:
         """Every server id the journal holds: a listed batch among them is not a lost create."""
-        return self._values("SELECT server_id FROM batches WHERE server_id IS NOT NULL")
-
-    def _values(self, query: str) -> set[str]:
-        """The one column `query` selects, as a set (empty before the first batch)."""
-        with self._guard:
-            if not self._exists():
-                return set()
-            return {value for (value,) in self._db.execute(query)}
+        query = "SELECT server_id FROM batches WHERE server_id IS NOT NULL"
+        return {server_id for (server_id,) in self._select(query)}
