@@ -47,7 +47,8 @@ from pipeline.sync_lane import SyncLane
 
 class _Rows:
     """The feed's rows one at a time (each batch of them read in a thread), with room to put
-    one back."""
+    one back. Not `dispatch.RowFeed`, which prepares the next batch ahead: one prepared before
+    a collection would not see that collection's answers, and would send them again."""
 
     def __init__(self, batches: Iterator[list[Row]]) -> None:
         self._batches = batches
