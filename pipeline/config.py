@@ -277,7 +277,7 @@ def load(
     if config_file is not None:
         document = _read_toml(config_file)
         base_dir = config_file.resolve().parent
-        _check_keys(document, config_file)
+        check_keys(document, config_file)
         for section, values in document.items():
             raw[section].update(values)
         for key in PATH_KEYS:
@@ -301,7 +301,9 @@ def _resolve(path: str, base_dir: Path) -> Path:
     return expanded if expanded.is_absolute() else Path(os.path.normpath(base_dir / expanded))
 
 
-def _check_keys(document: Mapping[str, Any], source: Path) -> None:
+def check_keys(document: Mapping[str, Any], source: object) -> None:
+    """Refuse an unknown section or key, naming `source` (a file, or a call) and the nearest
+    valid one."""
     every_key = [f"{s}.{f}" for s, cls in SECTIONS.items() for f in cls.__dataclass_fields__]
     for section, values in document.items():
         if section not in SECTIONS or not isinstance(values, dict):

@@ -208,8 +208,8 @@ class BatchesPending(PipelineError):
 class Interrupted(PipelineError):
     """SIGINT or SIGTERM: the journal was flushed; the next run resumes. Exit 128 + signal."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by signal {signum}")
+    def __init__(self, signum: int, message: str | None = None) -> None:
+        super().__init__(message or f"interrupted by signal {signum}")
         self.exit_code = 128 + signum
 
 

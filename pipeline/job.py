@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,32 @@ class RunOptions:
     stream: Any = None  # where progress and log events go (default: stderr)
     started: float = field(default_factory=time.monotonic)  # --max-runtime counts from here
     redo: Redo | None = None  # rows done before to send again under this run's settings
+    # Stops the run from another thread as SIGINT would (signals reach only the main thread).
+    stop_switch: StopSwitch | None = None
+    progress_bar: bool | None = None  # None: on a terminal; True: also elsewhere (a notebook)
+
+
+class StopSwitch:
+    """Stops a run from another thread, as a signal stops one in the main thread: a notebook
+    runs the job in a thread of its own, and its kernel interrupt reaches the waiting one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop: Callable[[int], object] | None = None
+        self.pulled: int | None = None  # the signal it stands for, once pulled
+
+    def pull(self, signum: int = signal.SIGINT) -> None:
+        with self._lock:
+            self.pulled = signum
+            if self._stop is not None:
+                self._stop(signum)
+
+    def attach(self, stop: Callable[[int], object] | None) -> None:
+        """What pulling it does (None: nothing, between runs); pulled before, it stops at once."""
+        with self._lock:
+            self._stop = stop
+            if stop is not None and self.pulled is not None:
+                stop(self.pulled)
 
 
 @dataclass(frozen=True)

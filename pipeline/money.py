@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.budget import Budget, BudgetReached
 from pipeline.errors import TrustError, Unreachable, UserError
 from pipeline.options import describe
+from pipeline.places import cache_dir
 from pipeline.records import ABANDONED
 
 if TYPE_CHECKING:
@@ -153,15 +154,6 @@ class Catalogue:
             m for e in entries or [] if isinstance(e, dict) and (m := ModelPrice.from_listing(e))
         ]
         return cls(models, fetched_at)
-
-
-def cache_dir() -> Path:
-    """Where prices (and nothing secret) are cached: $PIPELINE_CACHE_DIR, else the XDG cache."""
-    explicit = os.environ.get("PIPELINE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "prompt-pipeline"
 
 
 def cached_listing(endpoint: str, ttl: float) -> tuple[Any, float] | None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -71,6 +72,18 @@ class Tally:
         return self.ok + self.failed
 
 
+def _bar_class() -> tuple[Any, bool]:
+    """tqdm's widget in a Jupyter kernel that has ipywidgets, else its text bar (which a
+    notebook shows too, less prettily); and whether it is the text bar."""
+    if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as widget
+
+        return widget, False
+    from tqdm import tqdm
+
+    return tqdm, True
+
+
 def _columns(stream: IO[str]) -> int:
     try:
         return os.get_terminal_size(stream.fileno()).columns
@@ -90,6 +103,7 @@ class Progress:
         budget: Budget | None = None,
         stream: IO[str] | None = None,
         logs: LogSettings = LogSettings(),
+        bar: bool | None = None,
     ) -> None:
         self.budget = budget
         self.stream = stream or sys.stderr
@@ -105,21 +119,19 @@ class Progress:
         self._already = already_done
         self._batch_states: list[tuple[str, str, int]] = []  # the open batches' last told
         self._next_batches_log = 0.0
-        if not quiet and not logs.json and self.stream.isatty():
-            from tqdm import tqdm
-
+        if not quiet and not logs.json and (bar or (bar is None and self.stream.isatty())):
+            tqdm, text = _bar_class()
             # A terminal that reports no size (script, bare ptys) would get an empty, hidden bar.
             sized = _columns(self.stream) > 0
+            shape = (
+                {"dynamic_ncols": sized, "ncols": None if sized else 100,
+                 "nrows": None if sized else 20}
+                if text else {}
+            )  # fmt: skip
             self._bar = tqdm(
-                total=total,
-                initial=already_done,
-                unit="row",
-                file=self.stream,
-                dynamic_ncols=sized,
-                ncols=None if sized else 100,
-                nrows=None if sized else 20,
-                smoothing=0.05,
-            )
+                total=total, initial=already_done, unit="row", file=self.stream, smoothing=0.05,
+                **shape,
+            )  # fmt: skip
 
     def update(
         self, result: Result, retries: int, rate_limited: int = 0, prompt: str | None = None

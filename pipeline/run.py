@@ -123,7 +123,7 @@ class Run:
             self.budget = Budget(caps) if caps else None
             self.progress = Progress(
                 plan.slots, self.report.skipped, quiet=options.quiet, budget=self.budget,
-                stream=options.stream, logs=options.logs,
+                stream=options.stream, logs=options.logs, bar=options.progress_bar,
             )  # fmt: skip
             self._stack = stack.pop_all()
         return self
@@ -295,6 +295,8 @@ class Run:
             progress.close()
             self.report.retries = counted.retries
             _restore_signals(self._outer_signals)
+            if self.options.stop_switch is not None:
+                self.options.stop_switch.attach(None)
         self._raise_if_stopped()
 
     def _batch_runner(self, answerer: ChatAnswerer, stopping: asyncio.Event) -> BatchRunner:
@@ -374,9 +376,15 @@ class Run:
             message = f"received {name}: finishing in-flight requests, then saving the journal"
             self.stop(Stop(name, message, signum), SHUTDOWN_GRACE)
 
-        self._outer_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._outer_signals: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach no other
+            self._outer_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for signum in self._outer_signals:
             loop.add_signal_handler(signum, handle, signum)
+        if self.options.stop_switch is not None:
+            self.options.stop_switch.attach(
+                lambda signum: loop.call_soon_threadsafe(handle, signum)
+            )
 
     def _on_deadline(self) -> asyncio.TimerHandle | None:
         """With a runtime limit: stop taking rows a grace period before it (10% of the limit, at
