@@ -8,6 +8,9 @@ The public API, for running jobs from Python (a notebook, a scheduler, another t
     report = pipeline.run_job(config, pipeline.RunOptions(quiet=True))
     print(report.exit_code, report.job_totals.cost_usd)
 
+    labeled = pipeline.run_frame(df, template="Sentiment of: {text}",
+                                 request={"labels": ["positive", "negative"]})
+
 Everything listed in `__all__` stays; other modules are internal. Names are imported when
 first used, so `import pipeline` (and `pipeline --help`) loads no heavy library.
 """
@@ -24,6 +27,7 @@ _EXPORTS = {
     "load_config": "pipeline.config",
     "JobConfig": "pipeline.config",
     "run_job": "pipeline.job",
+    "run_frame": "pipeline.frames",
     "RunOptions": "pipeline.job",
     "JobReport": "pipeline.job",
     "LogSettings": "pipeline.progress",
@@ -74,6 +78,7 @@ __all__ = [
     "job_status",
     "load_config",
     "read_metadata",
+    "run_frame",
     "run_job",
 ]
 
@@ -97,6 +102,7 @@ if TYPE_CHECKING:
     )
     from pipeline.estimate import Estimate
     from pipeline.estimate import estimate as estimate_job
+    from pipeline.frames import run_frame
     from pipeline.job import JobReport, RunOptions, run_job
     from pipeline.output import read_metadata
     from pipeline.progress import LogSettings

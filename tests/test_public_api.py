@@ -16,7 +16,7 @@ from tests.helpers import TEST_KEY
 
 # Remove a name only with a major version: scripts and notebooks import these.
 PUBLIC = {
-    "__version__", "load_config", "JobConfig", "run_job", "RunOptions", "JobReport",
+    "__version__", "load_config", "JobConfig", "run_job", "run_frame", "RunOptions", "JobReport",
     "LogSettings", "Totals", "job_status", "estimate_job", "Estimate", "read_metadata",
     "PipelineError", "UserError", "ConfigError", "InputError", "JournalError", "JobStopped",
     "AuthError", "CreditsError", "BudgetReached", "TrustError", "Locked", "OutOfTime",
