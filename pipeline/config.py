@@ -32,6 +32,7 @@ from pipeline.batch_config import BatchConfig, batch_config
 from pipeline.cost_config import CostConfig, cost_config
 from pipeline.errors import ConfigError
 from pipeline.options import FORMAT_NAMES, INPUT_FORMATS, describe
+from pipeline.places import is_remote, staged_output
 from pipeline.settings import asked, settings_hash
 from pipeline.values import RawValues
 
@@ -181,8 +182,14 @@ class OutputConfig:
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE
 
     @property
+    def local_path(self) -> Path:
+        """Where the output file is written: `path`, or for an object-store URL a file in the
+        cache folder, uploaded once complete."""
+        return staged_output(self.path) if is_remote(self.path) else Path(self.path)
+
+    @property
     def journal_path(self) -> Path:
-        return Path(self.journal) if self.journal else Path(self.path + ".journal")
+        return Path(self.journal) if self.journal else Path(f"{self.local_path}.journal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +289,7 @@ def load(
             raw[section].update(values)
         for key in PATH_KEYS:
             section, item = key.split(".")
-            if isinstance(raw[section].get(item), str):
+            if isinstance(raw[section].get(item), str) and not is_remote(raw[section][item]):
                 raw[section][item] = str(_resolve(raw[section][item], base_dir))
     given = {key for key, value in overrides.items() if value is not None}
     if given & set(PROMPT_SOURCES):

@@ -77,7 +77,7 @@ def default_path(output: Path) -> Path:
 
 def export(config: JobConfig, target: Path | None = None, limit: int | None = None) -> Export:
     """Write the rows done so far to `target` (default: `default_path` of the job's output)."""
-    target = target or default_path(Path(config.output.path))
+    target = target or default_path(config.output.local_path)
     check_target(config, target)
     path = config.output.journal_path
     journal = Journal.read_only(path)
@@ -111,7 +111,7 @@ def export(config: JobConfig, target: Path | None = None, limit: int | None = No
 def check_target(config: JobConfig, target: Path) -> None:
     """The export is a Parquet file of its own, in a folder that exists: not the job's output,
     journal, lock files or input (whatever the spelling), which it would overwrite."""
-    output, journal = Path(config.output.path), config.output.journal_path
+    output, journal = config.output.local_path, config.output.journal_path
     own = {
         "the job's output": [output, lock_path(output)],
         "the job's journal": [*(Path(f"{journal}{s}") for s in JOURNAL_SUFFIXES), lock_path(journal)],

@@ -46,6 +46,7 @@ class JobReport:
     changed: int = 0  # rows done earlier whose input changed (incremental jobs)
     departed: int = 0  # rows done earlier that this run found gone from the input
     warnings: list[str] = field(default_factory=list)
+    uploaded_to: str | None = None  # the object-store URL the output was uploaded to
 
     @property
     def exit_code(self) -> int:
@@ -106,7 +107,7 @@ def run_job(config: JobConfig, options: RunOptions | None = None) -> JobReport:
     if it cannot finish."""
     options = options or RunOptions()
     check_folders(config)
-    with job_locks(config.output.journal_path, Path(config.output.path)):
+    with job_locks(config.output.journal_path, config.output.local_path):
         ensure_open_files(config.limits.concurrency)
         # Beside the input's pass (which leaves the GIL to polars): the journal's integrity
         # check, and loading what sends (aiohttp and the rest, a third of a second).

@@ -28,6 +28,7 @@ from pipeline.lock import lock_path, output_key
 from pipeline.money import Catalogue, most_output_tokens, unknown_limit
 from pipeline.options import describe
 from pipeline.output import OutputLayout, unfinished_name
+from pipeline.places import is_remote
 from pipeline.prompts import RequestBuilder
 from pipeline.source import POSITION, Source, expand, open_source
 
@@ -94,7 +95,10 @@ def check_folders(config: JobConfig) -> None:
     """The output and journal can be written where they are named, and the run's files are
     distinct from the input and from each other (before the lock: `<journal>.lock` might be
     the input)."""
-    output = Path(config.output.path)
+    output = config.output.local_path
+    if is_remote(config.output.path):
+        check_bucket(config.output.path)
+        output.parent.mkdir(parents=True, exist_ok=True)
     for path, key in (
         (output, describe("output.path")),
         (config.output.journal_path, describe("output.journal")),
@@ -103,8 +107,21 @@ def check_folders(config: JobConfig) -> None:
     check_distinct(config)  # before the name: an output that is the input says so
     if output.suffix.lower() in OTHER_FORMATS:
         raise InputError(
-            f"{describe('output.path')} {output}: the output is written as Parquet, not {output.suffix}; "
+            f"{describe('output.path')} {config.output.path}: the output is written as Parquet, not {output.suffix}; "
             "name it .parquet or .pq"
+        )
+
+
+def check_bucket(url: str) -> None:
+    """An object-store output can be uploaded: its store's library is installed and its bucket
+    exists (before anything is sent; whether the key may write is known only by writing)."""
+    from pipeline.remote import bucket_exists
+
+    if not bucket_exists(url, describe("output.path")):
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        raise InputError(
+            f"{describe('output.path')} {url}: the bucket {bucket} does not exist or cannot be "
+            "seen with these credentials; create it, or name another"
         )
 
 
@@ -144,7 +161,7 @@ def check_distinct(config: JobConfig) -> None:
     sqlite's `-wal` / `-shm`, the unfinished output) are all different files, whatever the
     spelling: symlinks, `..` and hard links included. Otherwise `--restart` would delete the
     input, or the output overwrite the paid answers."""
-    output, journal = Path(config.output.path), config.output.journal_path
+    output, journal = config.output.local_path, config.output.journal_path
     out_key, journal_key = describe("output.path"), describe("output.journal")
     inputs = {file_identity(path): path for path in input_files(config.input.path)}
     out_files = {file_identity(p): p for p in (output, lock_path(output_key(output)))}
@@ -187,9 +204,12 @@ def file_identity(path: Path) -> tuple[object, ...]:
 
 
 def input_files(pattern: str) -> tuple[Path, ...]:
-    """The input's files as far as they exist (reading them, later, says what is missing)."""
+    """The input's local files as far as they exist (reading them, later, says what is
+    missing); objects in a store are never the files a run writes."""
+    if is_remote(pattern):
+        return ()
     try:
-        return expand(pattern)
+        return tuple(path for path in expand(pattern) if isinstance(path, Path))
     except InputError:
         return ()
 

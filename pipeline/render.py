@@ -20,7 +20,7 @@ def summary(report: JobReport, on_change: str) -> str:
     t = report.job_totals
     lines = [
         f"done: {report.total_rows:,} rows: {t.ok:,} ok, {t.failed:,} failed "
-        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
+        f"({report.skipped:,} done by earlier runs) in {report.wall_seconds:.1f}s, {report.retries} retries; wrote {report.uploaded_to or report.output} ({report.write_seconds:.2f}s at the end, {report.write_cpu_seconds:.2f}s CPU in all)",
         f"  cost {_usd(t.cost_usd, t.rows_cost_unknown)} for {t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion tokens"
         + _left_out(t.rows_cost_unknown, ": the endpoint reported none and lists no price"),
     ]

@@ -42,6 +42,7 @@ from pipeline.money import (
 )
 from pipeline.options import describe
 from pipeline.output import ANSWERS_KEPT, FinalSlots, OutputWriter
+from pipeline.places import is_remote
 from pipeline.plan import JobPlan, check_models
 from pipeline.progress import Progress
 from pipeline.prompts import MESSAGE_OVERHEAD_TOKENS
@@ -111,11 +112,11 @@ class Run:
             if options.write_output:
                 groups = plan.source.arrow_batches(plan.limit, size=plan.layout.group_rows)
                 self.output = OutputWriter(
-                    plan.layout, groups, plan.slots, self.journal, Path(config.output.path)
+                    plan.layout, groups, plan.slots, self.journal, config.output.local_path
                 )
                 stack.callback(self.output.discard)  # the unfinished file, if the run stops
             self.report = JobReport(
-                output=Path(config.output.path),
+                output=config.output.local_path,
                 total_rows=plan.slots,
                 skipped=self.journal.settled_count(below=plan.slots),
             )
@@ -191,6 +192,11 @@ class Run:
                 raise UserError(f"{exc}. Nothing was sent; {ANSWERS_KEPT}") from None
             report.write_seconds = self.output.final_seconds
             report.write_cpu_seconds = self.output.cpu_seconds
+            if is_remote(config.output.path):  # complete: only now does the object appear
+                from pipeline.remote import publish
+
+                publish(config.output.local_path, config.output.path, describe("output.path"))
+                report.uploaded_to = config.output.path
         return report
 
     def _sticky_routing_warning(self) -> str | None:

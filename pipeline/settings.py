@@ -168,7 +168,7 @@ def describe_changes(
     if len(old_files) != len(new_files):
         changes.append(f"the input was {len(old_files)} file(s) and is now {len(new_files)}")
     for old, new in zip(old_files, new_files, strict=False):
-        if old["sha256"] != new["sha256"]:
+        if _content(old) != _content(new):
             changes.append(f"input file {new['file']} changed")
     old_config = upgraded(stored.get("config", {})) if compare_config else {}
     new_config = current.get("config", {}) if compare_config else {}
@@ -178,3 +178,8 @@ def describe_changes(
             if old_section.get(key) != new_section.get(key):
                 changes.append(f"{section}.{key} changed")
     return changes
+
+
+def _content(entry: dict[str, Any]) -> Any:
+    """What an input file holds: a local file's hash, or an object's version (its ETag)."""
+    return entry.get("sha256") or ("object version", entry.get("version"))

@@ -13,6 +13,7 @@ as one table and writes as one output.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import glob
@@ -25,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -34,11 +35,14 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.options import INPUT_FORMATS, describe
+from pipeline.places import is_remote
+from pipeline.remote import RemoteFile, list_objects
 
 POSITION = "__pipeline_position"
 DELIMITERS = {"csv": ",", "tsv": "\t"}
 POOL = pa.default_memory_pool()
 T = TypeVar("T")
+InputFile = Path | RemoteFile  # a local file, or an object in a store
 BATCH_ROWS = 2_000  # small: the first requests wait for only one batch (the next is prepared ahead)
 
 
@@ -47,12 +51,12 @@ class Source:
     """The input files of a job, in a stable order, with their one (reconciled) schema."""
 
     pattern: str
-    paths: tuple[Path, ...]
+    paths: tuple[InputFile, ...]
     format: str  # csv | tsv | parquet | jsonl
     arrow: pa.Schema  # what every batch is conformed to
     delimiter: str = ","
     # The position of each file's first row, learnt as the files are read (to name a row).
-    starts: dict[Path, int] = field(default_factory=dict, compare=False, repr=False)
+    starts: dict[InputFile, int] = field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
     def schema(self) -> pl.Schema:  # asked for by every JSONL chunk: built once
@@ -112,11 +116,12 @@ class Source:
                 if limit is not None and position >= limit:
                     return
 
-    def _chunks(self, path: Path, size: int) -> Iterator[pa.RecordBatch | pa.Table]:
+    def _chunks(self, path: InputFile, size: int) -> Iterator[pa.RecordBatch | pa.Table]:
         """One file's rows; a file that cannot be read is named, with the line where known."""
         try:
             if self.format == "parquet":
-                yield from pq.ParquetFile(path).iter_batches(batch_size=size)
+                with readable(path) as file:
+                    yield from pq.ParquetFile(file).iter_batches(batch_size=size)
             elif self.format == "jsonl":
                 yield from self._jsonl_chunks(path, size)
             else:
@@ -126,7 +131,7 @@ class Source:
                 raise _csv_error(path, self.delimiter, exc) from None
             raise InputError(f"input file {path} cannot be read: {_first_line(exc)}") from None
 
-    def _csv_chunks(self, path: Path) -> Iterator[pa.RecordBatch]:
+    def _csv_chunks(self, path: InputFile) -> Iterator[pa.RecordBatch]:
         # Every column a string, an empty field null: what polars' infer_schema=False reads.
         convert = pacsv.ConvertOptions(
             column_types=dict.fromkeys(self.columns, pa.string()),
@@ -136,15 +141,16 @@ class Source:
         # (without it the reader loses sync there); it costs nothing measurable read serially.
         parse = pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True)
         last = None
-        for last in pacsv.open_csv(
-            path, read_options=pacsv.ReadOptions(block_size=4 << 20), parse_options=parse,
-            convert_options=convert,
-        ):  # fmt: skip
-            yield last
+        with readable(path) as file:
+            for last in pacsv.open_csv(
+                file, read_options=pacsv.ReadOptions(block_size=4 << 20), parse_options=parse,
+                convert_options=convert,
+            ):  # fmt: skip
+                yield last
         if last is not None and last.num_rows:
             _check_closed(path, last.column(last.num_columns - 1)[-1].as_py(), self.delimiter)
 
-    def _jsonl_chunks(self, path: Path, size: int) -> Iterator[pa.Table]:
+    def _jsonl_chunks(self, path: InputFile, size: int) -> Iterator[pa.Table]:
         # JSON Lines holds one object per line, so a run of lines is a valid smaller file.
         schema = self.schema
         line = 1
@@ -161,10 +167,23 @@ class Source:
         """Name, size and content hash of each file: a resumed job must read the same rows."""
         prints = []
         for path in self.paths:
+            if isinstance(path, RemoteFile):  # its version stands for a hash: no download
+                prints.append(path.fingerprint())
+                continue
             with path.open("rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             prints.append({"file": str(path), "bytes": path.stat().st_size, "sha256": digest})
         return prints
+
+
+@contextlib.contextmanager
+def readable(path: InputFile) -> Iterator[Path | IO[bytes]]:
+    """What the readers take: a local path (read natively), or an object opened for reading."""
+    if isinstance(path, Path):
+        yield path
+    else:
+        with path.open("rb") as file:
+            yield file
 
 
 def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
@@ -236,10 +255,10 @@ def open_source(pattern: str, fmt: str | None = None, delimiter: str | None = No
     return Source(pattern, paths, kind, reconcile(schemas, kind), delimiter)
 
 
-def reconcile(schemas: list[tuple[Path, pa.Schema]], kind: str) -> pa.Schema:
+def reconcile(schemas: list[tuple[InputFile, pa.Schema]], kind: str) -> pa.Schema:
     """One schema for all the files: columns by name, in order of first appearance; nullable
     when some file lacks the column; types widened by `_widen` or refused naming both files."""
-    fields: dict[str, tuple[pa.Field, Path]] = {}
+    fields: dict[str, tuple[pa.Field, InputFile]] = {}
     for path, schema in schemas:
         for new in schema:
             if new.name not in fields:
@@ -302,19 +321,20 @@ def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=target)
 
 
-def _file_schema(path: Path, kind: str, delimiter: str) -> pa.Schema:
+def _file_schema(path: InputFile, kind: str, delimiter: str) -> pa.Schema:
     """One file's schema. JSONL is inferred from every line: a key first seen late, or a float
     late in a column of ints, must not be dropped or refused half way through the run."""
     try:
         if kind == "parquet":
-            return pq.read_schema(path)
+            with readable(path) as file:
+                return pq.read_schema(file)
         if kind == "jsonl":
-            schema = pl.scan_ndjson(path, infer_schema_length=None).collect_schema()
+            with readable(path) as file:
+                schema = pl.scan_ndjson(file, infer_schema_length=None).collect_schema()
             return pl.DataFrame(schema=schema).to_arrow().schema
-        header = pl.scan_csv(path, separator=delimiter, infer_schema=False).collect_schema()
         # polars renames a repeated header (`text_duplicated_0`); the rows are read by pyarrow,
         # which keeps the names as written: read them as written.
-        names = _csv_header(path, delimiter) or list(header)
+        names = _csv_header(path, delimiter) or _polars_header(path, delimiter)
         if repeated := sorted({n for n in names if names.count(n) > 1}):
             raise InputError(
                 f"input file {path} has the column '{repeated[0]}' more than once; give each column its own name"
@@ -332,7 +352,14 @@ def _file_schema(path: Path, kind: str, delimiter: str) -> pa.Schema:
         ) from None
 
 
-def _csv_header(path: Path, delimiter: str) -> list[str] | None:
+def _polars_header(path: InputFile, delimiter: str) -> list[str]:
+    """The header as polars reads it: its error says what is wrong with a header that is not
+    UTF-8."""
+    with readable(path) as file:
+        return list(pl.scan_csv(file, separator=delimiter, infer_schema=False).collect_schema())
+
+
+def _csv_header(path: InputFile, delimiter: str) -> list[str] | None:
     """The header's names as written (None if it is not UTF-8: the read says where)."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         try:
@@ -347,7 +374,9 @@ def _polars_schema(arrow: pa.Schema) -> pl.Schema:
     return frame.schema
 
 
-def expand(pattern: str) -> tuple[Path, ...]:
+def expand(pattern: str) -> tuple[InputFile, ...]:
+    if is_remote(pattern):
+        return list_objects(pattern, describe("input.path"))
     if glob.has_magic(pattern):
         paths = tuple(
             Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()
@@ -365,7 +394,7 @@ def expand(pattern: str) -> tuple[Path, ...]:
     return (path,)
 
 
-def _format_of(path: Path) -> str:
+def _format_of(path: InputFile) -> str:
     kind = INPUT_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(
@@ -378,7 +407,7 @@ def _format_of(path: Path) -> str:
 # These run only once reading has failed, so they may take their time.
 
 
-def _check_closed(path: Path, last_value: Any, delimiter: str) -> None:
+def _check_closed(path: InputFile, last_value: Any, delimiter: str) -> None:
     """Refuse a quote still open at the end of the file. The CSV reader accepts it, and the
     value then holds every line after the quote. Only the last value of the last row can be
     such a value (elsewhere the row comes out a field short, which the reader refuses), and it
@@ -403,7 +432,7 @@ def _check_closed(path: Path, last_value: Any, delimiter: str) -> None:
     )
 
 
-def _csv_error(path: Path, delimiter: str, exc: BaseException) -> InputError:
+def _csv_error(path: InputFile, delimiter: str, exc: BaseException) -> InputError:
     """The first record the CSV reader stumbled on, by line: not UTF-8, or the wrong number of
     fields. Found with Python's csv module, which reads quotes as the Arrow reader does."""
     with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
@@ -429,7 +458,7 @@ def _csv_error(path: Path, delimiter: str, exc: BaseException) -> InputError:
 
 
 def _json_error(
-    path: Path, lines: Any, first: int, exc: BaseException
+    path: InputFile, lines: Any, first: int, exc: BaseException
 ) -> InputError:  # lines: an iterable of bytes
     """The first of `lines` (numbered from `first`) that is not one JSON object."""
     for number, raw in enumerate(lines, start=first):

@@ -38,7 +38,7 @@ def job_status(config: JobConfig, limit: int | None = None) -> dict[str, Any]:
             "spent_last_24h_usd": day_spend,
             "max_cost_per_day": config.cost.max_cost_per_day,
         }
-    return _ordered(slots, figures, slots - figures["done"], _output(Path(config.output.path)))
+    return _ordered(slots, figures, slots - figures["done"], _output(config.output.local_path))
 
 
 def names_job_file(path: Path) -> bool:
