@@ -29,6 +29,9 @@ _LABEL_JUNK = " \t\r\n\"'`.,;:!*"  # around a bare label: "Positive." / **positi
 class AnswerSpec:
     schema: Mapping[str, Any]
     labels: tuple[str, ...] = ()
+    # The function whose call's arguments are the answer (a single-function `request.tools`),
+    # instead of the message's text; no `response_format` is sent then.
+    tool: str | None = None
 
     @classmethod
     def for_labels(cls, labels: Sequence[str]) -> AnswerSpec:
@@ -39,6 +42,10 @@ class AnswerSpec:
             "additionalProperties": False,
         }
         return cls(schema, tuple(labels))
+
+    @classmethod
+    def for_tool(cls, function: Mapping[str, Any]) -> AnswerSpec:
+        return cls(function["parameters"], tool=function["name"])
 
     @property
     def response_format(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from pipeline.answer_parts import label_confidence, tool_arguments
 from pipeline.answers import AnswerSpec
 from pipeline.client import Completion, OpenRouterClient
 from pipeline.errors import (
@@ -250,9 +251,7 @@ class ChatAnswerer:
         reservations = self.reservations
         reserved = 0.0
         if reservations is not None:
-            reserved = await reservations.reserve(
-                row.model, row.prompt_tokens, row.max_tokens, row.samples
-            )
+            reserved = await self._reserve(row)
         try:
             await self.limits.acquire(row.estimated_tokens)
         except BaseException:
@@ -269,7 +268,7 @@ class ChatAnswerer:
             sent = time.perf_counter()
             throttled = False
             try:
-                completion = await self.client.complete(row.body)
+                response = await self._call(row)
             except RetryableError as exc:
                 self._heard(not _unanswered(exc))
                 lost = exc.generation_id is not None and exc.kind in LOST_ANSWER_KINDS
@@ -301,12 +300,38 @@ class ChatAnswerer:
             self.limits.release(throttled)
         self._heard(True)
         latency_ms = (time.perf_counter() - sent) * 1000
-        cost, source = completion_cost(completion, self.catalogue, row.model)
+        cost, source = self._priced(row, response)
         if reservations is not None:
             reservations.settle(reserved, cost)
-        if completion.total_tokens and completion.total_tokens > row.estimated_tokens:
-            self.limits.charge_extra_tokens(completion.total_tokens - row.estimated_tokens)
-        return answered(row, completion, attempt, latency_ms, cost, source)
+        total_tokens = self._outcome(response).total_tokens
+        if total_tokens and total_tokens > row.estimated_tokens:
+            self.limits.charge_extra_tokens(total_tokens - row.estimated_tokens)
+        return self._results(row, response, attempt, latency_ms, cost, source)
+
+    # What one attempt sends and makes of the answer: an embeddings answerer (`embed`) asks
+    # another route and splits one answer among many rows.
+
+    async def _reserve(self, row: Row) -> float:
+        assert self.reservations is not None
+        return await self.reservations.reserve(
+            row.model, row.prompt_tokens, row.max_tokens, row.samples, images=row.images
+        )
+
+    async def _call(self, row: Row) -> Any:
+        assert row.body is not None
+        return await self.client.complete(row.body)
+
+    def _priced(self, row: Row, response: Any) -> tuple[float | None, str | None]:
+        return completion_cost(response, self.catalogue, row.model)
+
+    def _outcome(self, response: Any) -> Completion:
+        return response  # type: ignore[no-any-return]
+
+    def _results(
+        self, row: Row, response: Any, attempt: int, latency_ms: float, cost: float | None,
+        source: str | None,
+    ) -> list[Result]:  # fmt: skip
+        return answered(row, response, attempt, latency_ms, cost, source, self.answers)
 
     def _heard(self, answered: bool) -> None:
         """Count an attempt the endpoint answered, or one it did not."""
@@ -356,7 +381,14 @@ def judge(result: Result, answers: AnswerSpec | None) -> Verdict | None:
         )
     if answers is None:
         return None
-    parsed, problem = answers.check(result.completion)
+    answer = result.completion
+    if answers.tool is not None:
+        answer = tool_arguments(result.tool_calls, answers.tool)
+        if answer is None:
+            return Verdict(
+                Kind.INVALID_ANSWER, f"the answer made no call of function {answers.tool}", True
+            )
+    parsed, problem = answers.check(answer)
     if problem is None:
         result.parsed = parsed
         return None
@@ -376,7 +408,7 @@ def _unanswered(exc: RetryableError) -> bool:
 
 def answered(
     row: Row, c: Completion, attempts: int, latency_ms: float, cost: float | None,
-    source: str | None,
+    source: str | None, answers: AnswerSpec | None = None,
 ) -> list[Result]:  # fmt: skip
     """One result per slot of the row. With several answers in one request, the first carries
     the request's usage and cost; the others are marked as paid for there."""
@@ -388,6 +420,10 @@ def answered(
         c.cache_write_tokens, cost, source, API, round(latency_ms, 3), attempts, OK,
         request_hash=row.request_hash, digest=row.digest,
     )  # fmt: skip
+    if c.reasoning is not None or c.tool_calls is not None:
+        first.reasoning, first.tool_calls = c.reasoning, c.tool_calls
+    if c.logprobs is not None and answers is not None and answers.labels:
+        first.label_confidence = label_confidence(c.logprobs, answers.label_of(c.content))
     if row.samples == 1:
         return [first]
     others = [

@@ -187,7 +187,7 @@ class BatchRunner:
         rows.put_back(row)
         try:
             reserved = await self.reservations.reserve(
-                row.model, row.prompt_tokens, row.max_tokens, 1, wait=False
+                row.model, row.prompt_tokens, row.max_tokens, 1, wait=False, images=row.images
             )
         except BudgetReached as exc:
             self.stopped = exc
@@ -244,7 +244,7 @@ class BatchRunner:
         if self.reservations is not None:
             try:  # a submitted batch cannot be cancelled: its worst case is reserved first
                 reserved = await self.reservations.reserve(
-                    row.model, row.prompt_tokens, row.max_tokens, 1, wait=False
+                    row.model, row.prompt_tokens, row.max_tokens, 1, wait=False, images=row.images
                 )
             except BudgetReached as exc:  # what was reserved is still sent
                 self.stopped = exc
@@ -421,7 +421,7 @@ class BatchRunner:
             self.reservations.settle(waiting.reserved, cost)
             waiting.reserved = 0.0
         (result,) = answered(
-            waiting.rows[0], completion, waiting.attempts, latency_ms, cost, source
+            waiting.rows[0], completion, waiting.attempts, latency_ms, cost, source, self.answers
         )
         result = spend_with(result, waiting.rejected)
         if (verdict := judge(result, self.answers)) is not None:
@@ -447,7 +447,7 @@ class BatchRunner:
         row = waiting.rows[0]
         try:
             waiting.reserved = await self.reservations.reserve(
-                row.model, row.prompt_tokens, row.max_tokens, 1, wait=False
+                row.model, row.prompt_tokens, row.max_tokens, 1, wait=False, images=row.images
             )
         except BudgetReached as exc:
             self.stopped = self.stopped or exc

@@ -24,8 +24,11 @@ _STORED = tuple(
     # cache_write_tokens: what answering cost the provider's cache, nothing to a reuse.
     if f not in ("position", "key", "request_hash", "stale", "digest", "cache_write_tokens")
 )
+# Fields stored since the table got its name: added to an older table, so its answers still serve.
+_ADDED = ("reasoning", "tool_calls", "label_confidence", "embedding")
+_NAMED_BY = " ".join(f for f in _STORED if f not in _ADDED)
 # Named for its columns: a cache written by a version that stored other fields is not misread.
-_TABLE = "responses_" + hashlib.blake2b(" ".join(_STORED).encode(), digest_size=4).hexdigest()
+_TABLE = "responses_" + hashlib.blake2b(_NAMED_BY.encode(), digest_size=4).hexdigest()
 
 
 class ResponseCache:
@@ -39,6 +42,10 @@ class ResponseCache:
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS {_TABLE} (request_hash TEXT PRIMARY KEY, {', '.join(_STORED)})"
             )
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({_TABLE})")}
+            for name in _ADDED:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {_TABLE} ADD COLUMN {name}")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(
                 f"{describe('request.cache')} {path} cannot be used as a response cache: {exc}"

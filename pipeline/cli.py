@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, keys
 from pipeline import config as config_module
 from pipeline.errors import (
     BatchesPending,
@@ -377,7 +377,7 @@ def models(
             "request.simulate": simulate or None, "cost.prices_ttl": ttl,
         })  # fmt: skip
         # Listing models needs no key on OpenRouter: send one only if the user has set it.
-        key = config_module.SIMULATOR_KEY if simulate else os.environ.get(config_module.KEY_ENV, "")
+        key = keys.SIMULATOR_KEY if simulate else os.environ.get(keys.KEY_ENV, "")
 
         async def fetch() -> Any:
             async with connect(config, key) as client:

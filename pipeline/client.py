@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from pipeline import __version__
+from pipeline import __version__, answer_parts
 from pipeline.errors import (
     AuthError,
     CreditsError,
@@ -58,6 +58,11 @@ class Completion:
     # (content, finish_reason) of every choice, the first included: a request with `n` has
     # several; usage and cost above cover them all.
     choices: list[tuple[str | None, str | None]] = field(default_factory=list)
+    # Of the first choice, when present (`answer_parts`): the reasoning text, the tool calls
+    # as JSON text, and the answer's tokens with their log-probabilities.
+    reasoning: str | None = None
+    tool_calls: str | None = None
+    logprobs: list[tuple[str, float]] | None = None
 
 
 class OpenRouterClient:
@@ -118,11 +123,20 @@ class OpenRouterClient:
 
     async def complete(self, body: bytes) -> Completion:
         """Send one request; return its completion or raise a `RequestError` / `JobStopped`."""
+        data, generation_id = await self._post(self.url, body)
+        return parse_completion(data, generation_id)
+
+    async def post_json(self, path: str, body: bytes) -> tuple[dict[str, Any], str | None]:
+        """POST `body` to `base_url + path` (`/embeddings`): the 200 answer's JSON object and
+        generation id, or the `RequestError` / `JobStopped` a chat request would raise."""
+        return await self._post(f"{self.base_url}{path}", body)
+
+    async def _post(self, url: str, body: bytes) -> tuple[dict[str, Any], str | None]:
         assert self._session is not None, "use `async with OpenRouterClient(...)`"
         generation_id = None
         try:
             # Redirects are not followed: the key must never be sent to another host.
-            async with self._session.post(self.url, data=body, allow_redirects=False) as resp:
+            async with self._session.post(url, data=body, allow_redirects=False) as resp:
                 generation_id = resp.headers.get("X-Generation-Id")
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
@@ -168,7 +182,7 @@ class OpenRouterClient:
                 status=200,
                 generation_id=generation_id,
             )
-        return parse_completion(data, generation_id)
+        return data, generation_id
 
     async def get_json(self, path: str, **params: str) -> Any:
         """GET `base_url + path` (e.g. `/models`, `/key`); None unless it answered 200 with JSON."""
@@ -290,6 +304,7 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
             Kind.NO_CHOICES, "HTTP 200 without any choice", status=200, generation_id=generation_id
         )
     answers = []
+    first = _dict(choices[0])
     for choice in map(_dict, choices):
         finish = choice.get("finish_reason")
         if choice.get("error") or finish == "error":
@@ -349,7 +364,25 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
         cache_write_tokens=written,
         cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         choices=answers,
+        reasoning=answer_parts.reasoning(first),
+        tool_calls=answer_parts.tool_calls(first),
+        logprobs=answer_parts.logprobs(first),
     )
+
+
+def parse_usage(data: dict[str, Any], generation_id: str | None) -> Completion:
+    """The model, id, tokens and cost of an answer without text (an embeddings answer)."""
+    usage = _dict(data.get("usage"))
+    cost = usage.get("cost")
+    return Completion(
+        content=None, finish_reason=None, model=_text(data.get("model")),
+        provider=_text(data.get("provider")), generation_id=_text(data.get("id")) or generation_id,
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")) or 0,
+        total_tokens=_count(usage.get("total_tokens")), reasoning_tokens=None,
+        cached_tokens=_count(_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
+        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+    )  # fmt: skip
 
 
 def _status_error(

@@ -5,13 +5,14 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 ```toml
 [input]    path, format, delimiter, id_column, incremental, on_change, reprocess_changed
 [prompt]   column | template | messages_column, system, model_column, param_columns,
-           cache_prefix
+           cache_prefix, images, files
 [request]  model, models, n, labels | response_schema, base_url, temperature, top_p,
            max_tokens, seed, stop, response_format, reasoning, provider, fallback_models,
-           referer, title, key_file, timeout, connect_timeout, extra, cache
-[limits]   concurrency, rps | rpm, tpm, max_runtime
+           referer, title, key_file, timeout, connect_timeout, extra, cache, tools,
+           tool_choice, logprobs, top_logprobs, endpoint, dimensions
+[limits]   concurrency, rps | rpm, tpm, max_runtime, max_file_mb, inputs_per_request
 [retry]    max_attempts, max_elapsed, backoff_base, backoff_max, invalid_retries
-[output]   path, journal, result_prefix, row_group_size
+[output]   path, journal, result_prefix, row_group_size, keep_reasoning
 [cost]     max_cost, max_cost_per_run, max_cost_per_day, expected_output_tokens, prices_ttl,
            reconcile_timeout
 ```
@@ -21,17 +22,18 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline import request_keys
 from pipeline.batch_config import BatchConfig, batch_config
+from pipeline.config_file import read_toml
 from pipeline.cost_config import CostConfig, cost_config
 from pipeline.errors import ConfigError
-from pipeline.options import FORMAT_NAMES, INPUT_FORMATS, describe
+from pipeline.options import FORMAT_NAMES, describe
 from pipeline.places import is_remote, staged_output
 from pipeline.settings import asked, settings_hash
 from pipeline.values import RawValues
@@ -45,9 +47,7 @@ DEFAULT_MAX_ATTEMPTS = 6
 DEFAULT_MAX_ELAPSED = 900.0  # seconds one row may spend retrying
 DEFAULT_TITLE = "prompt-pipeline"
 DEFAULT_ROW_GROUP_SIZE = 10_000  # output rows per Parquet row group
-KEY_ENV = "OPENROUTER_API_KEY"
 T = TypeVar("T")
-SIMULATOR_KEY = "sk-or-v1-simulator-local-0000000000000000"  # what --simulate runs send
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,9 @@ class PromptConfig:
     # Mark the system prompt for prompt caching: "auto" (models that price cache writes, i.e.
     # need explicit breakpoints), "on" (every model) or "off" (`prompts.CACHE_MARK`).
     cache_prefix: str = "auto"
+    # Columns sent as images / files after the prompt's text (`attachments`).
+    images: tuple[str, ...] | None = None
+    files: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,16 @@ class RequestConfig:
     mode: str = "sync"
     # Where batch mode asks a failed or turned-down line again: "batch" (a later batch), "sync".
     batch_retry: str = "batch"
+    # Functions the model may call (`request_keys`): the first choice's calls in a `tool_calls`
+    # column, a single function's arguments in typed columns.
+    tools: tuple[Mapping[str, Any], ...] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {type, function: {name}}
+    # Ask for the answer tokens' log-probabilities, which give `label_confidence` with labels.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # "embeddings": each row's text to `/embeddings`, many rows a request (`embed`).
+    endpoint: str | None = None  # None: "chat"
+    dimensions: int | None = None  # of the embeddings, for models that can shorten them
 
     @property
     def is_openrouter(self) -> bool:
@@ -133,6 +146,8 @@ class RequestConfig:
             params["stop"] = list(self.stop)
         if self.fallback_models is not None:
             params["models"] = list(self.fallback_models)
+        if self.tools is not None:
+            params["tools"] = [dict(tool) for tool in self.tools]
         params.update(self.extra)
         return params
 
@@ -145,6 +160,7 @@ class RequestConfig:
 
 PASSED_THROUGH = (
     "temperature", "top_p", "max_tokens", "seed", "response_format", "reasoning", "provider",
+    "tool_choice", "logprobs", "top_logprobs",
 )  # fmt: skip
 
 
@@ -155,6 +171,8 @@ class LimitsConfig:
     rpm: float | None = None
     tpm: float | None = None
     max_runtime: float | None = None  # seconds a run may take; it stops in time to flush
+    max_file_mb: float = 20.0  # the largest image or file a row may send
+    inputs_per_request: int = 64  # rows one embeddings request carries, at most
 
     @property
     def requests_per_second(self) -> float | None:
@@ -180,6 +198,7 @@ class OutputConfig:
     result_prefix: str = ""
     # Output rows per Parquet row group; each group is written as soon as all its rows are done.
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE
+    keep_reasoning: bool = False  # a `reasoning` column with each answer's reasoning text
 
     @property
     def local_path(self) -> Path:
@@ -229,7 +248,7 @@ ON_CHANGE = ("reprocess", "keep")  # what an incremental job does with a changed
 PROMPT_SOURCES = ("prompt.column", "prompt.template", "prompt.messages_column")
 PATH_KEYS = (
     "input.path", "output.path", "output.journal", "request.key_file", "request.cache",
-    "request.response_schema",
+    "request.response_schema", "request.tools",
 )  # fmt: skip
 
 
@@ -243,35 +262,6 @@ def default(key: str) -> Any:
     return None if spec.default_factory is MISSING else spec.default_factory()  # None: required
 
 
-DATA_SUFFIXES = {*INPUT_FORMATS, ".json"}
-
-
-def _read_toml(config_file: Path) -> dict[str, Any]:
-    """The config file's TOML, or a clear word on what it is instead (a data file given where
-    the config goes is the usual mix-up)."""
-    try:
-        data = config_file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {config_file} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {config_file} is a folder; give a TOML job file") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {config_file} cannot be read: {exc.strerror}") from None
-    if data.startswith(b"PAR1") or config_file.suffix.lower() in DATA_SUFFIXES:
-        raise ConfigError(
-            f"config file {config_file} is a data file, not a TOML job config; give it as --input {config_file}"
-            " (with a config file or --template / --prompt-column)"
-        )
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"config file {config_file} is not a TOML file (not UTF-8 text); give a TOML job file such as configs/example.toml"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
-
-
 def load(
     config_file: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> JobConfig:
@@ -282,7 +272,7 @@ def load(
     raw: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     base_dir = Path.cwd()
     if config_file is not None:
-        document = _read_toml(config_file)
+        document = read_toml(config_file)
         base_dir = config_file.resolve().parent
         check_keys(document, config_file)
         for section, values in document.items():
@@ -367,7 +357,13 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         model_column=v.string("prompt.model_column"),
         param_columns=v.param_columns("prompt.param_columns"),
         cache_prefix=v.auto_or_flag("prompt.cache_prefix"),
+        images=v.strings("prompt.images"),
+        files=v.strings("prompt.files"),
     )
+    if (prompt.images or prompt.files) and prompt.messages_column is not None:
+        raise ConfigError(
+            f"{describe('prompt.images')} and {describe('prompt.files')} go with a template or a prompt column, not {describe('prompt.messages_column')} (put the parts in its messages)"
+        )
     sources = [
         k for k in ("column", "template", "messages_column") if getattr(prompt, k) is not None
     ]
@@ -410,8 +406,17 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         openrouter=v.flag("request.openrouter") if "openrouter" in v.raw["request"] else None,
         mode=v.choice("request.mode", MODES),
         batch_retry=v.choice("request.batch_retry", ("batch", "sync")),
+        tools=(tools := request_keys.tools(v.raw["request"].get("tools"))),
+        tool_choice=request_keys.tool_choice(v.raw["request"].get("tool_choice"), tools),
+        logprobs=v.flag("request.logprobs") or None,
+        top_logprobs=v.integer("request.top_logprobs", low=0),
+        endpoint=None
+        if (endpoint := v.choice("request.endpoint", request_keys.ENDPOINTS)) == "chat"
+        else endpoint,
+        dimensions=v.integer("request.dimensions", low=1),
     )
     _check_request(request, prompt)
+    request_keys.check_embeddings(request, prompt)
     limits = _given(
         LimitsConfig,
         concurrency=v.integer("limits.concurrency", low=1),
@@ -419,6 +424,8 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         rpm=v.number("limits.rpm", low=0, low_open=True),
         tpm=v.number("limits.tpm", low=0, low_open=True),
         max_runtime=v.duration("limits.max_runtime"),
+        max_file_mb=v.number("limits.max_file_mb", low=0, low_open=True),
+        inputs_per_request=v.integer("limits.inputs_per_request", low=1),
     )
     if limits.rps is not None and limits.rpm is not None:
         raise ConfigError(f"set {describe('limits.rps')} or {describe('limits.rpm')}, not both")
@@ -436,6 +443,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         journal=v.string("output.journal"),
         result_prefix=v.string("output.result_prefix"),
         row_group_size=v.integer("output.row_group_size", low=1),
+        keep_reasoning=v.flag("output.keep_reasoning"),
     )
     return JobConfig(
         input_cfg, prompt, request, limits, retry, output, cost_config(v), batch_config(v)
@@ -464,40 +472,17 @@ def _check_request(request: RequestConfig, prompt: PromptConfig) -> None:
         ("request.labels", request.labels, "request.response_format", request.response_format),
         ("request.response_schema", request.response_schema, "request.response_format", request.response_format),
         ("request.models", request.models, "prompt.model_column", prompt.model_column),
+        ("request.tools", request.tools, "request.labels", request.labels),
+        ("request.tools", request.tools, "request.response_schema", request.response_schema),
     )  # fmt: skip
     for one, first, other, second in pairs:
         if first is not None and second is not None:
             raise ConfigError(f"set {describe(one)} or {describe(other)}, not both")
+    if request.top_logprobs is not None and (request.top_logprobs > 20 or not request.logprobs):
+        raise ConfigError(
+            f"{describe('request.top_logprobs')} takes 0 to 20 alternatives per token, with {describe('request.logprobs')} = true"
+        )
     if request.models is not None and not request.models:
         raise ConfigError(f"{describe('request.models')} must name at least one model")
     if request.models is not None and len(set(request.models)) != len(request.models):
         raise ConfigError(f"{describe('request.models')} names a model twice")
-
-
-def read_api_key(config: JobConfig) -> str | None:
-    """The key from OPENROUTER_API_KEY, else from `request.key_file`; None if neither is set."""
-    key = os.environ.get(KEY_ENV, "").strip()
-    if key:
-        return key
-    if config.request.key_file:
-        path = Path(config.request.key_file)
-        try:
-            key = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"request.key_file {path} cannot be read: {exc.strerror}") from None
-        if not key:
-            raise ConfigError(f"request.key_file {path} is empty")
-        return key
-    return None
-
-
-def api_key(config: JobConfig) -> str:
-    """The key a job sends: the simulator's with `request.simulate`, else the user's."""
-    if config.request.simulate:
-        return SIMULATOR_KEY
-    key = read_api_key(config)
-    if key is None:
-        raise ConfigError(
-            f"no API key: set {KEY_ENV} in the environment (or request.key_file in the config); or try --simulate"
-        )
-    return key

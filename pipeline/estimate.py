@@ -16,13 +16,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.attachments import IMAGE_TOKENS
 from pipeline.batch_prices import batch_prices
 from pipeline.client import connect
-from pipeline.config import JobConfig, api_key, read_api_key
+from pipeline.config import JobConfig
 from pipeline.feed import Feed
 from pipeline.identity import SettledToday, match
 from pipeline.job import RunOptions, run_job
 from pipeline.journal import Journal
+from pipeline.keys import api_key, read_api_key
 from pipeline.money import Catalogue, ModelPrice, load_catalogue
 from pipeline.plan import JobPlan, plan_job
 from pipeline.prompts import RequestBuilder
@@ -41,6 +43,7 @@ class ModelEstimate:
     prompt_tokens: int = 0
     output_low: int = 0
     output_high: int = 0
+    images: int = 0  # image parts, priced per image where the listing says
     cost_low: float | None = None
     cost_high: float | None = None
     # The same rows through the Batch API, at the model's `:batch` price; None: no such endpoint.
@@ -212,7 +215,9 @@ def _count(
     max_tokens = config.request.max_tokens
     expected = config.cost.expected_output_tokens
     notes = []
-    if expected:
+    if builder.embeddings:
+        out_low = out_high = 0  # an embedding is billed by its input alone
+    elif expected:
         out_low, out_high = int(expected * OUTPUT_LOW), int(expected * OUTPUT_HIGH)
         if max_tokens:
             out_high = min(out_high, max_tokens)
@@ -249,6 +254,7 @@ def _count(
             model.prompt_tokens += row.prompt_tokens
             model.output_low += out_low * row.samples
             model.output_high += out_high * row.samples
+            model.images += row.images
     finally:
         if journal is not None:
             journal.close()
@@ -261,6 +267,11 @@ def _count(
         prefix = _cached_prefix(builder, model_id, price) if m.rows > 1 else 0
         m.cost_low, m.cost_high = _cost_range(m, price, prefix)
         caching = caching or prefix > 0
+        if m.images and not price.image:
+            notes.append(
+                f"{model_id} lists no per-image price: its {m.images:,} images are counted as "
+                f"~{IMAGE_TOKENS} prompt tokens each, which its provider may bill otherwise"
+            )
     method = (
         "prompt tokens ~ characters/4 + 4 per message, range x0.75-x1.25 (tokenizers differ; code and "
         "non-Latin scripts can fall outside); output tokens "
@@ -297,7 +308,8 @@ def _cost_range(m: ModelEstimate, price: ModelPrice, prefix: int) -> tuple[float
         int(m.prompt_tokens * PROMPT_HIGH), m.output_high,
         written_tokens=int(prefix * PROMPT_HIGH) * m.rows if dearer else 0,
     )  # fmt: skip
-    return cheapest, dearest
+    images = m.images * float(price.image)
+    return cheapest + images, dearest + images
 
 
 IMPLICIT_CACHE_TOKENS = 1_024  # the least a provider caching by itself caches (OpenAI's)

@@ -27,6 +27,9 @@ from pipeline.source import BATCH_ROWS, POSITION, frame_of
 Settled = Callable[[int, int], set[int]]
 
 
+ATTACHED_BATCH_ROWS = 16  # input rows per batch of a job that sends images or files
+
+
 class Feed:
     """The rows of a plan still to do, given what an earlier run `settled`."""
 
@@ -59,7 +62,15 @@ class Feed:
                 per_row = Counter(slots.input_row(slot) for slot in done)
                 finished = [p for p, count in per_row.items() if count == slots.per_row]
                 frame = frame.filter(~pl.col(POSITION).is_in(finished))
-            yield self.builder.rows(frame, done), high
+            if self.builder.attachments is None:
+                yield self.builder.rows(frame, done), high
+                continue
+            # Rows with images or files hold their bytes in their bodies: built a few at a
+            # time, so a batch prepared ahead holds megabytes, not gigabytes.
+            for piece in frame.iter_slices(ATTACHED_BATCH_ROWS):
+                end = slots.first(piece[POSITION][-1] + 1)
+                yield self.builder.rows(piece, done), min(end, high)
+            yield [], high
 
     def _input(self, first: int) -> Iterator[tuple[int, int, Batch]]:
         """The input a batch at a time (`first` rows first): (start, rows, the batch or how to

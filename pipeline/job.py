@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JobConfig, api_key
+from pipeline.config import JobConfig
 from pipeline.journal import Journal
 from pipeline.journal_file import precheck
+from pipeline.keys import api_key
 from pipeline.lock import job_locks
 from pipeline.plan import check_folders, ensure_open_files, plan_job
 from pipeline.progress import LogSettings

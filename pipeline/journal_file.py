@@ -27,6 +27,7 @@ _SQL_TYPES = {
     "int32": "INTEGER",
     "float64": "REAL",
     "bool": "INTEGER",
+    "binary": "BLOB",
 }
 _COLUMN_TYPES = {
     name: _SQL_TYPES[kind] + (" NOT NULL" if name in NOT_NULL else "")
@@ -42,6 +43,10 @@ ADDED_COLUMNS = {
     "digest": "INTEGER",
     "ident_check": "INTEGER",
     "cache_write_tokens": "INTEGER",
+    "reasoning": "TEXT",
+    "tool_calls": "TEXT",
+    "label_confidence": "REAL",
+    "embedding": "BLOB",
 }
 AS_ADDED = {name: "0" if "DEFAULT 0" in kind else "NULL" for name, kind in ADDED_COLUMNS.items()}
 # When each spend was paid, for max_cost_per_day: an answer's `done_at`, a lost attempt's

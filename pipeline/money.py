@@ -49,6 +49,8 @@ class ModelPrice:
     cache_write: Decimal | None = None  # listed by models with explicit caching
     supported_parameters: frozenset[str] = frozenset()
     priced: bool = True
+    image: Decimal = Decimal(0)  # per input image, where the listing prices images apart
+    input_modalities: frozenset[str] = frozenset()  # "text", "image", "file"; empty: unlisted
 
     def cost(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
@@ -94,6 +96,7 @@ class ModelPrice:
                 Decimal(str(pricing["completion"])),
             )
             request = Decimal(str(pricing.get("request") or 0))
+            image = Decimal(str(pricing.get("image") or 0))
             cache_read, cache_write = (
                 Decimal(str(pricing[name])) if pricing.get(name) else None
                 for name in ("input_cache_read", "input_cache_write")
@@ -103,10 +106,12 @@ class ModelPrice:
         except (KeyError, InvalidOperation):
             priced = False
         if not priced:
-            prompt = completion = request = Decimal(0)
+            prompt = completion = request = image = Decimal(0)
             cache_read = cache_write = None
         top = entry.get("top_provider")
         top = top if isinstance(top, dict) else {}
+        architecture = entry.get("architecture")
+        architecture = architecture if isinstance(architecture, dict) else {}
         return cls(
             id=model_id,
             name=str(entry.get("name") or entry.get("id")),
@@ -121,6 +126,10 @@ class ModelPrice:
                 p for p in entry.get("supported_parameters") or () if isinstance(p, str)
             ),
             priced=priced,
+            image=max(image, Decimal(0)),
+            input_modalities=frozenset(
+                m for m in architecture.get("input_modalities") or () if isinstance(m, str)
+            ),
         )
 
 
@@ -267,7 +276,7 @@ class Reservations:
 
     async def reserve(
         self, model: str, prompt_tokens: int, max_tokens: int | None, samples: int,
-        *, wait: bool = True,
+        *, wait: bool = True, images: int = 0,
     ) -> float:  # fmt: skip
         worst = 0.0
         cap_key = self.budget.caps[0].key
@@ -280,7 +289,7 @@ class Reservations:
             cost = worst_case_cost(price, prompt_tokens, max_tokens, samples)
             if cost is None:
                 raise BudgetReached(unknown_limit("model", model_id, cap_key))
-            worst = max(worst, cost)
+            worst = max(worst, cost + images * float(price.image))
         await self.budget.reserve(worst, wait=wait)
         return worst
 
@@ -298,16 +307,19 @@ async def load_catalogue(
     endpoint that cannot be reached raises `Unreachable`: every request would fail too. One
     without a model list gives None, or with `required` a `UserError` saying why."""
     endpoint = "(simulator)" if config.request.simulate else config.request.base_url
+    # Embeddings models have a list of their own (OpenRouter's `/embeddings/models`).
+    route = "/embeddings/models" if config.request.endpoint == "embeddings" else "/models"
+    endpoint += route.removesuffix("/models")
     if not refresh and (cached := cached_listing(endpoint, config.cost.prices_ttl)) is not None:
         body, fetched_at = cached
         return Catalogue.from_response(body, fetched_at)
-    url = f"{client.base_url}/models"
+    url = f"{client.base_url}{route}"
 
     def refuse(why: object) -> UserError:
         return UserError(f"{url} did not answer with a model list: {why}")
 
     try:
-        status, body = await client.fetch_json("/models")
+        status, body = await client.fetch_json(route)
     except TrustError as exc:
         if required:
             raise refuse(exc) from None

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.answer_parts import embedding_array
 from pipeline.answers import AnswerSpec
 from pipeline.errors import DiskFull, InputError, JobStopped, disk_full_message, is_disk_full
 from pipeline.journal import Journal
@@ -50,6 +51,13 @@ WRITE_AHEAD_INTERVAL = 0.2  # seconds between looks for a group that has become 
 GROUPS_KEPT = 4
 POSITION, PARSED = RESULT_FIELDS.index("position"), RESULT_FIELDS.index("parsed")
 STALE = RESULT_FIELDS.index("stale")
+# The answer's parts a job may ask to see (`answer_parts`), each a column of its own type.
+PARTS = {
+    "label_confidence": (RESULT_FIELDS.index("label_confidence"), pa.float64()),
+    "tool_calls": (RESULT_FIELDS.index("tool_calls"), pa.string()),
+    "reasoning": (RESULT_FIELDS.index("reasoning"), pa.string()),
+    "embedding": (RESULT_FIELDS.index("embedding"), pa.list_(pa.float32())),  # or fixed-size
+}
 Groups = Iterator[tuple[int, pa.Table]]  # input rows as Arrow, with each group's first position
 
 
@@ -64,6 +72,8 @@ class OutputLayout:
     answers: AnswerSpec | None  # `label` or one column per schema property
     row_group_size: int  # output rows per Parquet row group
     stale: bool = False  # a `stale` column: an incremental job keeps changed rows' answers
+    parts: tuple[str, ...] = ()  # of `PARTS`, in that order
+    dimensions: int | None = None  # of an embedding, when the job says
 
     @classmethod
     def for_job(
@@ -79,12 +89,20 @@ class OutputLayout:
             leading += [
                 f"answer_{name}" if name in taken else name for name in answers.column_types()
             ]
+        asked_for = {
+            "label_confidence": bool(request.labels and request.logprobs),
+            "tool_calls": request.tools is not None,
+            "reasoning": config.output.keep_reasoning,
+            "embedding": request.endpoint == "embeddings",
+        }
+        parts = tuple(name for name in PARTS if asked_for[name])
+        leading += [f"answer_{name}" if name in taken else name for name in parts]
         stale = config.input.incremental and config.input.on_change == "keep"
         leading += ["stale"] if stale else []
         names = result_names(config.output.result_prefix, inputs, leading)
         return cls(
             names, request.variants, bool(request.models), request.n, answers,
-            config.output.row_group_size, stale,
+            config.output.row_group_size, stale, parts, request.dimensions,
         )  # fmt: skip
 
     @property
@@ -108,6 +126,13 @@ class OutputLayout:
             )
         if self.answers is not None:
             arrays += self.answers.columns([row[PARSED] for row in stored])
+        for name in self.parts:
+            index, kind = PARTS[name]
+            values = [row[index] for row in stored]
+            if name == "embedding":
+                arrays.append(embedding_array(values, self.dimensions))
+            else:
+                arrays.append(pa.array(values, type=kind))
         if self.stale:
             arrays.append(pa.array([bool(row[STALE]) for row in stored], type=pa.bool_()))
         return arrays

@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.attachments import Attachments
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.journal import JOURNAL_SUFFIXES
@@ -82,13 +83,33 @@ def plan_job(
     """Every check that needs no network: input, columns, ids, output columns and path.
     `settled_blocks`: of the journal a resume will open, to keep the batches it must send."""
     source = open_source(config.input.path, config.input.format, config.input.delimiter)
-    builder = RequestBuilder(config, source.schema)
+    builder = RequestBuilder(config, source.schema, source.folder_of)
     layout = OutputLayout.for_job(config, builder.answers, source.columns)
     read = validate_rows(source, config, builder, limit, settled_blocks)
+    if builder.attachments is not None:
+        check_attachments(source, builder.attachments, limit)
     return JobPlan(
         config, source, builder, layout, read.rows, read.prompt_chars, limit, read.identities,
         read.kept,
     )  # fmt: skip
+
+
+ATTACHMENT_SAMPLE = 100  # first rows whose images and files are checked before anything is sent
+
+
+def check_attachments(source: Source, attachments: Attachments, limit: int | None) -> None:
+    """Refuse a job whose first rows' images or files can none of them be sent (a column of
+    paths relative to another folder, say): every row would be an error row."""
+    size = min(limit or ATTACHMENT_SAMPLE, ATTACHMENT_SAMPLE)
+    batch = next(iter(source.batches(limit, size=size)), None)
+    if batch is None or batch.height == 0:
+        return
+    found = attachments.for_rows(batch, batch[POSITION].to_list())
+    if all(row.error is not None for row in found):
+        raise InputError(
+            f"none of the first {batch.height:,} rows' images or files can be sent; the first: "
+            f"{found[0].error} ({source.locate(batch[POSITION][0])})"
+        )
 
 
 def check_folders(config: JobConfig) -> None:
@@ -344,6 +365,17 @@ def check_models(config: JobConfig, catalogue: Catalogue | None) -> None:
                 raise InputError(
                     f"{key}: the endpoint has no model {model!r}; see `pipeline models --search {model.split('/')[-1][:12]}`"
                 )
+    needs = [
+        k for k, cols in (("image", config.prompt.images), ("file", config.prompt.files)) if cols
+    ]
+    for key, model in wanted if needs and catalogue is not None else ():
+        listing = catalogue.models.get(model) if catalogue is not None else None
+        takes = listing.input_modalities if listing is not None else frozenset()
+        if takes and (missing := [k for k in needs if k not in takes]):
+            raise ConfigError(
+                f"{key} {model!r} takes no {missing[0]} input (its /models input_modalities: "
+                f"{', '.join(sorted(takes))}); choose a model that lists {missing[0]}"
+            )
     if config.cost.caps:  # every cap needs prices; the message names the first one set
         cap_key = next(iter(config.cost.caps))
         for key, model in wanted:

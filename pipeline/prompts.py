@@ -16,19 +16,23 @@ import copy
 import hashlib
 import json
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from pipeline.answers import AnswerSpec
+from pipeline.attachments import FILE, IMAGE, Attachments
 from pipeline.config import JobConfig
 from pipeline.digests import digest_of
 from pipeline.errors import InputError
+from pipeline.messages import parse_messages, tokens_of
 from pipeline.money import Catalogue
 from pipeline.options import describe
 from pipeline.records import Row, Slots
+from pipeline.request_keys import single_function
 from pipeline.settings import SIMULATOR
 from pipeline.source import POSITION
 from pipeline.values import ROW_PARAMS
@@ -37,7 +41,6 @@ MESSAGE_OVERHEAD_TOKENS = 4
 CACHE_MARK = {"type": "ephemeral"}  # a prompt-caching breakpoint (`cache_control`)
 _PROMPT = "__pipeline_prompt"
 _NULL_COLUMN = "__pipeline_null_column"
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 def template_fields(template: str) -> list[str]:
@@ -83,11 +86,21 @@ def as_text(column: str, dtype: pl.DataType) -> pl.Expr:
 class RequestBuilder:
     """Builds the `Row`s of each input batch for one job."""
 
-    def __init__(self, config: JobConfig, schema: Mapping[str, pl.DataType]) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        schema: Mapping[str, pl.DataType],
+        folder_of: Callable[[int], Path | None] = lambda position: None,
+    ) -> None:
         self.config = config
         prompt = config.prompt
         self._schema = schema
         self._check_columns(list(schema))
+        attached = [(c, IMAGE) for c in prompt.images or ()] + [
+            (c, FILE) for c in prompt.files or ()
+        ]
+        max_bytes = int(config.limits.max_file_mb * 1_000_000)
+        self.attachments = Attachments(attached, schema, max_bytes, folder_of) if attached else None
         self.default_model = config.request.model
         self.variants = config.request.variants
         self.slots = Slots(len(self.variants))
@@ -96,12 +109,18 @@ class RequestBuilder:
         # model with `prompt.cache_prefix = true`.
         self.cache_marked: frozenset[str] = frozenset()
         self.mark_every_model = config.prompt.cache_prefix == "on"
+        # Models whose listing lacks `logprobs`: asked without it (`for_catalogue`), as
+        # OpenRouter would find them no provider with `provider.require_parameters`.
+        self.without_logprobs: frozenset[str] = frozenset()
         self.answers = answer_spec(config)
         self._params = request_params(config, self.answers)
         # Everything after "messages" is the same for every row of a sample: serialise it once.
         self._tails = [self._tail({}, sample) for sample in range(config.request.n)]
         self._heads: dict[str, str] = {}  # the body up to "messages", per model
         self._max_tokens = config.request.max_tokens
+        self.embeddings = config.request.endpoint == "embeddings"
+        # What every embeddings request asks besides its inputs and model, and hashes with each.
+        self.embedding_params = _encode(embedding_params(config)).encode()
         # Answers from the simulator must never be served to a real job from a shared cache.
         endpoint = SIMULATOR if config.request.simulate else config.request.base_url
         self._hash_seed = endpoint.encode() + b"\n"
@@ -129,7 +148,7 @@ class RequestBuilder:
     @property
     def system_tokens(self) -> int:
         """The system prompt's estimated tokens, as a row's prompt counts them."""
-        return sum(_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in self._system)
+        return sum(tokens_of(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in self._system)
 
     def seeded(self, endpoint: str | None) -> RequestBuilder:
         """This builder, hashing requests as a journal's first run did (`Journal.hash_seed`):
@@ -163,16 +182,25 @@ class RequestBuilder:
                 for model_id, listing in catalogue.models.items()
                 if listing.cache_read is not None and listing.cache_write is not None
             )
-        if (native_n, marked) == (self.native_n, self.cache_marked):
+        plain = self.without_logprobs
+        if self.config.request.logprobs:
+            plain = frozenset(
+                model_id
+                for model_id, listing in catalogue.models.items()
+                if "logprobs" not in listing.supported_parameters
+            )
+        if (native_n, marked, plain) == (self.native_n, self.cache_marked, self.without_logprobs):
             return self
         builder = copy.copy(self)
-        builder.native_n, builder.cache_marked = native_n, marked
+        builder.native_n, builder.cache_marked, builder.without_logprobs = native_n, marked, plain
         return builder
 
-    def _tail(self, row_params: dict[str, Any], sample: int) -> str:
+    def _tail(self, row_params: dict[str, Any], sample: int, logprobs: bool = True) -> str:
         """The body after "messages". Keys are sorted so the same request is the same bytes in
         every job (the cache key). With a seed, each sample asks with its own (seed + index)."""
         params = {**self._params, **row_params}
+        if not logprobs:
+            params = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
         if sample and "seed" in params:
             params["seed"] += sample
         return ("," + _encode(params)[1:]) if params else "}"
@@ -236,6 +264,7 @@ class RequestBuilder:
         if prompt.model_column:
             parts.append(pl.col(prompt.model_column).cast(pl.String))
         parts += [pl.col(column) for column in (prompt.param_columns or {}).values()]
+        parts += [pl.col(column) for column in (*(prompt.images or ()), *(prompt.files or ()))]
         return digest_of([part.alias(f"p{i}") for i, part in enumerate(parts)])
 
     def rows(self, batch: pl.DataFrame, done: set[int] | frozenset[int] = frozenset()) -> list[Row]:
@@ -263,6 +292,7 @@ class RequestBuilder:
         models = frame["__model"].to_list() if "__model" in frame.columns else None
         params = {p: frame[f"__param_{p}"].to_list() for p in param_columns}
         messages_mode = cfg.prompt.messages_column is not None
+        attached = self.attachments.for_rows(batch, positions) if self.attachments else None
 
         rows: list[Row] = []
         for i, position in enumerate(positions):
@@ -270,7 +300,7 @@ class RequestBuilder:
             row_model = (models[i] if models else None) or self.default_model
             messages, problem = None, None
             if messages_mode:
-                messages, problem = _parse_messages(prompts[i], cfg.prompt.messages_column or "")
+                messages, problem = parse_messages(prompts[i], cfg.prompt.messages_column or "")
             elif (text := prompts[i]) is None or not text.strip():
                 if nulls and nulls[i]:
                     problem = f"column '{nulls[i]}' is null, so the template cannot be filled"
@@ -280,6 +310,10 @@ class RequestBuilder:
                         if cfg.prompt.column
                         else "the prompt is empty"
                     )
+            elif attached is not None:
+                problem = attached[i].error
+                content = [{"type": "text", "text": text}, *attached[i].parts]
+                messages = [{"role": "user", "content": content}]
             else:
                 messages = [{"role": "user", "content": text}]
             row_params, bad = _row_params(params, i, param_columns) if params else ({}, None)
@@ -299,6 +333,7 @@ class RequestBuilder:
                     ]
             for row in rows[made:]:
                 row.digest = digests[i]
+                row.images = attached[i].images if attached is not None else 0
         return rows
 
     def _row(
@@ -312,15 +347,20 @@ class RequestBuilder:
         samples: int = 1,
     ) -> Row:
         """The request of one sample, or (`samples` > 1) of that many samples at once."""
+        if self.embeddings:
+            return self._embedding_row(slot, key, model, messages[-1]["content"])
         if self._system and messages[0].get("role") != "system":
             marked = self.mark_every_model or model in self.cache_marked
             messages = (self._marked_system if marked else self._system) + messages
-        text_tokens = sum(_tokens(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+        text_tokens = sum(tokens_of(m.get("content")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
         encoded = _encode_messages(messages)
+        logprobs = model not in self.without_logprobs
         if samples > 1:
-            tail = self._tail({**row_params, "n": samples}, 0)
+            tail = self._tail({**row_params, "n": samples}, 0, logprobs)
+        elif row_params or not logprobs:
+            tail = self._tail(row_params, sample, logprobs)
         else:
-            tail = self._tail(row_params, sample) if row_params else self._tails[sample]
+            tail = self._tails[sample]
         head = self._heads.get(model)
         if head is None:
             head = self._heads[model] = f'{{"model":{json.dumps(model)},"messages":'
@@ -331,6 +371,26 @@ class RequestBuilder:
         max_tokens = row_params.get("max_tokens") or self._max_tokens
         return Row(slot, key, body, model, text_tokens, max_tokens, request_hash, samples=samples)
 
+    def _embedding_row(self, slot: int, key: str, model: str, text: str) -> Row:
+        """One input of an embeddings request: its body is the input as a JSON string, which
+        `embed` joins with others into one request."""
+        body = encode_basestring(text).encode()
+        asked = b"embeddings\n%s\n%s\n" % (model.encode(), self.embedding_params)
+        request_hash = hashlib.blake2b(self._hash_seed + asked + body, digest_size=16).hexdigest()
+        return Row(slot, key, body, model, tokens_of(text), 0, request_hash)
+
+
+def embedding_params(config: JobConfig) -> dict[str, Any]:
+    """The body of an embeddings request besides `input` and `model`: vectors as base64 (the
+    float32 bytes kept, a quarter of the JSON's size), the dimensions and routing asked for."""
+    request = config.request
+    params: dict[str, Any] = {"encoding_format": "base64"}
+    if request.dimensions is not None:
+        params["dimensions"] = request.dimensions
+    if request.provider is not None:
+        params["provider"] = dict(request.provider)
+    return {**params, **request.extra}
+
 
 def answer_spec(config: JobConfig) -> AnswerSpec | None:
     """What answers must look like, when the job asks for labels or a schema."""
@@ -338,6 +398,8 @@ def answer_spec(config: JobConfig) -> AnswerSpec | None:
         return AnswerSpec.for_labels(config.request.labels)
     if config.request.response_schema is not None:
         return AnswerSpec(config.request.response_schema)
+    if (function := single_function(config.request.tools)) is not None:
+        return AnswerSpec.for_tool(function)
     return None
 
 
@@ -347,9 +409,10 @@ def request_params(config: JobConfig, answers: AnswerSpec | None) -> dict[str, A
     the config says otherwise; other endpoints do not know `provider`, and a strict one refuses
     a field it does not know."""
     params = config.request.body_params()
-    if answers is not None:
-        params["response_format"] = answers.response_format
-    if answers is not None and config.request.is_openrouter:
+    if answers is None or answers.tool is not None:
+        return params  # a tool's arguments are checked as an answer, but not asked as a format
+    params["response_format"] = answers.response_format
+    if config.request.is_openrouter:
         provider = dict(params.get("provider") or {})
         provider.setdefault("require_parameters", True)
         params["provider"] = provider
@@ -392,39 +455,3 @@ def _encode_messages(messages: list[dict[str, Any]]) -> str:
         if len(message) == 2 and message.get("role") == "user" and type(content) is str:
             return f'[{{"content": {encode_basestring(content)}, "role": "user"}}]'
     return _encode(messages)
-
-
-def _tokens(content: Any) -> int:
-    """A cheap estimate: about four characters per token."""
-    if isinstance(content, str):
-        return (len(content) + 3) // 4
-    return (len(json.dumps(content)) + 3) // 4 if content is not None else 0
-
-
-def _parse_messages(value: Any, column: str) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """A messages cell: a JSON string, or an already-parsed list of {role, content}."""
-    if value is None:
-        return None, f"messages column '{column}' is null"
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            return None, f"messages column '{column}' is not valid JSON: {exc}"
-    if isinstance(value, pl.Series):
-        value = value.to_list()
-    if not isinstance(value, list) or not value:
-        return (
-            None,
-            f"messages column '{column}' must hold a non-empty JSON list of {{role, content}} objects",
-        )
-    for i, message in enumerate(value):
-        if (
-            not isinstance(message, dict)
-            or message.get("role") not in _ROLES
-            or "content" not in message
-        ):
-            return (
-                None,
-                f"messages column '{column}': message {i} needs a role ({', '.join(sorted(_ROLES))}) and content",
-            )
-    return value, None

@@ -40,12 +40,14 @@ class Row:
     # Answers for slots `slot` .. `slot + samples - 1` at once (a request with `n`).
     samples: int = 1
     digest: int | None = None  # of what the request is made of (`digests.digest_of`)
+    images: int = 0  # image parts in the request, priced per image (`money.ModelPrice.image`)
 
     @property
     def estimated_tokens(self) -> int:
         """Tokens this request is expected to take, for the token rate: the prompt and, without
         `max_tokens`, an answer of typical length (the budget uses the worst case instead)."""
-        return self.prompt_tokens + (self.max_tokens or TYPICAL_ANSWER_TOKENS) * self.samples
+        answer = TYPICAL_ANSWER_TOKENS if self.max_tokens is None else self.max_tokens
+        return self.prompt_tokens + answer * self.samples
 
 
 TYPICAL_ANSWER_TOKENS = 256  # an answer's length assumed for rate estimates when unset
@@ -96,6 +98,11 @@ class Result:
     # Kept under `on_change = "keep"` although its row asks something else now.
     stale: bool = _column("bool", False, not_null=True, output=False)
     digest: int | None = _column("int64", output=False)  # of the row's inputs (`digests`)
+    # The answer's parts the output shows when the job asks for them (`answer_parts`).
+    reasoning: str | None = _column("string", output=False)
+    tool_calls: str | None = _column("string", output=False)  # JSON text
+    label_confidence: float | None = _column("float64", output=False)
+    embedding: bytes | None = _column("binary", output=False)  # float32s, little-endian (`embed`)
 
     def as_tuple(self) -> tuple[Any, ...]:
         return _result_values(self)

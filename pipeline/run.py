@@ -158,7 +158,12 @@ class Run:
             self.progress.event(
                 "redo", rows=count, message=f"--redo: {count:,} row(s) done before are sent again"
             )
-        for warning in (await self._credit_warning(), self._sticky_routing_warning()):
+        warnings = (
+            await self._credit_warning(),
+            self._sticky_routing_warning(),
+            self._logprobs_warning(),
+        )
+        for warning in warnings:
             if warning:
                 report.warnings.append(warning)
                 self.progress.event("warning", message=f"warning: {warning}")
@@ -198,6 +203,18 @@ class Run:
                 publish(config.output.local_path, config.output.path, describe("output.path"))
                 report.uploaded_to = config.output.path
         return report
+
+    def _logprobs_warning(self) -> str | None:
+        """Said once when a model of the job does not list `logprobs`: it is asked without."""
+        models = self.config.request.models or (self.config.request.model,)
+        lacking = [m for m in models if m in self.builder.without_logprobs]
+        if not lacking:
+            return None
+        what = "its label_confidence stays null" if self.config.request.labels else "none are kept"
+        return (
+            f"{', '.join(lacking)} does not list logprobs among its supported parameters: it is "
+            f"asked without {describe('request.logprobs')}, and {what}"
+        )
 
     def _sticky_routing_warning(self) -> str | None:
         """Said once when `provider.order` keeps OpenRouter from routing a job that would read
@@ -245,18 +262,30 @@ class Run:
         self.writer = JournalWriter(
             self.journal, self.cache, on_commit=self._committed, on_failure=self._journal_full
         )
-        answerer = ChatAnswerer(
-            self.client, limits, RetryPolicy.from_config(config.retry), catalogue=self.catalogue,
-            reservations=Reservations(self.budget, self.catalogue, config.request.fallback_models or ())
+        answering: dict[str, Any] = {
+            "catalogue": self.catalogue,
+            "reservations": Reservations(self.budget, self.catalogue, config.request.fallback_models or ())
             if self.budget is not None else None,
-            answers=self.builder.answers, invalid_retries=config.retry.invalid_retries,
-            stopping=stopping, on_lost=lambda lost: self.writer.add_lost([lost]),
-        )  # fmt: skip
+            "answers": self.builder.answers, "invalid_retries": config.retry.invalid_retries,
+            "stopping": stopping, "on_lost": lambda lost: self.writer.add_lost([lost]),
+        }  # fmt: skip
+        policy, workers = RetryPolicy.from_config(config.retry), config.limits.concurrency
+        if self.builder.embeddings:
+            from pipeline.embed import EmbeddingAnswerer
+
+            per_request = config.limits.inputs_per_request
+            answerer: ChatAnswerer = EmbeddingAnswerer(
+                self.client, limits, policy, inputs_per_request=per_request,
+                params=self.builder.embedding_params, **answering,
+            )  # fmt: skip
+            workers *= per_request  # rows waiting to join requests; `limits` caps the requests
+        else:
+            answerer = ChatAnswerer(self.client, limits, policy, **answering)
         sender: BatchRunner | Dispatcher
         if config.request.mode in ("batch", "auto"):
             sender = counted = self._batch_runner(answerer, stopping)
         else:
-            sender = Dispatcher(answerer, config.limits.concurrency, stopping=stopping)
+            sender = Dispatcher(answerer, workers, stopping=stopping)
             answerer.resting = sender.resting
             counted = answerer  # type: ignore[assignment]
         self.dispatcher = sender

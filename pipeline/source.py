@@ -72,6 +72,11 @@ class Source:
         path, start = next((p, s) for p, s in reversed(self.starts.items()) if s <= position)
         return f"{path} row {position - start + 1}"
 
+    def folder_of(self, position: int) -> Path | None:
+        """The folder of the local file holding the row at `position` (None for an object)."""
+        path = next(p for p, s in reversed(self.starts.items()) if s <= position)
+        return path.parent if isinstance(path, Path) else None
+
     def batches(
         self, limit: int | None = None, size: int = BATCH_ROWS, first: int | None = None
     ) -> Iterator[pl.DataFrame]:

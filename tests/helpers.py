@@ -83,6 +83,16 @@ def sim_post(sim: RunningSimulator, what: str, payload: dict[str, Any]) -> Any:
         return _json.load(resp)
 
 
+def post_api(sim: RunningSimulator, path: str, body: dict[str, Any]) -> Any:
+    """POST `body` to the simulator's API route `path` (`/chat/completions`) with the test key."""
+    request = urllib.request.Request(
+        f"{sim.base_url}{path}", data=_json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return _json.load(resp)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll a condition of another process (a bounded loop, never a fixed sleep)."""
     deadline = time.monotonic() + timeout

@@ -51,6 +51,12 @@ def validate_component(name: str, instance: Any) -> None:
     _validate({"$ref": f"{SPEC_URI}#/components/schemas/{name}"}, instance)
 
 
+def validate_request(path: str, method: str, instance: Any) -> None:
+    """Validate a request body against an operation's documented (inline) body schema."""
+    pointer = f"#/paths/{_escape(path)}/{method}/requestBody/content/application~1json/schema"
+    _validate({"$ref": SPEC_URI + pointer}, instance)
+
+
 def validate_response(path: str, method: str, status: int, instance: Any) -> None:
     """Validate against the documented response of an operation for a status code."""
     response = spec()["paths"][path][method]["responses"][str(status)]

@@ -203,7 +203,9 @@ async def test_models_filters_by_every_supported_parameter_named(
     structured = [m.id for m in CATALOGUE if "response_format" in m.supported_parameters]
     assert await ids("supported_parameters=response_format,seed") == structured
     assert await ids("supported_parameters=reasoning, response_format") == ["deepseek/deepseek-r1"]
-    assert await ids("supported_parameters=tools,logprobs") == []  # no simulated model has them
+    logprobs = ["mistralai/mixtral-8x7b-instruct", "openai/gpt-4o-mini"]
+    assert await ids("supported_parameters=tools,logprobs") == logprobs
+    assert await ids("supported_parameters=logprobs,reasoning") == []  # no model has both
 
 
 async def test_the_filter_sees_the_parameters_the_listing_shows(

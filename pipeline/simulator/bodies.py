@@ -172,7 +172,7 @@ def completion(gen: Generation, answers: list[Answer]) -> dict[str, Any]:
         "choices": [
             {
                 "index": index,
-                "logprobs": None,
+                "logprobs": answer.logprobs,
                 "finish_reason": answer.finish_reason,
                 "native_finish_reason": answer.native_finish_reason,
                 "message": _message(answer),
@@ -187,6 +187,9 @@ def _message(answer: Answer) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": answer.content, "refusal": None}
     if answer.reasoning is not None:
         message["reasoning"] = answer.reasoning
+    if answer.tool_calls is not None:
+        message["content"] = answer.content or None
+        message["tool_calls"] = answer.tool_calls
     return message
 
 

@@ -27,6 +27,8 @@ _COMMON_PARAMETERS = (
 )
 _STRUCTURED = ("response_format", "structured_outputs")
 _REASONING = ("reasoning", "include_reasoning")
+_TOOLS = ("tools", "tool_choice")
+_LOGPROBS = ("logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,9 @@ class SimModel:
     reasoning: bool = False
     native_length_reason: str = "length"
     batch: bool = True  # has a `:batch` endpoint (the Batch API takes it)
+    input_modalities: tuple[str, ...] = ("text",)
+    dimensions: int = 0  # of an embeddings model's vectors (`/embeddings`); 0: a chat model
+    image_price: Decimal = Decimal(0)  # USD per input image
 
     def charges(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
@@ -79,10 +84,14 @@ class SimModel:
             return None if price is None else price * factor
 
         return dataclasses.replace(
-            self, prompt_price=self.prompt_price * factor,
+            self, prompt_price=self.prompt_price * factor, image_price=self.image_price * factor,
             completion_price=self.completion_price * factor,
             cache_read_price=cut(self.cache_read_price), cache_write_price=cut(self.cache_write_price),
         )  # fmt: skip
+
+    @property
+    def output(self) -> str:
+        return "embeddings" if self.dimensions else "text"
 
     @property
     def is_free(self) -> bool:
@@ -94,7 +103,7 @@ class SimModel:
             "prompt": _price_str(self.prompt_price),
             "completion": _price_str(self.completion_price),
             "request": "0",
-            "image": "0",
+            "image": _price_str(self.image_price),
         }
         if self.cache_read_price is not None:
             pricing["input_cache_read"] = _price_str(self.cache_read_price)
@@ -109,9 +118,9 @@ class SimModel:
             "description": f"{self.name} (simulated).",
             "context_length": self.context_length,
             "architecture": {
-                "modality": "text->text",
-                "input_modalities": ["text"],
-                "output_modalities": ["text"],
+                "modality": "+".join(self.input_modalities) + f"->{self.output}",
+                "input_modalities": list(self.input_modalities),
+                "output_modalities": [self.output],
                 "tokenizer": self.tokenizer,
                 "instruct_type": self.instruct_type,
             },
@@ -160,7 +169,7 @@ CATALOGUE: tuple[SimModel, ...] = (
         max_completion_tokens=16_384,
         prompt_price=_per_million("0.54"),
         completion_price=_per_million("0.54"),
-        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED,
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED + _TOOLS + _LOGPROBS,
     ),
     SimModel(
         id="openai/gpt-4o-mini",
@@ -173,7 +182,9 @@ CATALOGUE: tuple[SimModel, ...] = (
         prompt_price=_per_million("0.15"),
         completion_price=_per_million("0.60"),
         cache_read_price=_per_million("0.075"),
-        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED,
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED + _TOOLS + _LOGPROBS,
+        input_modalities=("text", "image", "file"),
+        image_price=Decimal("0.000217"),
     ),
     SimModel(
         id="deepseek/deepseek-r1",
@@ -185,7 +196,7 @@ CATALOGUE: tuple[SimModel, ...] = (
         max_completion_tokens=32_768,
         prompt_price=_per_million("0.40"),
         completion_price=_per_million("2.00"),
-        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED + _REASONING,
+        supported_parameters=_COMMON_PARAMETERS + _STRUCTURED + _REASONING + _TOOLS,
         reasoning=True,
         native_length_reason="max_tokens",
     ),
@@ -222,6 +233,8 @@ CATALOGUE: tuple[SimModel, ...] = (
         cache_write_price=_per_million("3.75"),
         explicit_cache=True,
         min_cache_tokens=1_024,
+        input_modalities=("text", "image", "file"),
+        image_price=Decimal("0.0048"),
         supported_parameters=_COMMON_PARAMETERS + _STRUCTURED,
     ),
     SimModel(
@@ -239,4 +252,21 @@ CATALOGUE: tuple[SimModel, ...] = (
     ),
 )
 
-MODELS_BY_ID: dict[str, SimModel] = {model.id: model for model in CATALOGUE}
+EMBEDDINGS_MODEL = SimModel(
+    id="openai/text-embedding-3-small",
+    name="OpenAI: Text Embedding 3 Small",
+    provider="OpenAI",
+    tokenizer="GPT",
+    instruct_type=None,
+    context_length=8_192,
+    max_completion_tokens=0,
+    prompt_price=_per_million("0.02"),
+    completion_price=Decimal(0),
+    supported_parameters=(),  # the spec's list of parameters has no `dimensions` yet
+    batch=False,
+    dimensions=1_536,
+)
+# Listed by `GET /embeddings/models`, not `/models`, as OpenRouter lists them.
+EMBEDDING_MODELS: tuple[SimModel, ...] = (EMBEDDINGS_MODEL,)
+
+MODELS_BY_ID: dict[str, SimModel] = {m.id: m for m in (*CATALOGUE, *EMBEDDING_MODELS)}

@@ -9,6 +9,7 @@ answer is composed (`content.py`), billed to the ledger and handed to a writer (
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from pipeline.simulator import bodies
+from pipeline.simulator import bodies, parts
 from pipeline.simulator.bodies import Generation
 from pipeline.simulator.catalogue import DEFAULT_MODEL, MODELS_BY_ID, SimModel
 from pipeline.simulator.config import SimConfig
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 _REQUEST_PARAMETERS = (
     "temperature", "top_p", "top_k", "max_tokens", "frequency_penalty", "presence_penalty",
     "repetition_penalty", "seed", "stop", "response_format", "reasoning", "logit_bias",
+    "tools", "tool_choice", "logprobs", "top_logprobs",
 )  # fmt: skip
 _HTTP_FAULTS = {
     Fault.HTTP_402: 402, Fault.HTTP_403: 403, Fault.HTTP_408: 408, Fault.HTTP_429: 429,
@@ -82,6 +84,7 @@ class ChatRequest:
     prompt_tokens: int
     max_tokens: int | None
     fault: Fault | None
+    images: int = 0  # image parts, billed at the model's per-image price
 
 
 async def complete(sim: Simulator, request: web.Request, now: float) -> web.StreamResponse:
@@ -102,20 +105,24 @@ async def complete(sim: Simulator, request: web.Request, now: float) -> web.Stre
         )
         if fault is not None:
             sim.counters[f"fault:{fault}"] += 1
-            await _pre_generation_fault(sim, request, req, fault, now)
+            await pre_generation_fault(sim, request, req, fault, now)
         return await _answer(sim, request, req, now)
-    except Refusal as refusal:
-        sim.counters[f"status:{refusal.status}"] += 1
-        if refusal.status == 429:
-            sim.refused_by_second[int(now)] += 1
-        return refusal.response
-    except FaultSpecError as exc:
-        sim.counters["status:400"] += 1
-        return web.json_response(
-            bodies.invalid_request(f"simulator fault request: {exc}"), status=400
-        )
-    except Dropped:
+    except (Refusal, FaultSpecError, Dropped) as exc:
+        return refused(sim, exc, now)
+
+
+def refused(sim: Simulator, exc: Exception, now: float) -> web.Response:
+    """The answer to a request turned away (`Refusal`), with a bad fault marker, or dropped,
+    counted by status (a 429 by the second it came in)."""
+    if isinstance(exc, Dropped):
         return web.Response()  # never reaches the client: the transport is gone
+    if isinstance(exc, FaultSpecError):
+        exc = Refusal(400, bodies.invalid_request(f"simulator fault request: {exc}"))
+    assert isinstance(exc, Refusal)
+    sim.counters[f"status:{exc.status}"] += 1
+    if exc.status == 429:
+        sim.refused_by_second[int(now)] += 1
+    return exc.response
 
 
 # ------------------------------------------------------------------------------- validation
@@ -136,12 +143,24 @@ def _validate(
         )
     texts = [message_text(m) for m in messages]
     digest = messages_digest(messages)
+    try:
+        images, files = parts.attached(messages)
+    except ValueError as exc:
+        raise Refusal(400, bodies.invalid_request(str(exc))) from None
     model = _route(sim.config, body)
+    for kind, count in (("image", images), ("file", files)):
+        if count and kind not in model.input_modalities:
+            raise Refusal(404, bodies.error(
+                404, f"No endpoints found that support {kind} input",
+                {"error_type": "not_found", "provider_name": model.provider},
+            ))  # fmt: skip
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise Refusal(400, bodies.invalid_request("max_tokens: expected a positive integer"))
     tokens = prompt_tokens(messages)
-    req = ChatRequest(raw, body, key, messages, digest, model, tokens, max_tokens, fault=None)
+    req = ChatRequest(
+        raw, body, key, messages, digest, model, tokens, max_tokens, fault=None, images=images
+    )
     sim.limits.check(sim.config, key, model, tokens, max_tokens, sim.key_usage, now)
     if tokens + (max_tokens or 0) > model.context_length:
         raise Refusal(400, bodies.error(
@@ -180,6 +199,11 @@ def _route(config: SimConfig, body: dict[str, Any]) -> SimModel:
                 {"error_type": "invalid_request"},
                 availability={"code": "model_not_found", "retryable": False, "requested_models": [model_id]},
             ))  # fmt: skip
+        elif model.dimensions:
+            last = Refusal(400, bodies.error(
+                400, f"{model_id} is an embeddings model: send its requests to /embeddings",
+                {"error_type": "invalid_request"},
+            ))  # fmt: skip
         elif model_id in config.down_models:
             last = Refusal(502, bodies.error(
                 502, "Provider returned error",
@@ -200,7 +224,7 @@ def _route(config: SimConfig, body: dict[str, Any]) -> SimModel:
 # ----------------------------------------------------------------------------------- faults
 
 
-async def _pre_generation_fault(
+async def pre_generation_fault(
     sim: Simulator, request: web.Request, req: ChatRequest, fault: Fault, now: float
 ) -> None:
     """Faults that happen before any answer exists: nothing is billed."""
@@ -261,6 +285,9 @@ async def _answer(
     total, prompt_part, completion_part = model.charges(
         req.prompt_tokens, completion_tokens, cache.cached_tokens, cache.written_tokens
     )
+    if req.images:  # OpenRouter's `image` price: per input image, billed with the prompt
+        extra = float(req.images * model.image_price)
+        total, prompt_part = total + extra, prompt_part + extra
     if empty or errored:
         total, prompt_part, completion_part = 0.0, 0.0, 0.0  # zero-completion insurance
     delay = sim.config.latency.sample(sim.latency_rng, completion_tokens)
@@ -319,7 +346,7 @@ def _compose(config: SimConfig, req: ChatRequest, rng: random.Random) -> Answer:
         schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
     stop = body.get("stop") or []
     words = config.completion_words
-    return compose(
+    answer = compose(
         digest=req.digest,
         rng=rng,
         words=words if words is not None else 8 + int(req.digest[:4], 16) % 24,
@@ -330,6 +357,14 @@ def _compose(config: SimConfig, req: ChatRequest, rng: random.Random) -> Answer:
         response_schema=schema,
         json_object=fmt.get("type") == "json_object",
     )
+    if "tools" in model.supported_parameters:
+        answer = parts.tool_answer(body, req.digest, rng, answer) or answer
+    if body.get("logprobs") is True and "logprobs" in model.supported_parameters:
+        top = body.get("top_logprobs")
+        top = top if isinstance(top, int) and not isinstance(top, bool) else 0
+        found = parts.logprobs(answer.content, schema, req.digest, top)
+        answer = dataclasses.replace(answer, logprobs=found)
+    return answer
 
 
 def _reasoning_budget(model: SimModel, body: dict[str, Any], digest: str) -> int:

@@ -93,6 +93,8 @@ class Answer:
     reasoning_tokens: int
     finish_reason: str | None  # None: the provider gave no reason (an empty answer)
     native_finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None = None  # `parts.tool_answer`
+    logprobs: dict[str, Any] | None = None  # `parts.logprobs`
 
 
 def compose(

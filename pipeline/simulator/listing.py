@@ -16,13 +16,18 @@ from pipeline.simulator.config import SimConfig
 CATALOGUE_CREATED = 1_702_339_200  # a fixed date, so /models is byte-for-byte stable
 
 
-def models(config: SimConfig, query: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The body of `GET /models`: every model that supports each of the comma-separated
-    `supported_parameters` in `query` (all of them when it names none)."""
+def models(
+    config: SimConfig,
+    query: Mapping[str, str] | None = None,
+    listed: tuple[SimModel, ...] = CATALOGUE,
+) -> dict[str, Any]:
+    """The body of `GET /models` (or, `listed` the embeddings models, `/embeddings/models`):
+    every model that supports each of the comma-separated `supported_parameters` in `query`
+    (all of them when it names none)."""
     wanted = [p.strip() for p in (query or {}).get("supported_parameters", "").split(",")]
     data = [
         entry
-        for entry in (_entry(config, model) for model in CATALOGUE)
+        for entry in (_entry(config, model) for model in listed)
         if all(p in entry["supported_parameters"] for p in wanted if p)
     ]
     return {"data": data, "links": {"next": None}, "total_count": len(data)}

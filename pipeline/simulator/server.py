@@ -24,10 +24,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pipeline.simulator import batch_routes, bodies, chat, listing
+from pipeline.simulator import batch_routes, bodies, chat, embeddings, listing
 from pipeline.simulator.batches import BatchStore
 from pipeline.simulator.bodies import Generation
 from pipeline.simulator.caching import PromptCache
+from pipeline.simulator.catalogue import EMBEDDING_MODELS
 from pipeline.simulator.config import SimConfig
 from pipeline.simulator.faults import FaultPicker, FaultSpecError
 from pipeline.simulator.limits import Limits
@@ -173,6 +174,8 @@ class Simulator:
         """The aiohttp application serving every route."""
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_errors])
         app.router.add_post(f"{API}/chat/completions", self.chat_completions)
+        app.router.add_post(f"{API}/embeddings", self.embeddings)
+        app.router.add_get(f"{API}/embeddings/models", self.embedding_models)
         app.router.add_get(f"{API}/models", self.models)
         app.router.add_get(f"{API}/models/user", self.models_user)
         app.router.add_get(f"{API}/models/{{author}}/{{slug}}/endpoints", self.endpoints)
@@ -203,6 +206,20 @@ class Simulator:
         finally:
             self.in_flight -= 1
         return response
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """`POST /embeddings`, counted as chat requests are."""
+        now = time.time()
+        self._arrive(now)
+        try:
+            response = await embeddings.embed(self, request, now)
+        finally:
+            self.in_flight -= 1
+        return response
+
+    async def embedding_models(self, request: web.Request) -> web.Response:
+        """`GET /embeddings/models`: the embeddings models, listed as `/models` lists models."""
+        return web.json_response(listing.models(self.config, request.query, EMBEDDING_MODELS))
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /models[?supported_parameters=a,b]`: the catalogue (`listing.models`); no key needed."""

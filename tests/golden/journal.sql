@@ -44,6 +44,10 @@ CREATE TABLE results (
     parsed TEXT,
     stale INTEGER NOT NULL,
     digest INTEGER,
+    reasoning TEXT,
+    tool_calls TEXT,
+    label_confidence REAL,
+    embedding BLOB,
     -- Unix time: the rate `pipeline status` shows, the spend of the last 24 h.
     done_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
     settings TEXT,  -- settings.settings_hash of what was asked; meta `configs` holds each
@@ -79,6 +83,6 @@ END;
 -- meta keys: config, configs, digests, format, hash_seed, input, transport, version
 -- meta format: 3
 -- meta config sections: prompt, request
--- meta config.prompt keys: column, template, messages_column, system, model_column, param_columns
--- meta config.request keys: model, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate, openrouter_fields
+-- meta config.prompt keys: column, template, messages_column, system, model_column, param_columns, images, files
+-- meta config.request keys: model, temperature, top_p, max_tokens, seed, stop, response_format, provider, models, n, labels, response_schema, reasoning, fallback_models, extra, simulate, tools, tool_choice, logprobs, top_logprobs, endpoint, dimensions, openrouter_fields
 -- meta input file keys: file, bytes, sha256

@@ -3,7 +3,8 @@
     python tests/spec/refresh.py PATH/TO/openapi.yaml [--output FILE]
 
 Keeps `openapi`, `info` (title, version, license), the responses listed in `RESPONSES`, the
-schemas listed in `COMPONENTS`, and every schema those reach through `$ref`, transitively.
+request bodies listed in `REQUEST_BODIES`, the schemas listed in `COMPONENTS`, and every schema
+those reach through `$ref`, transitively.
 Everything kept is copied verbatim; everything else (examples beside the schemas, other routes,
 parameters, security, tags) is dropped. `$ref`s keep their `#/components/schemas/...` shape.
 The output is deterministic (sorted keys, fixed indentation), so the same spec always gives the
@@ -33,7 +34,12 @@ RESPONSES: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("/key", "get", ("200",)),
     ("/credits", "get", ("200",)),
     ("/generation", "get", ("200", "404")),
+    ("/embeddings", "post", ("200",)),
+    ("/embeddings/models", "get", ("200",)),
 )
+# Operations whose request body schema is kept too (`validate_request`): those written inline
+# under the operation rather than as a component.
+REQUEST_BODIES: tuple[tuple[str, str], ...] = (("/embeddings", "post"),)
 INFO_KEYS: tuple[str, ...] = ("title", "version", "license")
 
 SCHEMA_REF = "#/components/schemas/"
@@ -90,6 +96,12 @@ def build(full: dict[str, Any]) -> dict[str, Any]:
             }
             todo.extend(_schema_name(ref) for ref in _refs(schema))
         paths.setdefault(path, {})[method] = {"responses": responses}
+
+    for path, method in REQUEST_BODIES:
+        schema = full["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+        body = {"content": {"application/json": {"schema": schema}}}
+        paths[path][method]["requestBody"] = body
+        todo.extend(_schema_name(ref) for ref in _refs(schema))
 
     kept: dict[str, Any] = {}
     while todo:
