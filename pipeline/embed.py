@@ -109,7 +109,19 @@ class EmbeddingAnswerer(ChatAnswerer):
     async def _checked(
         self, row: Row, *, attempts: int = 0, invalid: int = 0, rejected: Result | None = None
     ) -> list[Result]:
-        """This row's result, once the request it joins is answered."""
+        """This row's result, once the request it joins is answered. An input longer than
+        the model takes fails alone, not the request it would have joined."""
+        listing = self.catalogue.get(row.model) if self.catalogue is not None else None
+        if (
+            listing is not None
+            and listing.context_length
+            and row.prompt_tokens > listing.context_length
+        ):
+            row.error = (
+                f"the text is about {row.prompt_tokens:,} tokens, over {row.model}'s "
+                f"{listing.context_length:,}-token input limit"
+            )
+            return [Result.unsendable(row)]
         gathering = self._open.get(row.model)
         if gathering is None:
             gathering = self._open[row.model] = _Gathering()

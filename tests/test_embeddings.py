@@ -110,11 +110,11 @@ def test_a_simulator_answer_matches_the_spec(tmp_path: Path, sim_thread: Any) ->
 def test_a_sigkill_mid_run_then_a_resume_sends_only_what_was_in_flight(
     tmp_path: Path, sim_thread: Any
 ) -> None:
-    rows(tmp_path, 3_000)
+    rows(tmp_path, 10_000, distinct=9_000)  # rows 9,000.. repeat the first 1,000 passages
     with sim_thread(latency=0.05) as sim:
         config = job(tmp_path, sim, limits="inputs_per_request = 16")
         proc = start_cli(config)
-        wait_for(lambda: len(journaled_positions(tmp_path)) >= 600, timeout=120, what="600 rows")
+        wait_for(lambda: len(journaled_positions(tmp_path)) >= 2_000, timeout=120, what="rows")
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         kept = journaled_positions(tmp_path)
@@ -124,20 +124,38 @@ def test_a_sigkill_mid_run_then_a_resume_sends_only_what_was_in_flight(
         done = run_cli(config)
         sent_after = sum(len(b["input"]) for b in embedding_requests(sim)) - sent_before
     assert done.returncode == 0, done.stderr
-    assert 600 <= len(kept) < 3_000
-    # The resume asks only for the rows the journal did not hold: what the kill cost is the
-    # answers not yet committed (at most a commit interval's) and the requests in flight.
-    assert sent_after == 3_000 - len(kept)
+    assert 2_000 <= len(kept) < 10_000
+    # The resume asks, once each, for the passages no journaled row answers.
+    answered = {p % 9_000 for p in kept}
+    assert sent_after == len({p % 9_000 for p in range(10_000)} - answered)
+    # What the kill cost: the answers not yet committed (a commit interval's) and the
+    # requests in flight (4 of 16 inputs), never a re-run.
     rate = sent_before / max(sim_elapsed, 1e-9)
-    assert sent_before - len(kept) <= rate * (FLUSH_INTERVAL + 0.5) + 4 * 16
+    assert sent_before + sent_after - 9_000 <= rate * (FLUSH_INTERVAL + 0.5) + 4 * 16
     out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out.height == 3_000 and out["status"].unique().to_list() == ["ok"]
+    assert out.height == 10_000 and out["status"].unique().to_list() == ["ok"]
     assert out["embedding"].null_count() == 0
+    assert out["embedding"][9_999].to_list() == out["embedding"][999].to_list()
     with sqlite3.connect(tmp_path / "out.parquet.journal") as db:
         (stored,) = db.execute(
             "SELECT COUNT(*) FROM results WHERE embedding IS NOT NULL"
         ).fetchone()
-    assert stored == 3_000
+    assert stored == 10_000
+
+
+@pytest.mark.timeout(120)
+def test_failed_requests_are_retried_whole_and_every_row_is_answered(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    rows(tmp_path, 1_000)
+    with sim_thread(fault_rates={"502": 0.2, "429": 0.1, "reset": 0.05}, seed=3) as sim:
+        done = run_cli(job(tmp_path, sim, limits="inputs_per_request = 20"))
+        stats = sim_get(sim, "stats")
+    assert done.returncode == 0, done.stderr
+    assert sum(stats["faults"].values()) > 0
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].unique().to_list() == ["ok"] and out["embedding"].null_count() == 0
+    assert out["attempts"].max() > 1  # type: ignore[operator]
 
 
 @pytest.mark.timeout(120)
@@ -181,3 +199,19 @@ def test_what_an_embeddings_job_cannot_send_is_refused_up_front(
         sent = sim_get(sim, "requests")["data"]
     assert done.returncode == 1 and message in done.stderr, done.stderr
     assert sent == [] and "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_an_input_over_the_model_s_limit_fails_alone(tmp_path: Path, sim_thread: Any) -> None:
+    texts = ["short passage"] * 5 + ["word " * 10_000]
+    pl.DataFrame({"id": [f"r{i}" for i in range(6)], "text": texts}).write_parquet(
+        tmp_path / "in.parquet"
+    )
+    with sim_thread() as sim:
+        done = run_cli(job(tmp_path, sim))
+        sent = embedding_requests(sim)
+    assert done.returncode in (0, 3), done.stderr
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * 5 + ["error"]
+    assert "over openai/text-embedding-3-small's 8,192-token input limit" in out["error_message"][5]
+    assert all(len(text) < 100 for body in sent for text in body["input"])
