@@ -304,7 +304,6 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
             Kind.NO_CHOICES, "HTTP 200 without any choice", status=200, generation_id=generation_id
         )
     answers = []
-    first = _dict(choices[0])
     for choice in map(_dict, choices):
         finish = choice.get("finish_reason")
         if choice.get("error") or finish == "error":
@@ -350,7 +349,7 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
     prompt_tokens, completion_tokens, total_tokens, reasoning_tokens, cached_tokens, written = (
         counts
     )
-    return Completion(
+    completion = Completion(
         content=content,
         finish_reason=finish,
         model=model,
@@ -364,10 +363,16 @@ def parse_completion(data: dict[str, Any], generation_id: str | None) -> Complet
         cache_write_tokens=written,
         cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         choices=answers,
-        reasoning=answer_parts.reasoning(first),
-        tool_calls=answer_parts.tool_calls(first),
-        logprobs=answer_parts.logprobs(first),
     )
+    # Most answers have none of these parts: three lookups tell, before any parsing.
+    first = _dict(choices[0])
+    message = _dict(first.get("message"))
+    if message.get("reasoning") or message.get("reasoning_details") or message.get("tool_calls"):
+        completion.reasoning = answer_parts.reasoning(first)
+        completion.tool_calls = answer_parts.tool_calls(first)
+    if first.get("logprobs"):
+        completion.logprobs = answer_parts.logprobs(first)
+    return completion
 
 
 def parse_usage(data: dict[str, Any], generation_id: str | None) -> Completion:

@@ -180,8 +180,13 @@ async def _estimate(
     async with connect(config, key) as client:
         catalogue = await load_catalogue(client, config)
         estimate = _count(plan, catalogue, done, redone, today)
-        # The same rows through the Batch API, where the endpoint is OpenRouter's.
-        if config.request.is_openrouter and catalogue is not None:
+        # The same rows through the Batch API, where the endpoint is OpenRouter's (which
+        # takes chat requests only).
+        if (
+            config.request.is_openrouter
+            and catalogue is not None
+            and not estimate.builder.embeddings
+        ):
             prices = await batch_prices(client, list(estimate.by_model))
             for model_id, m in estimate.by_model.items():
                 price, batch = catalogue.get(model_id), prices.get(model_id)
@@ -192,6 +197,13 @@ async def _estimate(
                     estimate.result.notes.append(
                         f"{model_id} lists no :batch endpoint: the Batch API does not take it"
                     )
+    if estimate.builder.embeddings:
+        per_request = config.limits.inputs_per_request
+        for model_id, m in estimate.by_model.items():
+            estimate.result.notes.append(
+                f"{model_id}: the {m.rows:,} inputs go up to {per_request} a request "
+                f"(at least {-(-m.rows // per_request):,} requests); embeddings have no output tokens"
+            )
     return estimate.result
 
 

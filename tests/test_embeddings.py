@@ -22,6 +22,7 @@ from tests.helpers import (
     journaled_positions,
     post_api,
     run_cli,
+    run_command,
     sim_get,
     start_cli,
     wait_for,
@@ -215,3 +216,18 @@ def test_an_input_over_the_model_s_limit_fails_alone(tmp_path: Path, sim_thread:
     assert out["status"].to_list() == ["ok"] * 5 + ["error"]
     assert "over openai/text-embedding-3-small's 8,192-token input limit" in out["error_message"][5]
     assert all(len(text) < 100 for body in sent for text in body["input"])
+
+
+@pytest.mark.timeout(60)
+def test_an_estimate_counts_inputs_a_request_and_offers_no_batch_mode(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    rows(tmp_path, 200)
+    with sim_thread() as sim:
+        done = run_command("estimate", job(tmp_path, sim, "openrouter = true"))
+        sent = sim_get(sim, "requests")["data"]
+    assert done.returncode == 0, done.stderr
+    # The Batch API takes chat requests only: it is neither priced nor blamed on the model.
+    assert "batch" not in done.stdout.lower(), done.stdout
+    assert "the 200 inputs go up to 64 a request (at least 4 requests)" in done.stdout
+    assert not [e for e in sent if e["path"].endswith(("/embeddings", "/chat/completions"))]
