@@ -143,6 +143,8 @@ def _load_config(config_file: Path | None, simulate: bool, flags: dict[str, Any]
     overrides = {option.key: flags.get(option.param) for option in JOB_OPTIONS}
     if simulate:
         overrides["request.simulate"] = True
+    if flags.get("endpoint") is not None:  # `pipeline embed`
+        overrides["request.endpoint"] = flags["endpoint"]
     return config_module.load(config_file, overrides)
 
 
@@ -236,6 +238,25 @@ def run(
     else:
         click.echo(render.summary(report, config.input.on_change), file=stream)
     sys.exit(report.exit_code)
+
+
+def _embed(**params: Any) -> None:
+    """`pipeline embed`: `pipeline run` of the job as an embeddings job."""
+    assert run.callback is not None
+    run.callback(**params, endpoint="embeddings")
+
+
+cli.add_command(
+    click.Command(
+        "embed",
+        context_settings=CONTEXT,
+        params=run.params,
+        callback=_embed,
+        help="Run a job as an embeddings job: `pipeline run` with request.endpoint = "
+        '"embeddings" (the prompt column to /embeddings, an `embedding` column out).\n\n'
+        "Options, resuming and exit codes are those of `pipeline run`.",
+    )
+)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -231,3 +231,16 @@ def test_an_estimate_counts_inputs_a_request_and_offers_no_batch_mode(
     assert "batch" not in done.stdout.lower(), done.stdout
     assert "the 200 inputs go up to 64 a request (at least 4 requests)" in done.stdout
     assert not [e for e in sent if e["path"].endswith(("/embeddings", "/chat/completions"))]
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_embed_runs_a_job_as_an_embeddings_job(tmp_path: Path, sim_thread: Any) -> None:
+    rows(tmp_path, 100)
+    with sim_thread() as sim:
+        config = Path(job(tmp_path, sim, "dimensions = 8"))
+        config.write_text(config.read_text().replace('endpoint = "embeddings"\n', ""))
+        done = run_command("embed", str(config))
+        sent = embedding_requests(sim)
+    assert done.returncode == 0, done.stderr
+    assert 2 <= len(sent) < 100  # many rows a request
+    assert pl.read_parquet(tmp_path / "out.parquet").schema["embedding"] == pl.Array(pl.Float32, 8)
