@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 from pipeline.answer_parts import label_confidence, tool_arguments
 from pipeline.answers import AnswerSpec
-from pipeline.client import Completion, OpenRouterClient
+from pipeline.client import OpenRouterClient
+from pipeline.completions import Completion
 from pipeline.errors import (
     JobStopped,
     Kind,

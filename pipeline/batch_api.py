@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.client import RETRYABLE_STATUSES, Completion, parse_completion
+from pipeline.completions import RETRYABLE_STATUSES, Completion, parse_completion
 from pipeline.errors import (
     AuthError,
     CreditsError,

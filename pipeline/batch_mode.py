@@ -36,7 +36,7 @@ from pipeline.batch_rows import Waiting, WaitingRows
 from pipeline.batch_submit import Submitter
 from pipeline.batch_wait import OpenBatch, Poller, Show
 from pipeline.budget import BudgetReached
-from pipeline.client import Completion
+from pipeline.completions import Completion
 from pipeline.errors import BatchesPending, JobStopped, UserError
 from pipeline.journal import Journal
 from pipeline.money import Reservations

@@ -12,7 +12,8 @@ from pipeline.errors import Unreachable
 from pipeline.money import REPORTED, ModelPrice
 
 if TYPE_CHECKING:
-    from pipeline.client import Completion, OpenRouterClient
+    from pipeline.client import OpenRouterClient
+    from pipeline.completions import Completion
 
 BATCH_PRICE = "batch_price"  # cost_source: tokens times the model's `:batch` price
 

@@ -1,8 +1,7 @@
-"""One OpenRouter call: headers, one shared session, response parsing, and error classification.
+"""One OpenRouter call: headers, one shared session, and error classification.
 
-This is the one place where aiohttp and JSON errors become `pipeline.errors` exceptions. After
-every 200 it checks for the ways OpenRouter reports a failure inside a success: a top-level
-`error` with no `choices`, an empty `choices`, and `choices[0].error` / `finish_reason: "error"`.
+This is the one place where aiohttp and JSON errors and HTTP statuses become `pipeline.errors`
+exceptions; a 200 body is read in `completions`, which finds the failures it may carry.
 """
 
 from __future__ import annotations
@@ -14,19 +13,24 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from pipeline import __version__, answer_parts
+from pipeline import __version__
+from pipeline.completions import (
+    RETRYABLE_STATUSES,
+    Completion,
+    as_dict,
+    error_message,
+    parse_completion,
+)
 from pipeline.errors import (
     AuthError,
     CreditsError,
     Kind,
     PermanentError,
-    RequestError,
     RetryableError,
     Throttle,
     TrustError,
@@ -35,34 +39,6 @@ from pipeline.errors import (
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
-
-RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
-
-
-@dataclass(slots=True)
-class Completion:
-    """The parts of a chat completion a row keeps."""
-
-    content: str | None
-    finish_reason: str | None
-    model: str | None
-    provider: str | None
-    generation_id: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    reasoning_tokens: int | None
-    cached_tokens: int | None
-    cost: float | None
-    cache_write_tokens: int | None = None  # where the endpoint reports them
-    # (content, finish_reason) of every choice, the first included: a request with `n` has
-    # several; usage and cost above cover them all.
-    choices: list[tuple[str | None, str | None]] = field(default_factory=list)
-    # Of the first choice, when present (`answer_parts`): the reasoning text, the tool calls
-    # as JSON text, and the answer's tokens with their log-probabilities.
-    reasoning: str | None = None
-    tool_calls: str | None = None
-    logprobs: list[tuple[str, float]] | None = None
 
 
 class OpenRouterClient:
@@ -286,116 +262,14 @@ def session_id(config: JobConfig) -> str | None:
     return f"prompt-pipeline-{config.fingerprint_hash()}"
 
 
-def parse_completion(data: dict[str, Any], generation_id: str | None) -> Completion:
-    """The completion in a 200 body, or the error it carries (`RequestError`, `JobStopped`)."""
-    error = data.get("error")
-    if isinstance(error, dict) and not data.get("choices"):
-        code = _error_code(error, 200)
-        error_class = _class_for(code)
-        raise error_class(
-            Kind.ERROR_BODY,
-            f"HTTP 200 carrying error {code}: {_message(error)}",
-            status=code,
-            generation_id=generation_id,
-        )
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise RetryableError(
-            Kind.NO_CHOICES, "HTTP 200 without any choice", status=200, generation_id=generation_id
-        )
-    answers = []
-    for choice in map(_dict, choices):
-        finish = choice.get("finish_reason")
-        if choice.get("error") or finish == "error":
-            detail = _dict(choice.get("error"))
-            raise RetryableError(
-                Kind.CHOICE_ERROR,
-                f"the provider failed mid-answer: {_message(detail) or 'finish_reason error'}",
-                status=200,
-                generation_id=data.get("id") or generation_id,
-            )
-        content = _dict(choice.get("message")).get("content")
-        if content is not None and not isinstance(content, str):
-            content = json.dumps(content)
-        answers.append((content, _text(finish)))
-    content, finish = answers[0]
-    usage = _dict(data.get("usage"))
-    completion_tokens = usage.get("completion_tokens")
-    if not content and finish is None and not completion_tokens:
-        # A cold start: nothing generated and (by zero-completion insurance) nothing charged.
-        raise RetryableError(
-            Kind.EMPTY,
-            "empty answer with no finish reason (provider cold start?)",
-            status=200,
-            generation_id=data.get("id") or generation_id,
-        )
-    prompt_details = _dict(usage.get("prompt_tokens_details"))
-    completion_details = _dict(usage.get("completion_tokens_details"))
-    cost = usage.get("cost")
-    model, provider, answer_id = data.get("model"), data.get("provider"), data.get("id")
-    counts: tuple[Any, ...] = (
-        usage.get("prompt_tokens"), completion_tokens, usage.get("total_tokens"),
-        completion_details.get("reasoning_tokens"), prompt_details.get("cached_tokens"),
-        prompt_details.get("cache_write_tokens"),
-    )  # fmt: skip
-    # These go to the journal and to typed output columns as they are. The usual body passes
-    # one test in C; from a server in the wild, each is made a count or text, or unknown.
-    usual = _COUNT_TYPES.issuperset(map(type, counts)) and _TEXT_TYPES.issuperset(
-        map(type, (model, provider, answer_id))
-    )
-    if not usual:
-        counts = tuple(map(_count, counts))
-        model, provider, answer_id = _text(model), _text(provider), _text(answer_id)
-    prompt_tokens, completion_tokens, total_tokens, reasoning_tokens, cached_tokens, written = (
-        counts
-    )
-    completion = Completion(
-        content=content,
-        finish_reason=finish,
-        model=model,
-        provider=provider,
-        generation_id=answer_id or generation_id,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=total_tokens,
-        reasoning_tokens=reasoning_tokens,
-        cached_tokens=cached_tokens,
-        cache_write_tokens=written,
-        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
-        choices=answers,
-    )
-    # Most answers have none of these parts: three lookups tell, before any parsing.
-    first = _dict(choices[0])
-    message = _dict(first.get("message"))
-    if message.get("reasoning") or message.get("reasoning_details") or message.get("tool_calls"):
-        completion.reasoning = answer_parts.reasoning(first)
-        completion.tool_calls = answer_parts.tool_calls(first)
-    if first.get("logprobs"):
-        completion.logprobs = answer_parts.logprobs(first)
-    return completion
-
-
-def parse_usage(data: dict[str, Any], generation_id: str | None) -> Completion:
-    """The model, id, tokens and cost of an answer without text (an embeddings answer)."""
-    usage = _dict(data.get("usage"))
-    cost = usage.get("cost")
-    return Completion(
-        content=None, finish_reason=None, model=_text(data.get("model")),
-        provider=_text(data.get("provider")), generation_id=_text(data.get("id")) or generation_id,
-        prompt_tokens=_count(usage.get("prompt_tokens")),
-        completion_tokens=_count(usage.get("completion_tokens")) or 0,
-        total_tokens=_count(usage.get("total_tokens")), reasoning_tokens=None,
-        cached_tokens=_count(_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
-        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
-    )  # fmt: skip
-
-
 def _status_error(
     status: int, data: Any, headers: Any, raw: bytes, generation_id: str | None
 ) -> Exception:
     error = data.get("error") if isinstance(data, dict) else None
     message = (
-        _message(error) if isinstance(error, dict) else raw[:200].decode(errors="replace").strip()
+        error_message(error)
+        if isinstance(error, dict)
+        else raw[:200].decode(errors="replace").strip()
     )
     text = f"HTTP {status}: {message}" if message else f"HTTP {status}"
     if status == 401:
@@ -432,13 +306,13 @@ def throttled_by(error: Any, headers: Any) -> Throttle:
     `metadata.headers`; OpenAI's `-requests` / `-tokens` too) that nothing remains: the key is
     limited. One that names an upstream limit source, provider, its raw error or code is that
     provider throttling this request. Anything else is unknown."""
-    metadata = _dict(_dict(error).get("metadata"))
+    metadata = as_dict(as_dict(error).get("metadata"))
     source = str(metadata.get("limit_source") or "")
     if source.startswith("openrouter"):
         return Throttle.KEY
     if source.startswith("upstream"):
         return Throttle.UPSTREAM
-    told = [*_dict(metadata.get("headers")).items(), *(headers.items() if headers else ())]
+    told = [*as_dict(metadata.get("headers")).items(), *(headers.items() if headers else ())]
     if any(
         str(name).lower().startswith("x-ratelimit-remaining") and str(value).strip() == "0"
         for name, value in told
@@ -447,10 +321,6 @@ def throttled_by(error: Any, headers: Any) -> Throttle:
     if any(metadata.get(name) for name in ("provider_name", "raw", "provider_code")):
         return Throttle.UPSTREAM
     return Throttle.UNKNOWN
-
-
-def _class_for(code: int) -> type[RequestError]:
-    return RetryableError if code in RETRYABLE_STATUSES or code >= 500 else PermanentError
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -471,48 +341,6 @@ def _retry_after(headers: Any) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def _error_code(error: dict[str, Any], default: int) -> int:
-    for candidate in (error.get("code"), error.get("http_status")):
-        if isinstance(candidate, int):
-            return candidate
-        if isinstance(candidate, str) and candidate.isdigit():
-            return int(candidate)
-    return default
-
-
-def _message(error: dict[str, Any] | None) -> str:
-    if not error:
-        return ""
-    message = str(error.get("message") or "")
-    metadata = _dict(error.get("metadata"))
-    provider = metadata.get("provider_name")
-    return f"{message} ({provider})" if provider and provider not in message else message
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    """`value` if it is a JSON object, else an empty one: bodies from the wild may omit anything."""
-    return value if isinstance(value, dict) else {}
-
-
-_COUNT_TYPES = frozenset({int, type(None)})
-_TEXT_TYPES = frozenset({str, type(None)})
-
-
-def _count(value: Any) -> int | None:
-    """A token count as an int, from a body that may spell it `12.0` or `"12"`; else unknown."""
-    if type(value) is int:
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 def _short(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.attempt import ChatAnswerer
-from pipeline.client import Completion, parse_usage
+from pipeline.completions import Completion, parse_usage
 from pipeline.errors import Kind, RetryableError
 from pipeline.money import completion_cost
 from pipeline.records import API, OK, Result, Row

@@ -27,7 +27,8 @@ from pipeline.places import cache_dir
 from pipeline.records import ABANDONED
 
 if TYPE_CHECKING:
-    from pipeline.client import Completion, OpenRouterClient
+    from pipeline.client import OpenRouterClient
+    from pipeline.completions import Completion
     from pipeline.config import JobConfig
     from pipeline.journal import Journal
     from pipeline.records import Totals

@@ -88,7 +88,7 @@ def test_an_endpoint_without_cost_gets_cost_computed_from_prices(
 
 
 def test_cost_is_null_not_zero_when_nothing_can_tell_it() -> None:
-    from pipeline.client import Completion
+    from pipeline.completions import Completion
     from pipeline.money import completion_cost
 
     completion = Completion("hi", "stop", "x/unpriced", "P", "gen-1", 10, 2, 12, 0, 0, None)
@@ -119,7 +119,7 @@ def test_the_worst_case_is_the_longest_answer_the_request_allows() -> None:
 def test_usage_spelled_oddly_is_read_as_counts_and_junk_as_unknown() -> None:
     """Any OpenAI-compatible server may answer: counts spelled 12.0 or "3" are counts, and
     values of the wrong kind are unknown, never a crash when the typed output is written."""
-    from pipeline.client import parse_completion
+    from pipeline.completions import parse_completion
 
     data = {
         "id": 7, "model": {"name": "m"}, "provider": "P",

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from pipeline.attempt import ChatAnswerer
-from pipeline.client import Completion, OpenRouterClient, throttled_by
+from pipeline.client import OpenRouterClient, throttled_by
+from pipeline.completions import Completion
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import Kind, RetryableError, Throttle
 from pipeline.limits import MIN_OUTCOMES, OUTCOMES, Limits, RecentShare
