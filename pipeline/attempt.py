@@ -161,6 +161,11 @@ class ChatAnswerer:
                 self._recent.popitem(last=False)
         return [result]
 
+    def ask(self, row: Row) -> Awaitable[list[Result]]:
+        """The row's answers from the API, checked and retried: `__call__` without its reuse
+        of identical requests (which a cluster's driver has done before handing it on)."""
+        return self._checked(row)
+
     async def again(
         self, row: Row, *, attempts: int, invalid: int, rejected: Result | None
     ) -> list[Result]:

@@ -15,6 +15,8 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 [output]   path, journal, result_prefix, row_group_size, keep_reasoning
 [cost]     max_cost, max_cost_per_run, max_cost_per_day, expected_output_tokens, prices_ttl,
            reconcile_timeout
+[batch]    base_url, max_lines, max_bytes, poll_interval, poll_max, list_lag, wait
+[cluster]  engine, address, workers, unit_rows
 ```
 """
 
@@ -30,6 +32,7 @@ from typing import Any, TypeVar
 
 from pipeline import request_keys
 from pipeline.batch_config import BatchConfig, batch_config
+from pipeline.cluster_config import ClusterConfig, cluster_config
 from pipeline.config_file import read_toml
 from pipeline.cost_config import CostConfig, cost_config
 from pipeline.errors import ConfigError
@@ -221,6 +224,7 @@ class JobConfig:
     output: OutputConfig
     cost: CostConfig = field(default_factory=CostConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def request_fingerprint(self) -> dict[str, Any]:
         """What shapes the requests: a resumed job must ask the same (`settings.asked`)."""
@@ -241,6 +245,7 @@ SECTIONS: dict[str, Any] = {
     "output": OutputConfig,
     "cost": CostConfig,
     "batch": BatchConfig,
+    "cluster": ClusterConfig,
 }
 
 MODES = ("sync", "batch", "auto")  # how rows are sent (`request.mode`)
@@ -446,7 +451,15 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         keep_reasoning=v.flag("output.keep_reasoning"),
     )
     return JobConfig(
-        input_cfg, prompt, request, limits, retry, output, cost_config(v), batch_config(v)
+        input_cfg,
+        prompt,
+        request,
+        limits,
+        retry,
+        output,
+        cost_config(v),
+        batch_config(v),
+        cluster_config(v),
     )
 
 

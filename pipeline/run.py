@@ -24,6 +24,7 @@ from pipeline.attempt import ChatAnswerer
 from pipeline.budget import Budget, BudgetReached, Cap
 from pipeline.cache import ResponseCache
 from pipeline.client import OpenRouterClient, connect
+from pipeline.cluster import check_engine
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import CreditsError, DiskFull, Interrupted, JobStopped, OutOfTime, UserError
 from pipeline.feed import Feed, with_earlier_answers
@@ -53,14 +54,16 @@ from pipeline.writer import JournalWriter
 
 if TYPE_CHECKING:
     from pipeline.batch_mode import BatchRunner
+    from pipeline.cluster import Cluster
 
 
 async def run_plan(plan: JobPlan, key: str, options: RunOptions) -> JobReport:
     """Send what the plan still has to do and write its output."""
+    check_engine(plan.config)
     async with connect(plan.config, key) as client:
         catalogue = await load_catalogue(client, plan.config)
         check_models(plan.config, catalogue)
-        with Run(plan, client, catalogue, options) as run:
+        with Run(plan, client, catalogue, options, key=key) as run:
             return await run.execute()
 
 
@@ -76,8 +79,11 @@ class Run:
         client: OpenRouterClient,
         catalogue: Catalogue | None,
         options: RunOptions,
+        *,
+        key: str | None = None,  # for the workers of `--engine ray`
     ) -> None:
         self.plan = plan
+        self.key = key
         self.config = plan.config
         self.client = client
         self.catalogue = catalogue
@@ -122,6 +128,14 @@ class Run:
             )
             caps = Cap.for_job(config.cost, self.journal, plan.slots, time.time())
             self.budget = Budget(caps) if caps else None
+            self.cluster: Cluster | None = None
+            if config.cluster.engine == "ray":
+                from pipeline.cluster import start_cluster
+
+                assert self.key is not None
+                self.cluster = stack.enter_context(
+                    start_cluster(config, self.key, self.catalogue, self.builder.answers, caps)
+                )
             self.progress = Progress(
                 plan.slots, self.report.skipped, quiet=options.quiet, budget=self.budget,
                 stream=options.stream, logs=options.logs, bar=options.progress_bar,
@@ -279,6 +293,13 @@ class Run:
                 params=self.builder.embedding_params, **answering,
             )  # fmt: skip
             workers *= per_request  # rows waiting to join requests; `limits` caps the requests
+        elif self.cluster is not None:
+            from pipeline.cluster import ClusterAnswerer
+
+            answerer = ClusterAnswerer(
+                self.cluster, self.client, limits, policy,
+                unit_rows=config.cluster.unit_rows, **answering,
+            )  # fmt: skip
         else:
             answerer = ChatAnswerer(self.client, limits, policy, **answering)
         sender: BatchRunner | Dispatcher

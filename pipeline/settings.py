@@ -57,7 +57,7 @@ def transport(config: JobConfig) -> dict[str, Any]:
     }
     found["request.base_url"] = SIMULATOR if request.simulate else request.base_url
     found["prompt.cache_prefix"] = config.prompt.cache_prefix
-    for section in ("limits", "retry", "cost", "batch"):
+    for section in ("limits", "retry", "cost", "batch", "cluster"):
         found.update({f"{section}.{k}": v for k, v in asdict(getattr(config, section)).items()})
     return json.loads(json.dumps(found))  # type: ignore[no-any-return]
 

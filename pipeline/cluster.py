@@ -1,0 +1,243 @@
+"""`--engine ray`: a run whose requests are sent by workers on a Ray cluster.
+
+Everything but the sending stays with this process, the driver, as in a local run: the checks,
+the lock, the journal, the row feed, the reuse of identical requests and of earlier answers,
+the output in input order, `status`, `--restart`, `--incremental`, `--max-runtime`, the exit
+codes. `ClusterAnswerer` is the run's answerer: where a local one asks the API, it hands rows,
+`unit_rows` at a time, to the least busy `Worker` actor and awaits their answers
+(`cluster_actors`), which it journals as they come back. The job's one rate and token limit and
+its one budget live in the `Coordinator` actor, which every worker asks before each request.
+
+What a crash can cost is what was in flight: a worker that dies has its rows handed to another
+(their requests may have been billed: they are journaled as lost attempts of unknown cost), and
+the driver's death takes the Coordinator with it, so no worker starts another request.
+
+Ray is imported here only, and this module only for `--engine ray`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.attempt import ChatAnswerer, _failed, abandoned_id
+from pipeline.budget import Cap
+from pipeline.errors import Kind, UserError
+from pipeline.options import describe
+from pipeline.records import Result, Row
+
+INSTALL = "pip install 'prompt-pipeline[ray]'"
+LINGER = 0.002  # seconds a row waits for others to go with it to a worker
+HANDOVERS = 5  # times a unit is handed to another worker after its worker died
+DOWN_FOR = 10.0  # seconds a worker that died is passed over
+WORKERS_PER_NODE = 2
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def import_ray() -> Any:
+    """Ray, or a `UserError` saying how to install it (before anything is sent)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            f"{describe('cluster.engine')} ray needs Ray, which is not installed: {INSTALL}"
+        ) from None
+    return ray
+
+
+def check_engine(config: Any) -> None:
+    """What `--engine ray` cannot run, refused up front."""
+    if config.cluster.engine != "ray":
+        return
+    import_ray()
+    if config.request.mode != "sync":
+        raise UserError(
+            f"{describe('cluster.engine')} ray sends requests one by one; {describe('request.mode')} "
+            f"{config.request.mode} sends batch files from one place: run it with --engine local"
+        )
+    if config.request.endpoint == "embeddings":
+        raise UserError(
+            f"{describe('cluster.engine')} ray does not run embeddings jobs yet: run it with --engine local"
+        )
+
+
+def _host(address: str) -> str:
+    """The host of a Ray address ("ray://10.0.0.5:10001", "127.0.0.1:6379")."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+class Cluster:
+    """The job's Ray side: the connection, the Coordinator and the workers."""
+
+    def __init__(self, ray: Any, coordinator: Any, workers: list[Any]) -> None:
+        self.ray = ray
+        self.coordinator = coordinator
+        self.workers = workers
+
+
+@contextlib.contextmanager
+def start_cluster(
+    config: Any, key: str, catalogue: Any, answers: Any, caps: list[Cap]
+) -> Iterator[Cluster]:
+    """Join the cluster (or start one on this machine, on loopback), start the job's actors,
+    and leave it at the end (the actors go with the driver)."""
+    ray = import_ray()
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address == "local":  # this machine's own: reachable from nowhere else
+        options |= {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+    elif _host(address) in LOOPBACK:  # a cluster on loopback: join it there, not on the LAN
+        # Ray swaps a loopback address for the machine's own unless told it is no cluster
+        # platform (the one switch its address lookup reads, at the time of the call).
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        options["_node_ip_address"] = "127.0.0.1"
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"cannot join the Ray cluster at {address} ({describe('cluster.address')}): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    try:
+        from pipeline.cluster_actors import CoordinatorActor, WorkerActor
+
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        count = config.cluster.workers or WORKERS_PER_NODE * max(len(nodes), 1)
+        head = {"resources": {"node:__internal_head__": 0.001}} if address != "local" else {}
+        limits = config.limits
+        job = {
+            "config": config, "catalogue": catalogue, "answers": answers, "caps": caps,
+            "fallbacks": config.request.fallback_models or (),
+        }  # fmt: skip
+        # Named, so that workers look it up: an actor handle among a worker's arguments would
+        # keep Ray from starting the worker again after a crash (ray-project/ray#53727).
+        name = f"pipeline-coordinator-{uuid.uuid4().hex}"
+        coordinator = CoordinatorActor.options(name=name, **head).remote(
+            limits.requests_per_second, limits.tpm, job
+        )
+        workers = [
+            WorkerActor.options(num_cpus=0, scheduling_strategy="SPREAD").remote(key, name)
+            for _ in range(count)
+        ]
+        yield Cluster(ray, coordinator, workers)
+    finally:
+        ray.shutdown()
+
+
+class ClusterAnswerer(ChatAnswerer):
+    """`answer(row)` by the cluster's workers: the driver's answerer reuses identical requests'
+    answers (`ChatAnswerer.__call__`) and hands the rest to the workers."""
+
+    def __init__(self, cluster: Cluster, *args: Any, unit_rows: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cluster = cluster
+        self.unit_rows = unit_rows
+        self._waiting: dict[asyncio.Future[Any], Row] = {}  # rows not yet handed to a worker
+        self._linger: asyncio.TimerHandle | None = None
+        self._load = [0] * len(cluster.workers)  # rows each worker holds
+        self._seen = [(0, 0)] * len(cluster.workers)  # its retries and 429s, as last told
+        self._down = [0.0] * len(cluster.workers)  # when each lost worker is tried again
+        self._tickets = itertools.count()
+        self._units: set[asyncio.Task[None]] = set()
+        self._watching: asyncio.Task[None] | None = None
+        ray = cluster.ray
+        self._worker_lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    async def _checked(
+        self, row: Row, *, attempts: int = 0, invalid: int = 0, rejected: Result | None = None
+    ) -> list[Result]:
+        loop = asyncio.get_running_loop()
+        if self._watching is None:
+            self._watching = asyncio.create_task(self._stop_when_stopping())
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting[future] = row
+        if len(self._waiting) >= self.unit_rows:
+            self._hand_over()
+        elif self._linger is None:
+            self._linger = loop.call_later(LINGER, self._hand_over)
+        try:
+            outcome = await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(future, None) is None:  # handed over: perhaps being sent
+                self.on_lost((abandoned_id(), row.slot, Kind.ABANDONED))
+            raise
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome  # type: ignore[no-any-return]
+
+    async def _stop_when_stopping(self) -> None:
+        """The run stops taking rows: no worker starts another request."""
+        await self.stopping.wait()
+        self.cluster.coordinator.stop.remote()
+
+    def _hand_over(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if not self._waiting:
+            return
+        unit, self._waiting = self._waiting, {}
+        task = asyncio.create_task(self._answer(list(unit), list(unit.values())))
+        self._units.add(task)
+        task.add_done_callback(self._units.discard)
+
+    async def _answer(self, futures: list[asyncio.Future[Any]], rows: list[Row]) -> None:
+        """One unit's answers, from the least busy worker; from another if that one dies."""
+        try:
+            for _ in range(HANDOVERS):
+                index = self._pick()
+                ticket = next(self._tickets)
+                self._load[index] += len(rows)
+                try:
+                    reply = await self.cluster.workers[index].answer.remote(ticket, rows)
+                except self._worker_lost:
+                    # Passed over while Ray starts it again (elsewhere, if its node is gone).
+                    self._down[index] = asyncio.get_running_loop().time() + DOWN_FOR
+                    # Its requests may have been billed: their spend is unknown, not none.
+                    self.cluster.coordinator.forget.remote(ticket)
+                    for row in rows:
+                        self.on_lost((abandoned_id(), row.slot, Kind.ABANDONED))
+                    continue
+                finally:
+                    self._load[index] -= len(rows)
+                outcomes, lost, retries, limited = reply
+                for attempt in lost:
+                    self.on_lost(attempt)
+                self._tell(index, retries, limited)
+                for future, outcome in zip(futures, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+                return
+            message = (
+                f"its worker on the cluster died {HANDOVERS} times; the next run sends it again"
+            )
+            for future, row in zip(futures, rows, strict=True):
+                if not future.done():
+                    future.set_result(
+                        _failed(row, Kind.ABANDONED, message, 0, retry_on_resume=True)
+                    )
+        except BaseException as exc:  # a bug, or the run being cancelled: the rows' workers see it
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _pick(self) -> int:
+        """The least busy of the workers not lately lost (of all, if every one was)."""
+        now = asyncio.get_running_loop().time()
+        up = [i for i, until in enumerate(self._down) if until <= now] or range(len(self._down))
+        return min(up, key=self._load.__getitem__)
+
+    def _tell(self, index: int, retries: int, limited: int) -> None:
+        """A worker's retries and 429s so far: what is new of them counts for the run."""
+        seen_retries, seen_limited = self._seen[index]
+        self.retries += max(0, retries - seen_retries)
+        self.limits.rate_limited += max(0, limited - seen_limited)
+        self._seen[index] = (max(retries, seen_retries), max(limited, seen_limited))

@@ -1,0 +1,230 @@
+"""The two kinds of Ray actor of `--engine ray` (imported only by `pipeline.cluster`, which
+imports Ray first).
+
+- `Coordinator`, one a job, on the head node: the job's one `Limits` (request rate, token rate,
+  the pause after the key's 429) and its one `Budget`, exactly as a local run holds them, for
+  every worker on every node.
+- `Worker`, many, spread over the nodes: each answers the rows the driver hands it with a
+  `ChatAnswerer` of its own (checks, retries, re-asks), whose limits and budget are the
+  Coordinator's (`RemoteLimits`, `RemoteBudget`). It journals nothing: its answers go back to
+  the driver, which journals and writes them as a local run does.
+
+A worker's budget reservations are held under the ticket of the rows it was handed, so that the
+driver can release them (as spent: the requests may have been billed) when the worker dies
+with them in flight. Everything else a dead worker held needs no releasing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import defaultdict
+from typing import Any
+
+import ray
+
+from pipeline.attempt import ChatAnswerer, LostAttempt
+from pipeline.budget import Budget, Cap
+from pipeline.client import connect
+from pipeline.errors import JobStopped, NotSent
+from pipeline.limits import Limits
+from pipeline.money import Reservations
+from pipeline.records import Result, Row
+from pipeline.retry import RetryPolicy
+
+# A request granted by the Coordinator reaches the server a moment later (an RPC's return):
+# the rate is kept a little under the limit so that the jitter never puts one too many into a
+# second (+2.7% was measured over a 100 rps limit without it).
+RATE_HEADROOM = 0.97
+
+TICKET: contextvars.ContextVar[int] = contextvars.ContextVar("ticket")
+
+# What a worker sends back for the rows it was handed: each row's results, or the stop that
+# ended it (`JobStopped`, `NotSent`, with any results paid before it); the lost attempts; and
+# the retries and 429s it has seen so far (since it started).
+Outcome = list[Result] | JobStopped | NotSent
+Reply = tuple[list[Outcome], list[LostAttempt], int, int]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        requests_per_second: float | None,
+        tokens_per_minute: float | None,
+        job: dict[str, Any],
+    ) -> None:
+        self._rates = (requests_per_second, tokens_per_minute)
+        self._job = job
+        self._caps: list[Cap] = job["caps"]
+        self._limits: Limits | None = None
+        self._budget: Budget | None = None
+        self._held: defaultdict[int, list[float]] = defaultdict(list)
+        self._stopped = False
+
+    def _ready(self) -> Limits:
+        """Built on the first call: `Limits` takes the clock of the actor's running loop."""
+        if self._limits is None:
+            rps, tpm = self._rates
+            self._limits = Limits(rps * RATE_HEADROOM if rps else None, tpm)
+            self._budget = Budget(self._caps) if self._caps else None
+        return self._limits
+
+    async def acquire(self, estimated_tokens: int) -> bool:
+        """Wait until a request may start; True: the job is stopping, send nothing more."""
+        if not self._stopped:
+            await self._ready().acquire(estimated_tokens)
+        return self._stopped
+
+    def key_limited(self, retry_after: float | None) -> None:
+        self._ready().key_limited(retry_after)
+
+    def charge_extra_tokens(self, tokens: int) -> None:
+        self._ready().charge_extra_tokens(tokens)
+
+    async def reserve(self, ticket: int, amount: float, wait: bool) -> JobStopped | None:
+        """Hold `amount` of the budget under `ticket`; the stop, if it does not fit (returned,
+        not raised: it reaches the worker as itself)."""
+        self._ready()
+        assert self._budget is not None
+        try:
+            await self._budget.reserve(amount, wait=wait)
+        except JobStopped as stop:
+            return stop
+        self._held[ticket].append(amount)
+        return None
+
+    def settle(self, ticket: int, reserved: float, actual: float | None) -> None:
+        held = self._held.get(ticket)
+        if held is None or reserved not in held:
+            return  # already released as lost (`forget`)
+        held.remove(reserved)
+        if not held:
+            del self._held[ticket]
+        assert self._budget is not None
+        self._budget.settle(reserved, actual)
+
+    def forget(self, ticket: int) -> None:
+        """The worker holding `ticket` died: its reservations count as spent (unknown)."""
+        assert self._budget is not None or ticket not in self._held
+        for amount in self._held.pop(ticket, []):
+            assert self._budget is not None
+            self._budget.settle(amount, None)
+
+    def stop(self) -> None:
+        """No request starts from now on: every later `acquire` says so."""
+        self._stopped = True
+
+    def job(self) -> dict[str, Any]:
+        """What every worker needs of the job (its config, prices, answer checks, caps): asked
+        here rather than given to each, so that a worker started again needs nothing kept."""
+        return self._job
+
+    def rate_limited(self) -> int:
+        return self._limits.rate_limited if self._limits is not None else 0
+
+
+class RemoteLimits:
+    """`Limits` as the worker's answerer uses them, kept by the Coordinator. A 429 and extra
+    tokens are told without waiting; the next `acquire` comes after them."""
+
+    in_flight = None  # the driver caps the rows in flight, for the whole job
+
+    def __init__(self, coordinator: Any, stopping: asyncio.Event) -> None:
+        self.coordinator = coordinator
+        self.stopping = stopping
+        self.rate_limited = 0
+
+    async def acquire(self, estimated_tokens: int) -> None:
+        if await self.coordinator.acquire.remote(estimated_tokens):
+            self.stopping.set()  # the answerer then sends nothing (`NotSent`)
+
+    def release(self, throttled: bool | None) -> None:
+        self.rate_limited += bool(throttled)
+
+    def key_limited(self, retry_after: float | None) -> None:
+        self.rate_limited += 1
+        self.coordinator.key_limited.remote(retry_after)
+
+    def charge_extra_tokens(self, tokens: int) -> None:
+        if tokens > 0:
+            self.coordinator.charge_extra_tokens.remote(tokens)
+
+
+class RemoteBudget:
+    """`Budget` as `Reservations` uses it, kept by the Coordinator under the rows' ticket."""
+
+    def __init__(self, coordinator: Any, caps: list[Cap]) -> None:
+        self.coordinator = coordinator
+        self.caps = caps  # only for the cap's name in messages
+
+    async def reserve(self, amount: float, *, wait: bool = True) -> None:
+        stop = await self.coordinator.reserve.remote(TICKET.get(), amount, wait)
+        if stop is not None:
+            raise stop
+
+    def settle(self, reserved: float, actual: float | None) -> None:
+        self.coordinator.settle.remote(TICKET.get(), reserved, actual)
+
+
+class Worker:
+    def __init__(self, key: str, coordinator: str) -> None:
+        self._key = key
+        self._coordinator_name = coordinator
+        self._coordinator: Any = None
+        self._answerer: ChatAnswerer | None = None
+        self._lost: defaultdict[int, list[LostAttempt]] = defaultdict(list)
+        self._starting = asyncio.Lock()
+
+    async def _ready(self) -> ChatAnswerer:
+        """The answerer and its HTTP session, made on the first rows (in the actor's loop)."""
+        async with self._starting:
+            if self._answerer is None:
+                self._coordinator = ray.get_actor(self._coordinator_name)
+                job = await self._coordinator.job.remote()
+                self._session = connect(job["config"], self._key)
+                client = await self._session.__aenter__()
+                stopping = asyncio.Event()
+                caps = job["caps"]
+                reservations = (
+                    Reservations(
+                        RemoteBudget(self._coordinator, caps),  # type: ignore[arg-type]
+                        job["catalogue"],
+                        job["fallbacks"],
+                    )
+                    if caps
+                    else None
+                )
+                self._answerer = ChatAnswerer(
+                    client, RemoteLimits(self._coordinator, stopping),  # type: ignore[arg-type]
+                    RetryPolicy.from_config(job["config"].retry), catalogue=job["catalogue"],
+                    reservations=reservations, answers=job["answers"],
+                    invalid_retries=job["config"].retry.invalid_retries, stopping=stopping,
+                    on_lost=lambda lost: self._lost[TICKET.get()].append(lost),
+                )  # fmt: skip
+        return self._answerer
+
+    async def answer(self, ticket: int, rows: list[Row]) -> Reply:
+        """Answer `rows` at once, each under the job's limits and budget."""
+        answerer = await self._ready()
+
+        async def one(row: Row) -> Outcome:
+            TICKET.set(ticket)
+            try:
+                return await answerer.ask(row)
+            except (JobStopped, NotSent) as stop:
+                return stop
+
+        outcomes = await asyncio.gather(*map(one, rows))
+        return (
+            list(outcomes),
+            self._lost.pop(ticket, []),
+            answerer.retries,
+            answerer.limits.rate_limited,
+        )
+
+
+# The actors (typed Any: a class made an actor is not one mypy can follow).
+CoordinatorActor: Any = ray.remote(num_cpus=0, max_concurrency=10_000)(Coordinator)
+# A worker that dies is started again (on another node if its own is gone); its rows, handed to
+# another worker meanwhile, are not retried by Ray.
+WorkerActor: Any = ray.remote(max_concurrency=10_000, max_restarts=-1, max_task_retries=0)(Worker)
