@@ -176,6 +176,36 @@ def test_a_driver_killed_then_run_again_repeats_only_what_was_in_flight(
     assert repeats <= 16 + 8, repeats  # the rows in flight, and a unit handed over but not sent
 
 
+@pytest.mark.timeout(300)
+def test_max_runtime_status_and_the_lock_work_as_in_a_local_run(
+    tmp_path: Path, sim_thread: Any, cluster: Any
+) -> None:
+    prompts(tmp_path, 600)
+    with sim_thread(latency=0.02) as sim:
+        config = job(tmp_path, sim, cluster, limits="rps = 40")
+        driver = start_cli(config, "--max-runtime", "12s")
+        wait_for(lambda: sim_get(sim, "stats")["requests"] >= 40, 120, "requests")
+        second = run_cli(config)  # the same job while the first holds its lock
+        _, stderr = driver.communicate(timeout=120)
+        journaled = status(config)["done"]
+        paid = sum(answered(sim).values())
+        finished = run_cli(config, timeout=200)
+        asked = answered(sim)
+    assert second.returncode == 5, second.stderr
+    assert driver.returncode == 6, stderr
+    assert 0 < journaled == paid < 600  # every answer paid for is in the journal
+    assert finished.returncode == 0, finished.stderr
+    assert len(asked) == 600 and set(asked.values()) == {1}
+
+
+def status(config: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "status", config, "--json"],
+        capture_output=True, text=True, env=cli_env(), timeout=60, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
 def test_without_ray_the_run_says_how_to_install_it_and_sends_nothing(
     tmp_path: Path, sim_thread: Any
 ) -> None:
