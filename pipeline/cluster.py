@@ -34,7 +34,8 @@ from pipeline.records import Result, Row
 
 INSTALL = "pip install 'prompt-pipeline[ray]'"
 LINGER = 0.002  # seconds a row waits for others to go with it to a worker
-HANDOVERS = 5  # times a unit is handed to another worker after its worker died
+HANDOVERS = 8  # times a unit is handed to another worker after its worker died
+HANDOVER_PAUSE = 0.5  # seconds before the first hand-over, growing with each
 DOWN_FOR = 10.0  # seconds a worker that died is passed over
 WORKERS_PER_NODE = 2
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -190,7 +191,9 @@ class ClusterAnswerer(ChatAnswerer):
     async def _answer(self, futures: list[asyncio.Future[Any]], rows: list[Row]) -> None:
         """One unit's answers, from the least busy worker; from another if that one dies."""
         try:
-            for _ in range(HANDOVERS):
+            for handover in range(HANDOVERS):
+                if handover:  # give Ray a moment to start the lost workers again
+                    await asyncio.sleep(min(HANDOVER_PAUSE * handover, 5.0))
                 index = self._pick()
                 ticket = next(self._tickets)
                 self._load[index] += len(rows)
