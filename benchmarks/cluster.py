@@ -42,7 +42,11 @@ def on_cluster(sim: Simulator, rows: Path, work: Path, nodes: int) -> dict[str, 
 
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+            head_node_args={
+                "num_cpus": 2,
+                "node_ip_address": "127.0.0.1",
+                "include_dashboard": False,
+            },
         )
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
@@ -66,7 +70,10 @@ def main() -> None:
         rows, tiny = write_rows(work, args.rows), write_rows(work, args.tiny)
         sim.reset()
         local = ours(sim, rows, work, 64)
-        runs = {"local": local, **{f"ray, {n} node(s)": on_cluster(sim, rows, work, n) for n in (1, 2)}}
+        runs = {
+            "local": local,
+            **{f"ray, {n} node(s)": on_cluster(sim, rows, work, n) for n in (1, 2)},
+        }
         # The fixed cost: a tiny job, locally and with a Ray instance of its own.
         sim.reset()
         tiny_local = ours(sim, tiny, work, 16)
