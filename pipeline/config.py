@@ -343,7 +343,7 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         InputConfig,
         path=v.required("input.path"),
         format=v.choice("input.format", FORMAT_NAMES),
-        delimiter=_delimiter(v.string("input.delimiter")),
+        delimiter=v.delimiter("input.delimiter"),
         id_column=v.string("input.id_column"),
         incremental=v.flag("input.incremental"),
         on_change=v.choice("input.on_change", ON_CHANGE),
@@ -461,16 +461,6 @@ def _build(raw: dict[str, dict[str, Any]]) -> JobConfig:
         batch_config(v),
         cluster_config(v),
     )
-
-
-def _delimiter(value: str | None) -> str | None:
-    """One character; `\\t` (as a shell passes it) is a tab."""
-    value = "\t" if value == "\\t" else value
-    if value is not None and (len(value) != 1 or value in '"\r\n'):
-        raise ConfigError(
-            f"{describe('input.delimiter')} must be one character other than a quote or newline, got {value!r}"
-        )
-    return value
 
 
 def _given(cls: type[T], **values: Any) -> T:

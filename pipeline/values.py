@@ -112,6 +112,16 @@ class RawValues:
             raise self._fail(key, "a table", value)
         return value
 
+    def delimiter(self, key: str) -> str | None:
+        """One character; `\\t` (as a shell passes it) is a tab."""
+        value = self.string(key)
+        value = "\t" if value == "\\t" else value
+        if value is not None and (len(value) != 1 or value in '"\r\n'):
+            raise ConfigError(
+                f"{describe(key)} must be one character other than a quote or newline, got {value!r}"
+            )
+        return value
+
     def strings(self, key: str) -> tuple[str, ...] | None:
         value = self._get(key)
         if value is None:

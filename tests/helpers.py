@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import json as _json
 import os
 import sqlite3
@@ -66,6 +67,15 @@ def start_cli(*args: str, key: str | None = TEST_KEY) -> subprocess.Popen[str]:
         [sys.executable, "-m", "pipeline", "run", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(key),
     )  # fmt: skip
+
+
+def status(config: str | Path, *flags: str) -> dict[str, Any]:
+    """`pipeline status CONFIG --json`, read."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "status", str(config), "--json", *flags],
+        capture_output=True, text=True, env=cli_env(), timeout=60, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def sim_get(sim: RunningSimulator, what: str) -> Any:

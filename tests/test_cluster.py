@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import cli_env, run_cli, sim_get, start_cli, wait_for
+from tests.helpers import cli_env, run_cli, sim_get, start_cli, status, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -200,14 +200,6 @@ def test_max_runtime_status_and_the_lock_work_as_in_a_local_run(
     assert 0 < journaled == paid < 600  # every answer paid for is in the journal
     assert finished.returncode == 0, finished.stderr
     assert len(asked) == 600 and set(asked.values()) == {1}
-
-
-def status(config: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "status", config, "--json"],
-        capture_output=True, text=True, env=cli_env(), timeout=60, check=True,
-    )  # fmt: skip
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def test_without_ray_the_run_says_how_to_install_it_and_sends_nothing(

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 
 from pipeline import read_metadata
 from pipeline.simulator import messages_digest
-from tests.helpers import cli_env, run_cli, sim_get, start_cli, wait_for, write_job
+from tests.helpers import run_cli, sim_get, start_cli, status, wait_for, write_job
 
 
 def rows(start: int, stop: int) -> pl.DataFrame:
@@ -37,14 +35,6 @@ def append_csv(path: Path, frame: pl.DataFrame) -> None:
 
 def billed(sim: Any) -> Counter[str]:
     return Counter(entry["messages_digest"] for entry in sim_get(sim, "ledger")["data"])
-
-
-def status(config: Path, *flags: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "status", str(config), "--json", *flags],
-        capture_output=True, text=True, env=cli_env(), timeout=60, check=True,
-    )  # fmt: skip
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------- incremental
