@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import ray
@@ -69,11 +69,20 @@ class Coordinator:
             self._budget = Budget(self._caps) if self._caps else None
         return self._limits
 
-    async def acquire(self, estimated_tokens: int) -> bool:
-        """Wait until a request may start; True: the job is stopping, send nothing more."""
-        if not self._stopped:
-            await self._ready().acquire(estimated_tokens)
-        return self._stopped
+    async def acquire(self, estimates: list[int]) -> tuple[int, bool]:
+        """Let a worker's waiting requests (of about `estimates` tokens) start: the first once
+        it may, and with it each next one that may start the same moment, so that one round
+        trip lets many start when the limits allow (all of them when no rate is set; one a
+        gap when the rate binds). How many may start, and whether the job is stopping (then
+        none may, nor any later one)."""
+        limits = self._ready()
+        started = 0
+        for tokens in estimates:
+            if self._stopped or (started and not limits.may_start_now(tokens)):
+                break
+            await limits.acquire(tokens)
+            started += 1
+        return started, self._stopped
 
     def key_limited(self, retry_after: float | None) -> None:
         self._ready().key_limited(retry_after)
@@ -124,19 +133,56 @@ class Coordinator:
 
 
 class RemoteLimits:
-    """`Limits` as the worker's answerer uses them, kept by the Coordinator. A 429 and extra
-    tokens are told without waiting; the next `acquire` comes after them."""
+    """`Limits` as the worker's answerer uses them, kept by the Coordinator. The requests
+    waiting to start ask it together, one round trip at a time (a round trip a request would
+    bound the whole cluster at what one actor answers a second). A 429 and extra tokens are
+    told without waiting; the next `acquire` comes after them."""
 
     in_flight = None  # the driver caps the rows in flight, for the whole job
 
-    def __init__(self, coordinator: Any, stopping: asyncio.Event) -> None:
+    def __init__(self, coordinator: Any, stopping: asyncio.Event, tokens_limited: bool) -> None:
         self.coordinator = coordinator
         self.stopping = stopping
+        self.tokens_limited = tokens_limited
         self.rate_limited = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._asking: asyncio.Task[None] | None = None
 
     async def acquire(self, estimated_tokens: int) -> None:
-        if await self.coordinator.acquire.remote(estimated_tokens):
-            self.stopping.set()  # the answerer then sends nothing (`NotSent`)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((estimated_tokens, future))
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.create_task(self._ask())
+        await future
+
+    async def _ask(self) -> None:
+        """Ask for the waiting requests, in turn, until none waits."""
+        waiting = self._waiting
+        try:
+            while waiting:
+                while waiting and waiting[0][1].done():  # its row was cancelled meanwhile
+                    waiting.popleft()
+                if not waiting:
+                    return
+                estimates = [tokens for tokens, _ in waiting]
+                started, stopping = await self.coordinator.acquire.remote(estimates)
+                for _ in range(started):
+                    _, future = waiting.popleft()
+                    if not future.done():
+                        future.set_result(None)
+                if stopping:  # the answerers then send nothing (`NotSent`)
+                    self.stopping.set()
+                    while waiting:
+                        _, future = waiting.popleft()
+                        if not future.done():
+                            future.set_result(None)
+        except BaseException as exc:  # the Coordinator is gone (the driver died): none starts
+            while waiting:
+                _, future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
 
     def release(self, throttled: bool | None) -> None:
         self.rate_limited += bool(throttled)
@@ -146,7 +192,7 @@ class RemoteLimits:
         self.coordinator.key_limited.remote(retry_after)
 
     def charge_extra_tokens(self, tokens: int) -> None:
-        if tokens > 0:
+        if tokens > 0 and self.tokens_limited:
             self.coordinator.charge_extra_tokens.remote(tokens)
 
 
@@ -195,7 +241,8 @@ class Worker:
                     else None
                 )
                 self._answerer = ChatAnswerer(
-                    client, RemoteLimits(self._coordinator, stopping),  # type: ignore[arg-type]
+                    client,
+                    RemoteLimits(self._coordinator, stopping, bool(job["config"].limits.tpm)),  # type: ignore[arg-type]
                     RetryPolicy.from_config(job["config"].retry), catalogue=job["catalogue"],
                     reservations=reservations, answers=job["answers"],
                     invalid_retries=job["config"].retry.invalid_retries, stopping=stopping,

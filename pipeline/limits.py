@@ -81,6 +81,25 @@ class Limits:
             self.release(None)
             raise
 
+    def may_start_now(self, estimated_tokens: int) -> bool:
+        """Whether a request of about `estimated_tokens` could start this moment without
+        waiting (ignoring requests in flight): an `acquire` after True returns at once."""
+        now = self._clock()
+        if now < self.paused_until:
+            return False
+        if self._requests is not None and not self._requests.has_capacity():
+            return False
+        if self._tokens is not None:
+            tokens = min(estimated_tokens + self._tokens_owed, self._tokens_max)
+            if not self._tokens.has_capacity(tokens):
+                return False
+        if self.rate is not None:
+            window = self._window
+            while window and window[0] <= now - WINDOW:
+                window.popleft()
+            return len(window) < max(1, int(self.rate))
+        return True
+
     def release(self, throttled: bool | None) -> None:
         """The request `acquire` let start is over; `throttled`: whether an upstream
         provider's (or an unknown) 429 refused it, None if it was never sent."""

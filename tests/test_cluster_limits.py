@@ -1,0 +1,105 @@
+"""The cluster's limits without a cluster: the Coordinator's `acquire` on a fast-forward loop,
+and a worker's `RemoteLimits` against a stand-in for the Coordinator's handle. One round trip
+lets many requests start only as far as the job's limits let them start together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+import pytest
+
+from tests.fastclock import run_fast
+
+pytest.importorskip("ray")  # in the [test] extra; the module imports it
+
+from pipeline.cluster_actors import Coordinator, RemoteLimits
+
+JOB: dict[str, Any] = {"caps": []}
+
+
+def test_one_round_trip_lets_every_waiting_request_start_when_no_rate_binds() -> None:
+    async def main() -> tuple[int, bool]:
+        return await Coordinator(None, None, JOB).acquire([10] * 50)
+
+    assert run_fast(main()) == (50, False)
+
+
+def test_under_a_rate_a_round_trip_lets_one_start_and_no_second_holds_more_than_the_rate() -> None:
+    async def main() -> list[float]:
+        coordinator, loop, starts = Coordinator(100, None, JOB), asyncio.get_running_loop(), []
+        waiting = 300
+        while waiting:
+            started, _ = await coordinator.acquire([10] * waiting)
+            starts += [loop.time()] * started
+            waiting -= started
+        return starts
+
+    starts = run_fast(main())
+    busiest = max(sum(1 for s in starts if t <= s < t + 1.0) for t in starts)
+    assert busiest <= 100
+    assert len(set(starts)) == 300  # one a gap: none bunched into one send
+
+
+def test_a_429_pause_holds_the_whole_round_trip_and_a_stop_lets_none_start() -> None:
+    async def main() -> tuple[tuple[int, bool], float, tuple[int, bool]]:
+        coordinator, loop = Coordinator(None, None, JOB), asyncio.get_running_loop()
+        await coordinator.acquire([1])
+        coordinator.key_limited(2.0)
+        began = loop.time()
+        after_pause = await coordinator.acquire([1] * 5)
+        waited = loop.time() - began
+        coordinator.stop()
+        return after_pause, waited, await coordinator.acquire([1] * 5)
+
+    after_pause, waited, after_stop = run_fast(main())
+    # None before the reset time (and the 429 set a rate, which then spaces the rest).
+    assert after_pause[0] >= 1 and not after_pause[1] and waited >= 2.0
+    assert after_stop == (0, True)
+
+
+class Handle:
+    """The Coordinator as a worker sees it (`handle.acquire.remote(...)`), answering from a
+    script of (started, stopping) and keeping what it was asked."""
+
+    def __init__(self, replies: list[tuple[int, bool]]) -> None:
+        self.asked: list[list[int]] = []
+        self._replies = deque(replies)
+        self.acquire = self
+
+    def remote(self, estimates: list[int]) -> Any:
+        self.asked.append(list(estimates))
+        reply = self._replies.popleft()
+
+        async def answer() -> tuple[int, bool]:
+            await asyncio.sleep(0.001)  # a round trip
+            return reply
+
+        return answer()
+
+
+def test_a_worker_s_waiting_requests_ask_together_one_round_trip_at_a_time() -> None:
+    async def main() -> tuple[Handle, bool]:
+        handle, stopping = Handle([(20, False), (3, False), (7, False)]), asyncio.Event()
+        limits = RemoteLimits(handle, stopping, tokens_limited=False)
+        first = [asyncio.ensure_future(limits.acquire(10)) for _ in range(20)]
+        await asyncio.sleep(0)  # the first round trip goes with these twenty
+        later = [asyncio.ensure_future(limits.acquire(5)) for _ in range(10)]
+        await asyncio.gather(*first, *later)
+        return handle, stopping.is_set()
+
+    handle, stopped = run_fast(main())
+    assert [len(asked) for asked in handle.asked] == [20, 10, 7]  # 10 waited; 3 started, then 7
+    assert not stopped
+
+
+def test_a_stopping_job_lets_every_waiting_request_go_on_to_send_nothing() -> None:
+    async def main() -> tuple[Handle, bool]:
+        handle, stopping = Handle([(2, True)]), asyncio.Event()
+        limits = RemoteLimits(handle, stopping, tokens_limited=False)
+        await asyncio.gather(*(limits.acquire(10) for _ in range(6)))
+        return handle, stopping.is_set()
+
+    handle, stopped = run_fast(main())
+    assert len(handle.asked) == 1 and stopped  # all six return; the answerer then sends none
