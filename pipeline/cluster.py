@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,8 @@ HANDOVER_PAUSE = 0.5  # seconds before the first hand-over, growing with each
 DOWN_FOR = 10.0  # seconds a worker that died is passed over
 WORKERS_PER_NODE = 2
 LOOPBACK = ("127.0.0.1", "localhost")
+GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's defaults: the head's GCS, its Ray Client server
+PROBE_TIMEOUT = 5.0  # seconds to wait for the head to answer at all
 
 
 def import_ray() -> Any:
@@ -66,11 +69,36 @@ def check_engine(config: Any) -> None:
         raise UserError(
             f"{describe('cluster.engine')} ray does not run embeddings jobs yet: run it with --engine local"
         )
+    _check_reachable(_address(config))
+
+
+def _address(config: Any) -> str:
+    """The cluster to join: `cluster.address`, else $RAY_ADDRESS, else a Ray of this machine's."""
+    return config.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def _host(address: str) -> str:
     """The host of a Ray address ("ray://10.0.0.5:10001", "127.0.0.1:6379")."""
     return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+def _check_reachable(address: str) -> None:
+    """A UserError, at once, if nothing listens at `address`: Ray itself retries an address
+    nobody answers at for minutes, logging as it goes."""
+    if address in ("local", "auto"):
+        return  # this machine's own: Ray says at once if there is none
+    bare = address.split("://", 1)[-1]
+    host, _, port = bare.rpartition(":") if ":" in bare else (bare, "", "")
+    default = CLIENT_PORT if address.startswith("ray://") else GCS_PORT
+    try:
+        with socket.create_connection((host, int(port or default)), timeout=PROBE_TIMEOUT):
+            pass
+    except (OSError, ValueError) as exc:
+        why = "nothing answers there" if isinstance(exc, OSError) else "its port is not a number"
+        raise UserError(
+            f"cannot join the Ray cluster at {address} ({describe('cluster.address')}): {why}; "
+            "check the address (the head's host:6379, or ray://host:10001) and that the cluster is up"
+        ) from None
 
 
 class Cluster:
@@ -89,7 +117,7 @@ def start_cluster(
     """Join the cluster (or start one on this machine, on loopback), start the job's actors,
     and leave it at the end (the actors go with the driver)."""
     ray = import_ray()
-    address = config.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
+    address = _address(config)
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":  # this machine's own: reachable from nowhere else
         options |= {"_node_ip_address": "127.0.0.1", "include_dashboard": False}

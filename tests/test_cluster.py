@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import signal
+import socket
 import subprocess
 import sys
 import warnings
@@ -220,6 +221,31 @@ def test_without_ray_the_run_says_how_to_install_it_and_sends_nothing(
     assert done.returncode == 1, done.stderr
     assert "pip install 'prompt-pipeline[ray]'" in done.stderr
     assert "Traceback" not in done.stderr and sent == 0
+
+
+def test_a_cluster_address_nobody_answers_at_is_refused_at_once_and_nothing_is_written(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    with socket.socket() as probe:  # a port of this machine's that nothing listens at
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prompts(tmp_path, 5)
+    with sim_thread() as sim:
+        config = job(tmp_path, sim, None)
+        Path(config).write_text(
+            Path(config).read_text() + f'[cluster]\nengine = "ray"\naddress = "127.0.0.1:{port}"\n'
+        )
+        before = sorted(tmp_path.iterdir())
+        # Ray alone would retry such an address for minutes; the timeout says it must not.
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", config], capture_output=True, text=True,
+            env=cli_env(), timeout=30, check=False,
+        )  # fmt: skip
+        sent = sim_get(sim, "stats")["requests"]
+    assert done.returncode == 1, done.stderr
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port} (cluster.address)" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert sent == 0 and sorted(tmp_path.iterdir()) == before  # no journal, no output
 
 
 @pytest.mark.timeout(300)
