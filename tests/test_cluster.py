@@ -203,6 +203,45 @@ def test_max_runtime_status_and_the_lock_work_as_in_a_local_run(
     assert len(asked) == 600 and set(asked.values()) == {1}
 
 
+@pytest.mark.timeout(240)
+def test_incremental_and_restart_work_as_in_a_local_run(
+    tmp_path: Path, sim_thread: Any, cluster: Any
+) -> None:
+    prompts(tmp_path, 40)
+    with sim_thread(latency=0.01) as sim:
+        config = job(tmp_path, sim, cluster)
+        Path(config).write_text(
+            Path(config).read_text().replace("[input]\n", "[input]\nincremental = true\n")
+        )
+        assert run_cli(config, timeout=200).returncode == 0
+        texts = prompts(tmp_path, 60)  # 20 rows more, as a scheduled run finds them
+        grown = run_cli(config, timeout=200)
+        after_growth = sim_get(sim, "stats")["requests"]
+        again = run_cli(config, "--restart", timeout=200)
+        after_restart = sim_get(sim, "stats")["requests"]
+    assert grown.returncode == 0 and again.returncode == 0, grown.stderr + again.stderr
+    assert after_growth == 60  # only the new rows were sent
+    assert after_restart == 120  # --restart: every row again
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["text"].to_list() == texts and out["status"].to_list() == ["ok"] * 60
+
+
+def test_a_local_run_does_not_import_ray(tmp_path: Path, sim_thread: Any) -> None:
+    prompts(tmp_path, 3)
+    code = (  # the CLI's own command, without the entry point's os._exit
+        "import sys\nfrom pipeline.cli import cli\n"
+        "try:\n    cli.main(['run', sys.argv[1]], prog_name='pipeline', standalone_mode=False)\n"
+        "finally:\n    print('ray' in sys.modules)\n"
+    )
+    with sim_thread() as sim:
+        done = subprocess.run(
+            [sys.executable, "-c", code, job(tmp_path, sim, None)], capture_output=True,
+            text=True, env=cli_env(), timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_without_ray_the_run_says_how_to_install_it_and_sends_nothing(
     tmp_path: Path, sim_thread: Any
 ) -> None:

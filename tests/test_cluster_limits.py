@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -57,6 +58,32 @@ def test_a_429_pause_holds_the_whole_round_trip_and_a_stop_lets_none_start() -> 
     # None before the reset time (and the 429 set a rate, which then spaces the rest).
     assert after_pause[0] >= 1 and not after_pause[1] and waited >= 2.0
     assert after_stop == (0, True)
+
+
+def test_one_token_rate_holds_for_every_worker_and_their_answers_longer_than_estimated() -> None:
+    async def main() -> tuple[float, float]:
+        coordinator, loop = Coordinator(None, 600, JOB), asyncio.get_running_loop()  # 10/s
+        began = loop.time()
+        waiting = 9  # 900 tokens from any workers: a minute's 600 at once, then 30 s more
+        while waiting:
+            started, _ = await coordinator.acquire([100] * waiting)
+            waiting -= started
+        estimated = loop.time() - began
+        coordinator.charge_extra_tokens(300)  # an answer 300 tokens longer than estimated
+        await coordinator.acquire([0])  # the next request pays for them: 30 s more
+        return estimated, loop.time() - began
+
+    estimated, total = run_fast(main())
+    assert estimated == pytest.approx(30, abs=0.1)
+    assert total == pytest.approx(60, abs=0.1)
+
+
+def test_a_worker_tells_extra_tokens_only_when_the_job_has_a_token_rate() -> None:
+    told: list[int] = []
+    handle = SimpleNamespace(charge_extra_tokens=SimpleNamespace(remote=told.append))
+    for limited in (False, True):
+        RemoteLimits(handle, asyncio.Event(), limited).charge_extra_tokens(40)
+    assert told == [40]
 
 
 class Handle:
