@@ -87,6 +87,13 @@ class Budget:
         """The limit of the cap with the least room left (what the progress line shows)."""
         return min(self.caps, key=self._room).limit
 
+    def fits(self, amount: float) -> bool:
+        """Whether `amount` could be reserved this moment (a `reserve` then returns at once)."""
+        now = self.clock()
+        for cap in self.caps:
+            cap.age(now)
+        return all(self._room(cap) >= amount for cap in self.caps)
+
     def _room(self, cap: Cap) -> float:
         return cap.limit - cap.earlier - self.spent - self.reserved
 

@@ -69,20 +69,21 @@ class Coordinator:
             self._budget = Budget(self._caps) if self._caps else None
         return self._limits
 
-    async def acquire(self, estimates: list[int]) -> tuple[int, bool]:
+    async def acquire(self, estimates: list[int]) -> list[bool]:
         """Let a worker's waiting requests (of about `estimates` tokens) start: the first once
-        it may, and with it each next one that may start the same moment, so that one round
-        trip lets many start when the limits allow (all of them when no rate is set; one a
-        gap when the rate binds). How many may start, and whether the job is stopping (then
-        none may, nor any later one)."""
+        it may, and with it each next one that may start the same moment (all of them when no
+        rate binds; one a gap when it does). For each let go, whether the job is stopping
+        (then every one is let go, to send nothing)."""
         limits = self._ready()
-        started = 0
+        started: list[bool] = []
         for tokens in estimates:
-            if self._stopped or (started and not limits.may_start_now(tokens)):
+            if self._stopped:
+                return started + [True] * (len(estimates) - len(started))
+            if started and not limits.may_start_now(tokens):
                 break
             await limits.acquire(tokens)
-            started += 1
-        return started, self._stopped
+            started.append(self._stopped)
+        return started
 
     def key_limited(self, retry_after: float | None) -> None:
         self._ready().key_limited(retry_after)
@@ -90,27 +91,37 @@ class Coordinator:
     def charge_extra_tokens(self, tokens: int) -> None:
         self._ready().charge_extra_tokens(tokens)
 
-    async def reserve(self, ticket: int, amount: float, wait: bool) -> JobStopped | None:
-        """Hold `amount` of the budget under `ticket`; the stop, if it does not fit (returned,
-        not raised: it reaches the worker as itself)."""
+    async def reserve(self, asks: list[tuple[int, float, bool]]) -> list[JobStopped | None]:
+        """Hold each `(ticket, amount, wait)` of a worker's waiting requests: the first once it
+        fits, and with it each next one that fits this moment. For each, None or the stop if
+        it does not fit (returned, not raised: it reaches the worker as itself)."""
         self._ready()
-        assert self._budget is not None
-        try:
-            await self._budget.reserve(amount, wait=wait)
-        except JobStopped as stop:
-            return stop
-        self._held[ticket].append(amount)
-        return None
+        budget = self._budget
+        assert budget is not None
+        replies: list[JobStopped | None] = []
+        for ticket, amount, wait in asks:
+            if replies and not budget.fits(amount):
+                break
+            try:
+                await budget.reserve(amount, wait=wait)
+            except JobStopped as stop:
+                replies.append(stop)
+                continue
+            self._held[ticket].append(amount)
+            replies.append(None)
+        return replies
 
-    def settle(self, ticket: int, reserved: float, actual: float | None) -> None:
-        held = self._held.get(ticket)
-        if held is None or reserved not in held:
-            return  # already released as lost (`forget`)
-        held.remove(reserved)
-        if not held:
-            del self._held[ticket]
+    def settle(self, settled: list[tuple[int, float, float | None]]) -> None:
+        """Swap each `(ticket, reserved, actual)` reservation for what its request cost."""
         assert self._budget is not None
-        self._budget.settle(reserved, actual)
+        for ticket, reserved, actual in settled:
+            held = self._held.get(ticket)
+            if held is None or reserved not in held:
+                continue  # already released as lost (`forget`)
+            held.remove(reserved)
+            if not held:
+                del self._held[ticket]
+            self._budget.settle(reserved, actual)
 
     def forget(self, ticket: int) -> None:
         """The worker holding `ticket` died: its reservations count as spent (unknown)."""
@@ -132,11 +143,50 @@ class Coordinator:
         return self._limits.rate_limited if self._limits is not None else 0
 
 
+class Together:
+    """Calls of one Coordinator method from a worker's requests, sent together: one round trip
+    at a time carries every call waiting (a round trip a request would bound the whole cluster
+    at what one actor answers a second), and its reply answers the first of them, as many as
+    the Coordinator could answer at once; the rest go with the next."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self._waiting: deque[tuple[Any, asyncio.Future[Any]]] = deque()
+        self._asking: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.create_task(self._ask())
+        return await future
+
+    async def _ask(self) -> None:
+        waiting = self._waiting
+        try:
+            while waiting:
+                while waiting and waiting[0][1].done():  # its row was cancelled meanwhile
+                    waiting.popleft()
+                if not waiting:
+                    return
+                replies = await self.method.remote([item for item, _ in waiting])
+                assert replies, "the Coordinator answers at least the first call"
+                for reply in replies:
+                    _, future = waiting.popleft()
+                    if not future.done():
+                        future.set_result(reply)
+        except BaseException as exc:  # the Coordinator is gone (the driver died): none goes on
+            while waiting:
+                _, future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+
 class RemoteLimits:
-    """`Limits` as the worker's answerer uses them, kept by the Coordinator. The requests
-    waiting to start ask it together, one round trip at a time (a round trip a request would
-    bound the whole cluster at what one actor answers a second). A 429 and extra tokens are
-    told without waiting; the next `acquire` comes after them."""
+    """`Limits` as the worker's answerer uses them, kept by the Coordinator. A 429 and extra
+    tokens are told without waiting; the next `acquire` comes after them."""
 
     in_flight = None  # the driver caps the rows in flight, for the whole job
 
@@ -145,44 +195,11 @@ class RemoteLimits:
         self.stopping = stopping
         self.tokens_limited = tokens_limited
         self.rate_limited = 0
-        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self._asking: asyncio.Task[None] | None = None
+        self._acquire = Together(coordinator.acquire)
 
     async def acquire(self, estimated_tokens: int) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((estimated_tokens, future))
-        if self._asking is None or self._asking.done():
-            self._asking = asyncio.create_task(self._ask())
-        await future
-
-    async def _ask(self) -> None:
-        """Ask for the waiting requests, in turn, until none waits."""
-        waiting = self._waiting
-        try:
-            while waiting:
-                while waiting and waiting[0][1].done():  # its row was cancelled meanwhile
-                    waiting.popleft()
-                if not waiting:
-                    return
-                estimates = [tokens for tokens, _ in waiting]
-                started, stopping = await self.coordinator.acquire.remote(estimates)
-                for _ in range(started):
-                    _, future = waiting.popleft()
-                    if not future.done():
-                        future.set_result(None)
-                if stopping:  # the answerers then send nothing (`NotSent`)
-                    self.stopping.set()
-                    while waiting:
-                        _, future = waiting.popleft()
-                        if not future.done():
-                            future.set_result(None)
-        except BaseException as exc:  # the Coordinator is gone (the driver died): none starts
-            while waiting:
-                _, future = waiting.popleft()
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+        if await self._acquire(estimated_tokens):
+            self.stopping.set()  # the answerer then sends nothing (`NotSent`)
 
     def release(self, throttled: bool | None) -> None:
         self.rate_limited += bool(throttled)
@@ -202,14 +219,23 @@ class RemoteBudget:
     def __init__(self, coordinator: Any, caps: list[Cap]) -> None:
         self.coordinator = coordinator
         self.caps = caps  # only for the cap's name in messages
+        self._reserve = Together(coordinator.reserve)
+        self._settled: list[tuple[int, float, float | None]] = []
 
     async def reserve(self, amount: float, *, wait: bool = True) -> None:
-        stop = await self.coordinator.reserve.remote(TICKET.get(), amount, wait)
+        stop = await self._reserve((TICKET.get(), amount, wait))
         if stop is not None:
             raise stop
 
     def settle(self, reserved: float, actual: float | None) -> None:
-        self.coordinator.settle.remote(TICKET.get(), reserved, actual)
+        """Told with the others settled in the same turn of the loop: one message for all."""
+        if not self._settled:
+            asyncio.get_running_loop().call_soon(self._tell_settled)
+        self._settled.append((TICKET.get(), reserved, actual))
+
+    def _tell_settled(self) -> None:
+        settled, self._settled = self._settled, []
+        self.coordinator.settle.remote(settled)
 
 
 class Worker:
