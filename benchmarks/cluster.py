@@ -23,6 +23,8 @@ from typing import Any
 import psutil
 from harness import Simulator, compile_bytecode, ours, write_rows
 
+BUDGET = ("--max-cost", "1000")
+
 
 def ray_memory(stop: threading.Event, peak: list[float]) -> None:
     """The largest sum of RSS (MB) of Ray's processes, sampled every 0.2 s until `stop`."""
@@ -36,7 +38,7 @@ def ray_memory(stop: threading.Event, peak: list[float]) -> None:
 
 
 def on_cluster(
-    sim: Simulator, rows: Path, tiny: Path, work: Path, nodes: int
+    sim: Simulator, rows: Path, tiny: Path, work: Path, nodes: int, extra: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The job, and the tiny job (what joining the cluster and starting the actors cost), on a
     cluster of `nodes` started beforehand."""
@@ -57,9 +59,9 @@ def on_cluster(
     os.environ["RAY_ADDRESS"] = cluster.address
     try:
         sim.reset()
-        small = ours(sim, tiny, work, 16, extra=("--engine", "ray"))
+        small = ours(sim, tiny, work, 16, extra=("--engine", "ray", *extra))
         sim.reset()
-        return ours(sim, rows, work, 64, extra=("--engine", "ray")), small
+        return ours(sim, rows, work, 64, extra=("--engine", "ray", *extra)), small
     finally:
         del os.environ["RAY_ADDRESS"]
         cluster.shutdown()
@@ -79,10 +81,14 @@ def main() -> None:
         sim.reset()
         tiny_local = ours(sim, tiny, work, 16)
         runs, smalls = {"local": local}, {"local": tiny_local}
-        for n in (1, 2):
-            runs[f"ray, {n} node(s)"], smalls[f"ray, {n} node(s)"] = on_cluster(
-                sim, rows, tiny, work, n
-            )
+        # A budget (never reached) adds a reservation and a settlement to every request.
+        sim.reset()
+        runs["local, --max-cost"] = ours(sim, rows, work, 64, extra=BUDGET)
+        sim.reset()
+        smalls["local, --max-cost"] = ours(sim, tiny, work, 16, extra=BUDGET)
+        for n, extra in ((1, ()), (2, ()), (1, BUDGET)):
+            name = f"ray, {n} node(s){', --max-cost' if extra else ''}"
+            runs[name], smalls[name] = on_cluster(sim, rows, tiny, work, n, extra)
         # The fixed cost: a tiny job with a Ray instance of its own.
         stop, peak = threading.Event(), [0.0]
         sampler = threading.Thread(target=ray_memory, args=(stop, peak))
@@ -110,9 +116,10 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     started = result["rows_per_second_once_started"]
     for name, rate in result["rows_per_second"].items():
+        local_name = "local, --max-cost" if "--max-cost" in name else "local"
         print(
-            f"{name}: {rate:,.0f} rows/s ({result['vs_local'][name]:.2f}x local); once started "
-            f"{started[name]:,.0f} rows/s ({started[name] / started['local']:.2f}x local)"
+            f"{name}: {rate:,.0f} rows/s; once started {started[name]:,.0f} rows/s "
+            f"({started[name] / started[local_name]:.2f}x {local_name})"
         )
     print(
         f"Ray's fixed cost: +{result['ray_start_s']:.1f} s for a {args.tiny}-row job, "
