@@ -287,6 +287,27 @@ def test_a_cluster_address_nobody_answers_at_is_refused_at_once_and_nothing_is_w
     assert sent == 0 and sorted(tmp_path.iterdir()) == before  # no journal, no output
 
 
+def test_an_input_the_driver_cannot_read_is_refused_before_any_cluster_is_joined(
+    tmp_path: Path, sim_thread: Any
+) -> None:
+    # The driver reads every input (and attachment) and hands requests to the nodes: a path
+    # that is not where the driver runs (say, the laptop's, under `ray job submit`) is refused
+    # as in a local run, before Ray is asked anything.
+    with sim_thread() as sim:
+        config = job(tmp_path, sim, None)
+        Path(config).write_text(
+            Path(config).read_text().replace('"in.csv"', '"/nowhere/in.csv"')
+            + '[cluster]\nengine = "ray"\naddress = "127.0.0.1:1"\n'
+        )
+        done = run_cli(config, timeout=30)
+        sent = sim_get(sim, "stats")["requests"]
+    assert done.returncode == 1 and sent == 0, done.stderr
+    assert (
+        done.stderr.strip()
+        == "error: input file /nowhere/in.csv does not exist (input.path / --input)"
+    )
+
+
 @pytest.mark.timeout(300)
 def test_a_node_lost_mid_run_costs_only_what_was_in_flight_there(
     tmp_path: Path, sim_thread: Any, cluster: Any
