@@ -89,10 +89,14 @@ class Budget:
 
     def fits(self, amount: float) -> bool:
         """Whether `amount` could be reserved this moment (a `reserve` then returns at once)."""
+        return not self._full(amount)
+
+    def _full(self, amount: float) -> list[Cap]:
+        """The caps without room for `amount` now (earlier spend aged out first)."""
         now = self.clock()
         for cap in self.caps:
             cap.age(now)
-        return all(self._room(cap) >= amount for cap in self.caps)
+        return [cap for cap in self.caps if self._room(cap) < amount]
 
     def _room(self, cap: Cap) -> float:
         return cap.limit - cap.earlier - self.spent - self.reserved
@@ -101,15 +105,9 @@ class Budget:
         """Hold `amount` of every cap; when one has no room, wait for requests in flight to
         settle (unless not `wait`: a batch's reservations settle only when it is collected),
         or, with none held, stop (`BudgetReached`)."""
-        while True:
-            now = self.clock()
-            for cap in self.caps:
-                cap.age(now)
-            full = [cap for cap in self.caps if self._room(cap) < amount]
-            if not full:
-                break
+        while full := self._full(amount):
             if not self._held or not wait:
-                raise self._reached(min(full, key=self._room), amount, now)
+                raise self._reached(min(full, key=self._room), amount, self.clock())
             self._settled.clear()
             await self._settled.wait()
         self.reserved += amount

@@ -77,9 +77,11 @@ def _address(config: Any) -> str:
     return config.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def _host(address: str) -> str:
-    """The host of a Ray address ("ray://10.0.0.5:10001", "127.0.0.1:6379")."""
-    return address.split("://", 1)[-1].rsplit(":", 1)[0]
+def _host_port(address: str) -> tuple[str, str]:
+    """The host and port (or "") of a Ray address ("ray://10.0.0.5:10001", "127.0.0.1:6379")."""
+    bare = address.split("://", 1)[-1]
+    host, _, port = bare.rpartition(":") if ":" in bare else (bare, "", "")
+    return host, port
 
 
 def _check_reachable(address: str) -> None:
@@ -87,8 +89,7 @@ def _check_reachable(address: str) -> None:
     nobody answers at for minutes, logging as it goes."""
     if address in ("local", "auto"):
         return  # this machine's own: Ray says at once if there is none
-    bare = address.split("://", 1)[-1]
-    host, _, port = bare.rpartition(":") if ":" in bare else (bare, "", "")
+    host, port = _host_port(address)
     default = CLIENT_PORT if address.startswith("ray://") else GCS_PORT
     try:
         with socket.create_connection((host, int(port or default)), timeout=PROBE_TIMEOUT):
@@ -121,7 +122,7 @@ def start_cluster(
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":  # this machine's own: reachable from nowhere else
         options |= {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
-    elif _host(address) in LOOPBACK:  # a cluster on loopback: join it there, not on the LAN
+    elif _host_port(address)[0] in LOOPBACK:  # a cluster on loopback: join it there, not on the LAN
         # Ray swaps a loopback address for the machine's own unless told it is no cluster
         # platform (the one switch its address lookup reads, at the time of the call).
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False

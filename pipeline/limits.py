@@ -93,12 +93,7 @@ class Limits:
             tokens = min(estimated_tokens + self._tokens_owed, self._tokens_max)
             if not self._tokens.has_capacity(tokens):
                 return False
-        if self.rate is not None:
-            window = self._window
-            while window and window[0] <= now - WINDOW:
-                window.popleft()
-            return len(window) < max(1, int(self.rate))
-        return True
+        return self.rate is None or self._window_room(now, self.rate)
 
     def release(self, throttled: bool | None) -> None:
         """The request `acquire` let start is over; `throttled`: whether an upstream
@@ -132,14 +127,18 @@ class Limits:
         """Never more than `rate` starts in any WINDOW: the bucket's headroom (see
         `_spacing_limiter`) would otherwise let one more through after a stall. No await may
         come between this returning and the start being recorded."""
-        window = self._window
         while self.rate is not None:  # a 429 may set a rate while this waits
             now = self._clock()
-            while window and window[0] <= now - WINDOW:
-                window.popleft()
-            if len(window) < max(1, int(self.rate)):
+            if self._window_room(now, self.rate):
                 return
-            await self._sleep(window[0] + WINDOW - now)
+            await self._sleep(self._window[0] + WINDOW - now)
+
+    def _window_room(self, now: float, rate: float) -> bool:
+        """Whether the last WINDOW's starts leave room for one more under `rate`."""
+        window = self._window
+        while window and window[0] <= now - WINDOW:
+            window.popleft()
+        return len(window) < max(1, int(rate))
 
     def charge_extra_tokens(self, tokens: int) -> None:
         """The answer used more tokens than estimated: the next request pays the difference

@@ -57,15 +57,17 @@ def prompts(folder: Path, count: int, distinct: int | None = None) -> list[str]:
     return texts
 
 
-def job(folder: Path, sim: Any, cluster: Any | None, *, limits: str = "", cost: str = "") -> str:
-    engine = (
-        f'[cluster]\nengine = "ray"\naddress = "{cluster.address}"\nworkers = 4\nunit_rows = 8\n'
-        if cluster is not None
-        else ""
-    )
+def job(
+    folder: Path, sim: Any, cluster: Any | None, *, limits: str = "", cost: str = "",
+    inputs: str = "", engine: str = "",
+) -> str:  # fmt: skip
+    """The job's config: on `cluster` if given (else `engine`, a `[cluster]` section of one's
+    own, or a local run), with more `[input]` settings in `inputs`."""
+    if cluster is not None:
+        engine = f'[cluster]\nengine = "ray"\naddress = "{cluster.address}"\nworkers = 4\nunit_rows = 8\n'
     config = folder / "job.toml"
     config.write_text(
-        f'[input]\npath = "in.csv"\nid_column = "id"\n\n[prompt]\ntemplate = "{{text}}"\n\n'
+        f'[input]\npath = "in.csv"\nid_column = "id"\n{inputs}\n[prompt]\ntemplate = "{{text}}"\n\n'
         f'[request]\nbase_url = "{sim.base_url}"\nlabels = ["positive", "negative", "neutral"]\nmax_tokens = 16\n\n'
         f"[limits]\nconcurrency = 16\n{limits}\n\n[cost]\n{cost}\n\n"
         f'[output]\npath = "out.parquet"\n\n[retry]\nbackoff_base = 0\n\n{engine}'
@@ -217,10 +219,7 @@ def test_incremental_and_restart_work_as_in_a_local_run(
 ) -> None:
     prompts(tmp_path, 40)
     with sim_thread(latency=0.01) as sim:
-        config = job(tmp_path, sim, cluster)
-        Path(config).write_text(
-            Path(config).read_text().replace("[input]\n", "[input]\nincremental = true\n")
-        )
+        config = job(tmp_path, sim, cluster, inputs="incremental = true\n")
         assert run_cli(config, timeout=200).returncode == 0
         texts = prompts(tmp_path, 60)  # 20 rows more, as a scheduled run finds them
         grown = run_cli(config, timeout=200)
@@ -258,8 +257,7 @@ def test_without_ray_the_run_says_how_to_install_it_and_sends_nothing(
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
     prompts(tmp_path, 5)
     with sim_thread() as sim:
-        config = job(tmp_path, sim, None)
-        Path(config).write_text(Path(config).read_text() + '[cluster]\nengine = "ray"\n')
+        config = job(tmp_path, sim, None, engine='[cluster]\nengine = "ray"\n')
         done = subprocess.run(
             [sys.executable, "-m", "pipeline", "run", config], capture_output=True, text=True,
             env={**cli_env(), "PYTHONPATH": str(shadow.parent)}, timeout=60, check=False,
@@ -278,9 +276,8 @@ def test_a_cluster_address_nobody_answers_at_is_refused_at_once_and_nothing_is_w
         port = probe.getsockname()[1]
     prompts(tmp_path, 5)
     with sim_thread() as sim:
-        config = job(tmp_path, sim, None)
-        Path(config).write_text(
-            Path(config).read_text() + f'[cluster]\nengine = "ray"\naddress = "127.0.0.1:{port}"\n'
+        config = job(
+            tmp_path, sim, None, engine=f'[cluster]\nengine = "ray"\naddress = "127.0.0.1:{port}"\n'
         )
         before = sorted(tmp_path.iterdir())
         # Ray alone would retry such an address for minutes; the timeout says it must not.
@@ -302,11 +299,10 @@ def test_an_input_the_driver_cannot_read_is_refused_before_any_cluster_is_joined
     # that is not where the driver runs (say, the laptop's, under `ray job submit`) is refused
     # as in a local run, before Ray is asked anything.
     with sim_thread() as sim:
-        config = job(tmp_path, sim, None)
-        Path(config).write_text(
-            Path(config).read_text().replace('"in.csv"', '"/nowhere/in.csv"')
-            + '[cluster]\nengine = "ray"\naddress = "127.0.0.1:1"\n'
+        config = job(
+            tmp_path, sim, None, engine='[cluster]\nengine = "ray"\naddress = "127.0.0.1:1"\n'
         )
+        Path(config).write_text(Path(config).read_text().replace('"in.csv"', '"/nowhere/in.csv"'))
         done = run_cli(config, timeout=30)
         sent = sim_get(sim, "stats")["requests"]
     assert done.returncode == 1 and sent == 0, done.stderr
