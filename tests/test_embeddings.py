@@ -38,13 +38,15 @@ def rows(folder: Path, count: int, distinct: int | None = None) -> list[str]:
     return texts
 
 
-def job(folder: Path, sim: Any, request: str = "", limits: str = "") -> str:
+def job(
+    folder: Path, sim: Any, request: str = "", limits: str = "", retry: str = FAST_RETRY
+) -> str:
     config = folder / "job.toml"
     config.write_text(
         f'[input]\npath = "in.parquet"\nid_column = "id"\n\n[prompt]\ntemplate = "{{text}}"\n\n'
         f'[request]\nbase_url = "{sim.base_url}"\nmodel = "{EMBEDDINGS_MODEL.id}"\n'
         f'endpoint = "embeddings"\n{request}\n\n'
-        f'[limits]\nconcurrency = 4\n{limits}\n\n[output]\npath = "out.parquet"\n\n{FAST_RETRY}'
+        f'[limits]\nconcurrency = 4\n{limits}\n\n[output]\npath = "out.parquet"\n\n{retry}'
     )
     return str(config)
 
@@ -149,8 +151,11 @@ def test_failed_requests_are_retried_whole_and_every_row_is_answered(
     tmp_path: Path, sim_thread: Any
 ) -> None:
     rows(tmp_path, 1_000)
+    # 35% of attempts fail: with 4 attempts one of the 50 requests runs out about half the
+    # time (0.35**4 each), whichever arrivals the seeded faults land on; with 12, ~1 run in 6,000.
+    retry = "[retry]\nbackoff_base = 0\nmax_attempts = 12\n"
     with sim_thread(fault_rates={"502": 0.2, "429": 0.1, "reset": 0.05}, seed=3) as sim:
-        done = run_cli(job(tmp_path, sim, limits="inputs_per_request = 20"))
+        done = run_cli(job(tmp_path, sim, limits="inputs_per_request = 20", retry=retry))
         stats = sim_get(sim, "stats")
     assert done.returncode == 0, done.stderr
     assert sum(stats["faults"].values()) > 0
