@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline.attempt import ChatAnswerer, _failed, abandoned_id
@@ -42,6 +44,8 @@ WORKERS_PER_NODE = 2
 LOOPBACK = ("127.0.0.1", "localhost")
 GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's defaults: the head's GCS, its Ray Client server
 PROBE_TIMEOUT = 5.0  # seconds to wait for the head to answer at all
+NODE_CHECK_TIMEOUT = 60.0  # seconds for every node to say what it reads at an input's path
+SAMPLE_BYTES = 1 << 16  # of each input file, compared between the driver and the nodes
 
 
 def import_ray() -> Any:
@@ -112,11 +116,10 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def start_cluster(
-    config: Any, key: str, catalogue: Any, answers: Any, caps: list[Cap]
-) -> Iterator[Cluster]:
-    """Join the cluster (or start one on this machine, on loopback), start the job's actors,
-    and leave it at the end (the actors go with the driver)."""
+def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
+    """Join the cluster (or start one on this machine, on loopback) before the run writes
+    anything, refuse `inputs` that only this machine has if the cluster has other nodes, and
+    leave it at the end (the job's actors go with the driver)."""
     ray = import_ray()
     address = _address(config)
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
@@ -135,29 +138,93 @@ def start_cluster(
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     try:
-        from pipeline.cluster_actors import CoordinatorActor, WorkerActor
-
-        nodes = [node for node in ray.nodes() if node.get("Alive")]
-        count = config.cluster.workers or WORKERS_PER_NODE * max(len(nodes), 1)
-        head = {"resources": {"node:__internal_head__": 0.001}} if address != "local" else {}
-        limits = config.limits
-        job = {
-            "config": config, "catalogue": catalogue, "answers": answers, "caps": caps,
-            "fallbacks": config.request.fallback_models or (),
-        }  # fmt: skip
-        # Named, so that workers look it up: an actor handle among a worker's arguments would
-        # keep Ray from starting the worker again after a crash (ray-project/ray#53727).
-        name = f"pipeline-coordinator-{uuid.uuid4().hex}"
-        coordinator = CoordinatorActor.options(name=name, **head).remote(
-            limits.requests_per_second, limits.tpm, job
-        )
-        workers = [
-            WorkerActor.options(num_cpus=0, scheduling_strategy="SPREAD").remote(key, name)
-            for _ in range(count)
-        ]
-        yield Cluster(ray, coordinator, workers)
+        if not config.cluster.local_inputs:
+            _check_every_node_reads(
+                ray, [os.path.abspath(p) for p in inputs if isinstance(p, Path)]
+            )
+        yield ray
     finally:
         ray.shutdown()
+
+
+def _check_every_node_reads(ray: Any, paths: list[str]) -> None:
+    """A UserError if a node of a cluster of more than one cannot read the very files this
+    driver reads: a file on one machine's disk works only while every run's driver runs
+    there, and a re-run, a cron run or `--incremental` landing on another node would find it
+    missing, or a different file at the same path."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < 2 or not paths:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = _sample(paths)
+    sample = ray.remote(num_cpus=0)(_sample)
+    asked = [
+        sample.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(paths)
+        for node in nodes
+    ]
+    try:
+        seen = ray.get(asked, timeout=NODE_CHECK_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(
+            f"cannot check that every node of the cluster reads the input: a node did not answer "
+            f"in {NODE_CHECK_TIMEOUT:.0f} s; try again, or set {describe('cluster.local_inputs')} = true "
+            "if every run's driver runs on this machine"
+        ) from None
+    for node, theirs in zip(nodes, seen, strict=True):
+        for path, mine, its in zip(paths, here, theirs, strict=True):
+            if its != mine:
+                there = "has no such file" if its is None else "has a different file there"
+                raise UserError(
+                    f"input file {path} is on this machine only: the cluster's node "
+                    f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}) {there}; on a cluster of "
+                    "more than one node give a path every node mounts or an object-store URL "
+                    f"(s3://...), or set {describe('cluster.local_inputs')} = true if every run's "
+                    "driver runs on this machine"
+                )
+
+
+def _sample(paths: list[str]) -> list[tuple[int, str] | None]:
+    """Each file's size and the digest of its first bytes, as this process sees it (None:
+    it cannot read it): run by the driver and on each node."""
+    seen: list[tuple[int, str] | None] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                seen.append((size, hashlib.sha256(file.read(SAMPLE_BYTES)).hexdigest()))
+        except OSError:
+            seen.append(None)
+    return seen
+
+
+def start_actors(
+    ray: Any, config: Any, key: str, catalogue: Any, answers: Any, caps: list[Cap]
+) -> Cluster:
+    """The job's Coordinator and workers on the joined cluster."""
+    from pipeline.cluster_actors import CoordinatorActor, WorkerActor
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    count = config.cluster.workers or WORKERS_PER_NODE * max(len(nodes), 1)
+    head = {"resources": {"node:__internal_head__": 0.001}} if _address(config) != "local" else {}
+    limits = config.limits
+    job = {
+        "config": config, "catalogue": catalogue, "answers": answers, "caps": caps,
+        "fallbacks": config.request.fallback_models or (),
+    }  # fmt: skip
+    # Named, so that workers look it up: an actor handle among a worker's arguments would
+    # keep Ray from starting the worker again after a crash (ray-project/ray#53727).
+    name = f"pipeline-coordinator-{uuid.uuid4().hex}"
+    coordinator = CoordinatorActor.options(name=name, **head).remote(
+        limits.requests_per_second, limits.tpm, job
+    )
+    workers = [
+        WorkerActor.options(num_cpus=0, scheduling_strategy="SPREAD").remote(key, name)
+        for _ in range(count)
+    ]
+    return Cluster(ray, coordinator, workers)
 
 
 class ClusterAnswerer(ChatAnswerer):

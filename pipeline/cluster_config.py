@@ -21,6 +21,9 @@ class ClusterConfig:
     address: str | None = None
     workers: int | None = None  # worker actors; unset: two a node
     unit_rows: int = 32  # rows handed to a worker at once (its answers come back together)
+    # Inputs on the driver's machine only are accepted on a cluster of more than one node (each
+    # run's driver must then run there); else refused unless every node reads the same files.
+    local_inputs: bool = False
 
 
 def cluster_config(v: RawValues) -> ClusterConfig:
@@ -30,5 +33,6 @@ def cluster_config(v: RawValues) -> ClusterConfig:
         "address": v.string("cluster.address"),
         "workers": v.integer("cluster.workers", low=1),
         "unit_rows": v.integer("cluster.unit_rows", low=1),
+        "local_inputs": v.flag("cluster.local_inputs") or None,
     }
     return ClusterConfig(**{key: value for key, value in given.items() if value is not None})

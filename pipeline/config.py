@@ -16,7 +16,7 @@ be valid. Relative paths in a file are relative to that file, so a cron job can 
 [cost]     max_cost, max_cost_per_run, max_cost_per_day, expected_output_tokens, prices_ttl,
            reconcile_timeout
 [batch]    base_url, max_lines, max_bytes, poll_interval, poll_max, list_lag, wait
-[cluster]  engine, address, workers, unit_rows
+[cluster]  engine, address, workers, unit_rows, local_inputs
 ```
 """
 

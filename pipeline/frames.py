@@ -56,6 +56,7 @@ def run_frame(
     digest = content_digest(table)
     input_file = cache_dir() / "frames" / f"{digest[:32]}.parquet"
     overrides["input.path"], overrides["input.format"] = str(input_file), "parquet"
+    overrides["cluster.local_inputs"] = True  # the frame is this process's: so is its file
     if journal is not None:
         overrides["output.journal"] = os.fspath(journal)
     if "output.path" not in overrides:

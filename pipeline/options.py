@@ -73,7 +73,7 @@ JOB_OPTIONS: tuple[Option, ...] = (
     Option("request.max_tokens", "--max-tokens", "Cap on output tokens per request.", "int"),
     Option("request.mode", "--mode", "How rows are sent: sync (a request each), batch (OpenRouter's Batch API, about half the price, results within 24 h) or auto (batch for the models that take it)", "choice", choices=("sync", "batch", "auto"), shows_default=""),
     Option("batch.wait", "--no-wait", "With --mode batch or auto: submit, then exit 7 while batches run; the next run collects them.", "flag", sets=False),
-    Option("cluster.engine", "--engine", "Where requests are sent from: local (this process) or ray (workers on a Ray cluster: pip install 'prompt-pipeline[ray]'; [cluster] address, workers, unit_rows)", "choice", choices=("local", "ray"), shows_default=""),
+    Option("cluster.engine", "--engine", "Where requests are sent from: local (this process) or ray (workers on a Ray cluster: pip install 'prompt-pipeline[ray]'; [cluster] address, workers, unit_rows, local_inputs)", "choice", choices=("local", "ray"), shows_default=""),
     Option("request.cache", "--cache", "Response cache shared across jobs (sqlite file).", metavar="PATH"),
     Option("limits.concurrency", "--concurrency", "Requests in flight at most", "int", metavar="N", shows_default=""),
     Option("limits.rps", "--rps", "Requests per second at most.", "float", metavar="R"),

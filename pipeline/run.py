@@ -95,6 +95,11 @@ class Run:
     def __enter__(self) -> Run:
         config, plan, options = self.config, self.plan, self.options
         with self._stack as stack:
+            ray = None
+            if config.cluster.engine == "ray":  # first: what it refuses leaves nothing written
+                from pipeline.cluster import join_cluster
+
+                ray = stack.enter_context(join_cluster(config, plan.source.paths))
             self.journal = stack.enter_context(
                 Journal.open(
                     config.output.journal_path, plan.fingerprint, restart=options.restart,
@@ -129,12 +134,12 @@ class Run:
             caps = Cap.for_job(config.cost, self.journal, plan.slots, time.time())
             self.budget = Budget(caps) if caps else None
             self.cluster: Cluster | None = None
-            if config.cluster.engine == "ray":
-                from pipeline.cluster import start_cluster
+            if ray is not None:
+                from pipeline.cluster import start_actors
 
                 assert self.key is not None
-                self.cluster = stack.enter_context(
-                    start_cluster(config, self.key, self.catalogue, self.builder.answers, caps)
+                self.cluster = start_actors(
+                    ray, config, self.key, self.catalogue, self.builder.answers, caps
                 )
             self.progress = Progress(
                 plan.slots, self.report.skipped, quiet=options.quiet, budget=self.budget,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import TEST_KEY, cli_env, run_cli, sim_get, start_cli, status, wait_for
+from tests.s3server import SECRET_KEY, aws_environment, moto_server
 
 pytestmark = pytest.mark.slow
 
@@ -312,6 +314,83 @@ def test_an_input_the_driver_cannot_read_is_refused_before_any_cluster_is_joined
     )
 
 
+def on_this_machine_only(folder: Path, config: str) -> subprocess.CompletedProcess[str]:
+    """`pipeline run config` with `folder/private` a folder only it sees (a tmpfs in a mount
+    namespace of its own) holding `folder/private.csv` as `in.csv`: the nodes see what is at
+    that path outside, if anything."""
+    private = folder / "private"
+    script = (
+        f'mount -t tmpfs tmpfs "{private}" && cp "{folder}/private.csv" "{private}/in.csv" && '
+        f'exec "{sys.executable}" -m pipeline run "{config}"'
+    )
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True, text=True, env=cli_env(), timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_an_input_only_this_machine_has_is_refused_on_a_cluster_of_two_nodes(
+    tmp_path: Path, sim_thread: Any, cluster: Any
+) -> None:
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.skip("needs unshare --mount (root) for a folder only the driver sees")
+    prompts(tmp_path, 60)
+    (tmp_path / "in.csv").rename(tmp_path / "private.csv")
+    (tmp_path / "private").mkdir()
+    inputs = f'path = "{tmp_path / "private" / "in.csv"}"'
+    with sim_thread() as sim:
+        config = job(tmp_path, sim, cluster)
+        Path(config).write_text(Path(config).read_text().replace('path = "in.csv"', inputs))
+        before = sorted(tmp_path.iterdir())
+        missing = on_this_machine_only(tmp_path, config)  # the nodes see an empty folder
+        prompts(tmp_path / "private", 5)  # ... and now another file at the same path
+        different = on_this_machine_only(tmp_path, config)
+        sent = sim_get(sim, "stats")["requests"]
+        after = sorted(tmp_path.iterdir())
+        Path(config).write_text(Path(config).read_text() + "local_inputs = true\n")
+        accepted = on_this_machine_only(tmp_path, config)
+    where = f"input file {tmp_path / 'private' / 'in.csv'} is on this machine only"
+    for refused, there in ((missing, "has no such file"), (different, "has a different file")):
+        assert refused.returncode == 1, refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert where in line and there in line and "cluster.local_inputs = true" in line, line
+    assert sent == 0 and after == before  # nothing sent, no journal, no output
+    assert accepted.returncode == 0, accepted.stderr  # the driver reads it; no node needs it
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out.height == 60 and out["status"].unique().to_list() == ["ok"]
+
+
+@pytest.mark.timeout(240)
+def test_an_object_store_input_and_output_work_on_a_cluster_of_two_nodes(
+    tmp_path: Path, sim_thread: Any, cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3fs = pytest.importorskip("s3fs")
+    with moto_server() as endpoint:
+        for name, value in aws_environment(endpoint, tmp_path).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+        store = s3fs.S3FileSystem(skip_instance_cache=True)
+        store.mkdir("incoming")
+        prompts(tmp_path, 200)
+        store.put(str(tmp_path / "in.csv"), "s3://incoming/in.csv")
+        (tmp_path / "in.csv").unlink()  # no node, nor the driver, has it on disk
+        with sim_thread() as sim:
+            config = job(tmp_path, sim, cluster)
+            text = Path(config).read_text()
+            text = text.replace('"in.csv"', '"s3://incoming/in.csv"')
+            Path(config).write_text(text.replace('"out.parquet"', '"s3://incoming/out.parquet"'))
+            done = run_cli(config, timeout=200)
+            asked = answered(sim)
+        store.invalidate_cache()
+        with store.open("s3://incoming/out.parquet", "rb") as f:
+            out = pl.read_parquet(f)
+    assert done.returncode == 0, done.stderr
+    assert out["id"].to_list() == [f"r{i}" for i in range(200)]  # in input order
+    assert out["status"].unique().to_list() == ["ok"] and len(asked) == 200
+
+
 @pytest.mark.timeout(300)
 def test_a_node_lost_mid_run_costs_only_what_was_in_flight_there(
     tmp_path: Path, sim_thread: Any, cluster: Any
@@ -340,11 +419,14 @@ def test_a_node_lost_mid_run_costs_only_what_was_in_flight_there(
 
 def test_the_api_key_is_in_none_of_ray_s_files(cluster: Any) -> None:
     """Last in this module: every job above ran on this cluster with the test key, which the
-    workers hold; none of its logs or session files may show it."""
+    workers hold (and one read an object store, whose secret only the driver holds); none of
+    its logs or session files may show either."""
     session = Path(cluster.head_node.get_session_dir_path())
     leaked = [
         path
         for path in session.rglob("*")
-        if path.is_file() and not path.is_symlink() and TEST_KEY.encode() in path.read_bytes()
+        if path.is_file()
+        and not path.is_symlink()
+        and any(secret.encode() in path.read_bytes() for secret in (TEST_KEY, SECRET_KEY))
     ]
     assert list(session.glob("logs/*")) and not leaked
