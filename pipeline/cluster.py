@@ -7,6 +7,8 @@ codes. `ClusterAnswerer` is the run's answerer: where a local one asks the API, 
 `unit_rows` at a time, to the least busy `Worker` actor and awaits their answers
 (`cluster_actors`), which it journals as they come back. The job's one rate and token limit and
 its one budget live in the `Coordinator` actor, which every worker asks before each request.
+The cluster is joined before the journal opens, so that what it refuses (an address nobody
+answers at, an input file only this machine has on a cluster of several nodes) leaves nothing.
 
 What a crash can cost is what was in flight: a worker that dies has its rows handed to another
 (their requests may have been billed: they are journaled as lost attempts of unknown cost), and
