@@ -140,6 +140,7 @@ def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     try:
+        _check_kept(config.output)
         if not config.cluster.local_inputs:
             _check_every_node_reads(
                 ray, [os.path.abspath(p) for p in inputs if isinstance(p, Path)]
@@ -147,6 +148,23 @@ def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_kept(output: Any) -> None:
+    """A UserError if the output or its journal would be written into Ray's copy of a submitted
+    job's working directory (a relative `output.path` under `ray job submit --working-dir`),
+    which Ray deletes with its session: the output lost, and the next run paying again."""
+    for what, path in (("output.path", output.local_path), ("output.journal", output.journal_path)):
+        parts = Path(os.path.abspath(path)).parts
+        if any(
+            a.startswith("session_") and b == "runtime_resources"
+            for a, b in itertools.pairwise(parts)
+        ):
+            raise UserError(
+                f"{what} {path} is inside Ray's copy of the job's working directory, which Ray "
+                "deletes with its session (and with the journal, the next run pays again): give "
+                f"{what} as an absolute path on storage the head keeps, or an object-store URL"
+            )
 
 
 def _check_every_node_reads(ray: Any, paths: list[str]) -> None:

@@ -391,6 +391,27 @@ def test_an_object_store_input_and_output_work_on_a_cluster_of_two_nodes(
     assert out["status"].unique().to_list() == ["ok"] and len(asked) == 200
 
 
+@pytest.mark.timeout(120)
+def test_an_output_in_ray_s_copy_of_a_submitted_working_directory_is_refused(
+    tmp_path: Path, sim_thread: Any, cluster: Any
+) -> None:
+    # `ray job submit --working-dir .` runs the driver in a copy of the folder under Ray's
+    # session (tried by hand: the relative output and its journal were written there), which
+    # Ray deletes: the answers lost and a later run paying for them again.
+    copy = tmp_path / "session_2026-12-06_21-40-59_1_2" / "runtime_resources"
+    folder = copy / "working_dir_files" / "_ray_pkg_4f352b88cddcfbf3"
+    folder.mkdir(parents=True)
+    prompts(folder, 20)
+    with sim_thread() as sim:
+        config = job(folder, sim, cluster)
+        done = run_cli(config, timeout=100)
+        sent = sim_get(sim, "stats")["requests"]
+    assert done.returncode == 1 and sent == 0, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"output.path {folder / 'out.parquet'} is inside Ray's copy" in line, line
+    assert not list(folder.glob("out.parquet*"))
+
+
 @pytest.mark.timeout(300)
 def test_a_node_lost_mid_run_costs_only_what_was_in_flight_there(
     tmp_path: Path, sim_thread: Any, cluster: Any
