@@ -135,9 +135,17 @@ def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        # `ray start --node-ip-address 127.0.0.1` puts the node on the machine's own address
+        # unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: its GCS answers here, its node does not.
+        hint = (
+            "; a cluster started by `ray start` is on this machine's own address unless started "
+            "with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: give that address, or start it so"
+            if "_node_ip_address" in options and address != "local"
+            else ""
+        )
         raise UserError(
             f"cannot join the Ray cluster at {address} ({describe('cluster.address')}): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}"
         ) from None
     try:
         _check_kept(config.output)
