@@ -7,8 +7,8 @@ codes. `ClusterAnswerer` is the run's answerer: where a local one asks the API, 
 `unit_rows` at a time, to the least busy `Worker` actor and awaits their answers
 (`cluster_actors`), which it journals as they come back. The job's one rate and token limit and
 its one budget live in the `Coordinator` actor, which every worker asks before each request.
-The cluster is joined before the journal opens, so that what it refuses (an address nobody
-answers at, an input file only this machine has on a cluster of several nodes) leaves nothing.
+The cluster is joined before the journal opens, so that what the join refuses (a cluster Ray
+cannot join, an input file only this machine has on a cluster of several nodes) leaves nothing.
 
 What a crash can cost is what was in flight: a worker that dies has its rows handed to another
 (their requests may have been billed: they are journaled as lost attempts of unknown cost), and
@@ -48,6 +48,9 @@ GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's defaults: the head's GCS, its Ray C
 PROBE_TIMEOUT = 5.0  # seconds to wait for the head to answer at all
 NODE_CHECK_TIMEOUT = 60.0  # seconds for every node to say what it reads at an input's path
 SAMPLE_BYTES = 1 << 16  # of each input file, compared between the driver and the nodes
+_DRIVER_ONLY = (  # the way out of refusing an input file only this machine has
+    f"or set {describe('cluster.local_inputs')} = true if every run's driver runs on this machine"
+)
 
 
 def import_ray() -> Any:
@@ -75,6 +78,7 @@ def check_engine(config: Any) -> None:
         raise UserError(
             f"{describe('cluster.engine')} ray does not run embeddings jobs yet: run it with --engine local"
         )
+    _check_kept(config.output)
     _check_reachable(_address(config))
 
 
@@ -125,9 +129,10 @@ def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
     ray = import_ray()
     address = _address(config)
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    loopback = address != "local" and _host_port(address)[0] in LOOPBACK
     if address == "local":  # this machine's own: reachable from nowhere else
         options |= {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
-    elif _host_port(address)[0] in LOOPBACK:  # a cluster on loopback: join it there, not on the LAN
+    elif loopback:  # a cluster on loopback: join it there, not on the LAN
         # Ray swaps a loopback address for the machine's own unless told it is no cluster
         # platform (the one switch its address lookup reads, at the time of the call).
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
@@ -140,7 +145,7 @@ def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
         hint = (
             "; a cluster started by `ray start` is on this machine's own address unless started "
             "with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: give that address, or start it so"
-            if "_node_ip_address" in options and address != "local"
+            if loopback
             else ""
         )
         raise UserError(
@@ -148,7 +153,6 @@ def join_cluster(config: Any, inputs: tuple[Any, ...]) -> Iterator[Any]:
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}"
         ) from None
     try:
-        _check_kept(config.output)
         if not config.cluster.local_inputs:
             _check_every_node_reads(
                 ray, [os.path.abspath(p) for p in inputs if isinstance(p, Path)]
@@ -180,7 +184,7 @@ def _check_every_node_reads(ray: Any, paths: list[str]) -> None:
     driver reads: a file on one machine's disk works only while every run's driver runs
     there, and a re-run, a cron run or `--incremental` landing on another node would find it
     missing, or a different file at the same path."""
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = _alive_nodes(ray)
     if len(nodes) < 2 or not paths:
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -198,8 +202,7 @@ def _check_every_node_reads(ray: Any, paths: list[str]) -> None:
     except ray.exceptions.GetTimeoutError:
         raise UserError(
             f"cannot check that every node of the cluster reads the input: a node did not answer "
-            f"in {NODE_CHECK_TIMEOUT:.0f} s; try again, or set {describe('cluster.local_inputs')} = true "
-            "if every run's driver runs on this machine"
+            f"in {NODE_CHECK_TIMEOUT:.0f} s; try again, {_DRIVER_ONLY}"
         ) from None
     for node, theirs in zip(nodes, seen, strict=True):
         for path, mine, its in zip(paths, here, theirs, strict=True):
@@ -209,9 +212,12 @@ def _check_every_node_reads(ray: Any, paths: list[str]) -> None:
                     f"input file {path} is on this machine only: the cluster's node "
                     f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}) {there}; on a cluster of "
                     "more than one node give a path every node mounts or an object-store URL "
-                    f"(s3://...), or set {describe('cluster.local_inputs')} = true if every run's "
-                    "driver runs on this machine"
+                    f"(s3://...), {_DRIVER_ONLY}"
                 )
+
+
+def _alive_nodes(ray: Any) -> list[dict[str, Any]]:
+    return [node for node in ray.nodes() if node.get("Alive")]
 
 
 def _sample(paths: list[str]) -> list[tuple[int, str] | None]:
@@ -234,8 +240,7 @@ def start_actors(
     """The job's Coordinator and workers on the joined cluster."""
     from pipeline.cluster_actors import CoordinatorActor, WorkerActor
 
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    count = config.cluster.workers or WORKERS_PER_NODE * max(len(nodes), 1)
+    count = config.cluster.workers or WORKERS_PER_NODE * max(len(_alive_nodes(ray)), 1)
     head = {"resources": {"node:__internal_head__": 0.001}} if _address(config) != "local" else {}
     limits = config.limits
     job = {

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,31 +191,46 @@ def test_a_budget_is_never_exceeded_and_a_higher_one_finishes_paying_nothing_twi
     assert pl.read_parquet(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 300
 
 
+def interrupted(
+    folder: Path, sim: Any, cluster: Any, interrupt: Callable[[subprocess.Popen[str]], object]
+) -> tuple[int, str]:
+    """The 1,500-row job at 150 rps on `cluster`, with `interrupt(driver)` once 400 requests
+    have been sent: the driver's exit code and stderr once it has ended."""
+    driver = start_cli(job(folder, sim, cluster, limits="rps = 150"))
+    try:
+        wait_for(lambda: sim_get(sim, "stats")["requests"] >= 400, 120, "requests")
+        interrupt(driver)
+        _, stderr = driver.communicate(timeout=200)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    return driver.returncode, stderr
+
+
+def repeats_with_every_row_once(folder: Path, asked: Counter[str]) -> int:
+    """The output has each of the 1,500 rows once, in order, answered; the requests repeated."""
+    out = pl.read_parquet(folder / "out.parquet")
+    assert out["id"].to_list() == [f"r{i}" for i in range(1_500)]
+    assert out["status"].unique().to_list() == ["ok"]
+    assert len(asked) == 1_500
+    return sum(count - 1 for count in asked.values())
+
+
 @pytest.mark.timeout(300)
 def test_a_driver_killed_then_run_again_repeats_only_what_was_in_flight(
     tmp_path: Path, sim_thread: Any, cluster: Any
 ) -> None:
     prompts(tmp_path, 1_500)
     with sim_thread(latency=0.02) as sim:
-        config = job(tmp_path, sim, cluster, limits="rps = 150")
-        driver = start_cli(config)
-        try:
-            wait_for(lambda: sim_get(sim, "stats")["requests"] >= 400, 120, "requests")
-        finally:
-            driver.send_signal(signal.SIGKILL)
-            driver.communicate(timeout=30)
+        interrupted(tmp_path, sim, cluster, lambda driver: driver.send_signal(signal.SIGKILL))
         # The job's actors go with their driver; until then a worker may send what it holds.
         # What was answered by then and not journaled is what the kill exposed.
         wait_for(lambda: not job_actors(), 60, "the job's actors to end")
         exposed = len(answered(sim)) - len(journaled_positions(tmp_path))
-        done = run_cli(config, timeout=200)
+        done = run_cli(str(tmp_path / "job.toml"), timeout=200)
         asked = answered(sim)
     assert done.returncode == 0, done.stderr
-    out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out["id"].to_list() == [f"r{i}" for i in range(1_500)]
-    assert out["status"].unique().to_list() == ["ok"]
-    assert len(asked) == 1_500
-    repeats = sum(count - 1 for count in asked.values())
+    repeats = repeats_with_every_row_once(tmp_path, asked)
     assert repeats <= exposed, (repeats, exposed)  # paid twice only if exposed at the kill
     # In flight (16 rows, a unit of 8 handed over) and answered in the journal's last 0.1 s.
     assert exposed <= 16 + 8 + 150 * 2 * FLUSH_INTERVAL, exposed
@@ -449,25 +464,17 @@ def test_an_output_in_ray_s_copy_of_a_submitted_working_directory_is_refused(
 def test_a_worker_killed_mid_run_costs_only_what_was_in_flight_there(
     tmp_path: Path, sim_thread: Any, cluster: Any
 ) -> None:
+    def kill_a_worker(_: Any) -> None:  # SIGKILL: one worker process; its node and the others go on
+        workers = [p for p in job_actors() if "ray::Worker" in " ".join(p.cmdline())]
+        assert len(workers) == 4, workers
+        workers[0].kill()
+
     prompts(tmp_path, 1_500)
     with sim_thread(latency=0.02) as sim:
-        driver = start_cli(job(tmp_path, sim, cluster, limits="rps = 150"))
-        try:
-            wait_for(lambda: sim_get(sim, "stats")["requests"] >= 400, 120, "requests")
-            workers = [p for p in job_actors() if "ray::Worker" in " ".join(p.cmdline())]
-            assert len(workers) == 4, workers
-            workers[0].kill()  # SIGKILL: one worker process; its node and the others go on
-            _, stderr = driver.communicate(timeout=200)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+        code, stderr = interrupted(tmp_path, sim, cluster, kill_a_worker)
         asked = answered(sim)
-    assert driver.returncode == 0, stderr
-    out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out["id"].to_list() == [f"r{i}" for i in range(1_500)]
-    assert out["status"].unique().to_list() == ["ok"]
-    assert len(asked) == 1_500
-    repeats = sum(count - 1 for count in asked.values())
+    assert code == 0, stderr
+    repeats = repeats_with_every_row_once(tmp_path, asked)
     assert repeats <= 16, repeats  # at most the rows in flight
 
 
@@ -475,25 +482,18 @@ def test_a_worker_killed_mid_run_costs_only_what_was_in_flight_there(
 def test_a_node_lost_mid_run_costs_only_what_was_in_flight_there(
     tmp_path: Path, sim_thread: Any, cluster: Any
 ) -> None:
+    (node,) = cluster.worker_nodes
     prompts(tmp_path, 1_500)
     with sim_thread(latency=0.02) as sim:
-        driver = start_cli(job(tmp_path, sim, cluster, limits="rps = 150"))
         try:
-            wait_for(lambda: sim_get(sim, "stats")["requests"] >= 400, 120, "requests")
-            (node,) = cluster.worker_nodes
-            cluster.remove_node(node, allow_graceful=False)
-            _, stderr = driver.communicate(timeout=200)
+            code, stderr = interrupted(
+                tmp_path, sim, cluster, lambda _: cluster.remove_node(node, allow_graceful=False)
+            )
         finally:
-            if driver.poll() is None:
-                driver.kill()
             cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
         asked = answered(sim)
-    assert driver.returncode == 0, stderr
-    out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out["id"].to_list() == [f"r{i}" for i in range(1_500)]
-    assert out["status"].unique().to_list() == ["ok"]
-    assert len(asked) == 1_500
-    repeats = sum(count - 1 for count in asked.values())
+    assert code == 0, stderr
+    repeats = repeats_with_every_row_once(tmp_path, asked)
     assert repeats <= 16, repeats  # at most the rows in flight
 
 
